@@ -1,0 +1,83 @@
+"""Text conditions, the null condition, condition dropout and classifier-free guidance.
+
+A condition is a dict of per-example arrays (leading batch axis). The text part is
+  TEXT_EMB:  (B, L, D) token embeddings of the frozen text encoder
+  TEXT_MASK: (B, L)    bool, True for real tokens
+Other entries (the low-resolution image and noise-augmentation level of super-resolution stages)
+are passed through untouched: guidance drops only the text.
+
+The null condition, used both by training-time dropout (p = 0.1 in the paper) and by the
+unconditional half of classifier-free guidance, is the text zeroed and fully masked out. Networks
+must treat an all-False mask as "no text" (issue: models).
+
+A network function has the signature `model_fn(z, log_snr, cond) -> prediction`, with z of shape
+(B, H, W, C), log_snr of shape (B,) and the prediction in the stage's objective (eps, x0 or v).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imagen_jax.diffusion import process
+from imagen_jax.diffusion.schedules import alpha_sigma_from_log_snr
+
+TEXT_EMB = "text_emb"
+TEXT_MASK = "text_mask"
+
+
+def null_condition(cond):
+  """The condition with its text removed: embeddings zero, mask all False."""
+  if cond is None:
+    return None
+  out = dict(cond)
+  if TEXT_EMB in out:
+    out[TEXT_EMB] = jnp.zeros_like(out[TEXT_EMB])
+  if TEXT_MASK in out:
+    out[TEXT_MASK] = jnp.zeros_like(out[TEXT_MASK])
+  return out
+
+
+def drop_condition(cond, key, drop_prob: float):
+  """Per example, replaces the text by the null condition with probability drop_prob."""
+  if cond is None or drop_prob <= 0 or (TEXT_EMB not in cond and TEXT_MASK not in cond):
+    return cond
+  ref = cond[TEXT_EMB] if TEXT_EMB in cond else cond[TEXT_MASK]
+  keep = jax.random.bernoulli(key, 1.0 - drop_prob, (ref.shape[0],))
+  null = null_condition(cond)
+  out = dict(cond)
+  for name in (TEXT_EMB, TEXT_MASK):
+    if name in cond:
+      k = keep.reshape((-1,) + (1,) * (cond[name].ndim - 1))
+      out[name] = jnp.where(k, cond[name], null[name])
+  return out
+
+
+def is_unguided(guidance_scale) -> bool:
+  """True when the scale is statically 1 (a Python or NumPy number): one network call suffices."""
+  if isinstance(guidance_scale, (int, float, np.number)):
+    return float(guidance_scale) == 1.0
+  return isinstance(guidance_scale, np.ndarray) and guidance_scale.shape == () and float(guidance_scale) == 1.0
+
+
+def guided_x0_eps(model_fn, z, log_snr, cond, guidance_scale, objective: str):
+  """Classifier-free guided (x0, eps): eps~ = w eps(z, c) + (1 - w) eps(z, null).
+
+  w = 1 (statically) makes one network call on the batch. Otherwise the batch is doubled
+  (conditional half, then unconditional half) and the network is called once on it. The same affine
+  combination is applied to x0 (x0 is affine in eps for a fixed z, so the pair stays consistent),
+  which avoids dividing by a small alpha for v- and x0-prediction networks.
+  """
+  alpha, sigma = alpha_sigma_from_log_snr(log_snr)
+  if is_unguided(guidance_scale):
+    pred = model_fn(z, log_snr, cond)
+    return process.prediction_to_x0_eps(pred, z, alpha, sigma, objective)
+  b = z.shape[0]
+  both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, null_condition(cond))
+  pred = model_fn(jnp.concatenate([z, z], axis=0), jnp.concatenate([log_snr, log_snr], axis=0), both)
+  pred = jnp.asarray(pred, jnp.float32)
+  x0_c, eps_c = process.prediction_to_x0_eps(pred[:b], z, alpha, sigma, objective)
+  x0_u, eps_u = process.prediction_to_x0_eps(pred[b:], z, alpha, sigma, objective)
+  w = jnp.asarray(guidance_scale, jnp.float32)
+  return w * x0_c + (1.0 - w) * x0_u, w * eps_c + (1.0 - w) * eps_u

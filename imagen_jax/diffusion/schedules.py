@@ -1,0 +1,131 @@
+"""Continuous-time variance-preserving noise schedules on t in [0, 1].
+
+A schedule is a function t -> log-SNR(t) = log(alpha_t^2 / sigma_t^2), strictly decreasing, with
+alpha_t^2 + sigma_t^2 = 1 (variance preserving), so alpha_t^2 = sigmoid(log-SNR) and
+sigma_t^2 = sigmoid(-log-SNR). Everything else (alpha, sigma, posteriors) is derived from log-SNR.
+
+Schedules are frozen dataclasses: hashable, so they can be static arguments of `jax.jit`, and
+gin-configurable. To add one, subclass `NoiseSchedule`, implement `log_snr`, and register it in
+`SCHEDULES` (or bind it directly in gin as `@MySchedule()`).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def alpha_sigma_from_log_snr(log_snr):
+  """alpha = sqrt(sigmoid(lambda)), sigma = sqrt(sigmoid(-lambda)), computed in float32.
+
+  Works for lambda = +inf (alpha=1, sigma=0) and -inf (alpha=0, sigma=1).
+  """
+  log_snr = jnp.asarray(log_snr, jnp.float32)
+  return jnp.sqrt(jax.nn.sigmoid(log_snr)), jnp.sqrt(jax.nn.sigmoid(-log_snr))
+
+
+class NoiseSchedule(abc.ABC):
+  """Maps time t in [0, 1] (batch-polymorphic array) to log-SNR (float32)."""
+
+  @abc.abstractmethod
+  def log_snr(self, t):
+    """log(alpha_t^2 / sigma_t^2); finite and strictly decreasing on [0, 1]."""
+
+  def alpha_sigma(self, t):
+    return alpha_sigma_from_log_snr(self.log_snr(t))
+
+  def alpha_sigma_exact_ends(self, t):
+    """Like `alpha_sigma`, but exactly (1, 0) at t <= 0 and (0, 1) at t >= 1.
+
+    Training never touches the ends (the clipped log-SNR keeps every quantity finite); samplers
+    (the last step lands on clean data) and noise augmentation (level 0 = untouched image,
+    level 1 = pure noise) do.
+    """
+    t = jnp.asarray(t, jnp.float32)
+    alpha, sigma = self.alpha_sigma(t)
+    alpha = jnp.where(t <= 0, 1.0, jnp.where(t >= 1, 0.0, alpha))
+    sigma = jnp.where(t <= 0, 0.0, jnp.where(t >= 1, 1.0, sigma))
+    return alpha, sigma
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class CosineSchedule(NoiseSchedule):
+  """The cosine schedule (Nichol & Dhariwal 2021) in continuous time, log-SNR clipped to a range.
+
+  alpha_t = cos(pi t / 2) gives log-SNR(t) = -2 log tan(pi t / 2), infinite at both ends. The usual
+  clipping reparameterises t over the interval of angles whose log-SNR lies in
+  [logsnr_min, logsnr_max]: log-SNR(t) = -2 log tan(a t + b), with log-SNR(0) = logsnr_max and
+  log-SNR(1) = logsnr_min.
+  """
+  logsnr_min: float = -20.0
+  logsnr_max: float = 20.0
+
+  def __post_init__(self):
+    if not self.logsnr_min < self.logsnr_max:
+      raise ValueError(f"CosineSchedule needs logsnr_min < logsnr_max, got {self.logsnr_min}, {self.logsnr_max}")
+
+  def log_snr(self, t):
+    t = jnp.asarray(t, jnp.float32)
+    b = math.atan(math.exp(-0.5 * self.logsnr_max))
+    a = math.atan(math.exp(-0.5 * self.logsnr_min)) - b
+    return -2.0 * jnp.log(jnp.tan(a * t + b))
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LinearSchedule(NoiseSchedule):
+  """The discrete DDPM linear-beta schedule (Ho et al. 2020) expressed in continuous time.
+
+  The discrete process has betas linearly spaced from beta_start to beta_end over num_timesteps
+  steps and alpha_bar_n = prod_{i<=n} (1 - beta_i). Continuous time puts discrete step n
+  (1-based) at t = n / num_timesteps and interpolates log(alpha_bar) linearly in between (with
+  log alpha_bar = 0 at t = 0), so the schedule is *exact* at the discrete times and strictly
+  decreasing everywhere. log-SNR is clipped above at logsnr_max (it is +inf at t = 0).
+  """
+  beta_start: float = 1e-4
+  beta_end: float = 0.02
+  num_timesteps: int = 1000
+  logsnr_max: float = 20.0
+
+  def __post_init__(self):
+    if not 0 < self.beta_start < self.beta_end < 1:
+      raise ValueError(f"LinearSchedule needs 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+    if self.num_timesteps < 1:
+      raise ValueError(f"LinearSchedule needs num_timesteps >= 1, got {self.num_timesteps}")
+
+  def discrete_alpha_bar(self) -> np.ndarray:
+    """alpha_bar_n for n = 1..N in float64, as the discrete DDPM defines it."""
+    betas = np.linspace(self.beta_start, self.beta_end, self.num_timesteps, dtype=np.float64)
+    return np.cumprod(1.0 - betas)
+
+  def _log_alpha_bar_knots(self) -> np.ndarray:
+    betas = np.linspace(self.beta_start, self.beta_end, self.num_timesteps, dtype=np.float64)
+    return np.concatenate([[0.0], np.cumsum(np.log1p(-betas))]).astype(np.float32)
+
+  def log_snr(self, t):
+    t = jnp.asarray(t, jnp.float32)
+    n = self.num_timesteps
+    knots = jnp.asarray(self._log_alpha_bar_knots())
+    log_abar = jnp.interp(jnp.clip(t, 0.0, 1.0) * n, jnp.arange(n + 1, dtype=jnp.float32), knots)
+    # log SNR = log(abar) - log(1 - abar); expm1 keeps precision where abar is close to 1.
+    log_snr = log_abar - jnp.log(-jnp.expm1(log_abar))
+    return jnp.minimum(log_snr, self.logsnr_max)
+
+
+SCHEDULES = {"cosine": CosineSchedule, "linear": LinearSchedule}
+
+
+def get_schedule(schedule) -> NoiseSchedule:
+  """A schedule from an instance or a registered name ('cosine', 'linear')."""
+  if isinstance(schedule, NoiseSchedule):
+    return schedule
+  if isinstance(schedule, str) and schedule in SCHEDULES:
+    return SCHEDULES[schedule]()
+  raise ValueError(f"unknown noise schedule {schedule!r}; expected one of {sorted(SCHEDULES)} or a NoiseSchedule")

@@ -1,0 +1,122 @@
+"""Samplers: the Gaussian oracle, DDIM(eta=1) = ancestral, determinism, one compilation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagen_jax import diffusion as D
+from tests.gaussian_oracle import GaussianOracle
+
+ORACLE = GaussianOracle(mean=[0.5, -0.3, 0.0, 0.6], std=[0.3, 0.5, 0.4, 0.35])
+
+
+@pytest.mark.parametrize("sampler,eta,objective,schedule", [
+    ("ddpm", 0.0, "eps", D.CosineSchedule()),
+    ("ddim", 0.0, "v", D.CosineSchedule()),
+    ("ddpm", 0.0, "x0", D.LinearSchedule()),
+    ("ddim", 0.0, "eps", D.LinearSchedule()),
+])
+def test_oracle_denoiser_reproduces_data_mean_and_variance(sampler, eta, objective, schedule):
+  n, steps = 32768, 1000
+  fn = jax.jit(lambda key: D.sample(ORACLE.model_fn(objective), key, (n, 1, 1, 4), None, schedule=schedule,
+                                    num_steps=steps, objective=objective, sampler=sampler, ddim_eta=eta,
+                                    guidance_scale=1.0, thresholding_method="none"))
+  x = np.asarray(fn(jax.random.PRNGKey(0)), np.float64).reshape(n, 4)
+  # Statistical tolerance (about 4 standard errors) plus the 1000-step discretisation bias (< 1.5%).
+  np.testing.assert_allclose(x.mean(0), ORACLE.mean, atol=float(4 * ORACLE.std.max() / np.sqrt(n)))
+  np.testing.assert_allclose(x.std(0) / ORACLE.std, 1.0, atol=4 / np.sqrt(2 * n) + 0.015)
+
+
+def test_oracle_sampler_is_not_fooled_by_a_wrong_denoiser():
+  # The same check fails for a denoiser that believes the data is twice as wide.
+  wrong = GaussianOracle(ORACLE.mean, 2 * ORACLE.std)
+  x = D.sample(wrong.model_fn("eps"), jax.random.PRNGKey(0), (8192, 1, 1, 4), None, schedule=D.CosineSchedule(),
+               num_steps=200, objective="eps", thresholding_method="none")
+  ratio = np.asarray(x).reshape(-1, 4).std(0) / ORACLE.std
+  assert np.all(ratio > 1.6)
+
+
+def test_ddim_eta_one_is_the_ancestral_sampler():
+  kw = dict(schedule=D.CosineSchedule(), num_steps=20, objective="eps", thresholding_method="none")
+  key = jax.random.PRNGKey(3)
+  a = D.sample(ORACLE.model_fn(), key, (64, 1, 1, 4), None, sampler="ddpm", **kw)
+  b = D.sample(ORACLE.model_fn(), key, (64, 1, 1, 4), None, sampler="ddim", ddim_eta=1.0, **kw)
+  c = D.sample(ORACLE.model_fn(), key, (64, 1, 1, 4), None, sampler="ddim", ddim_eta=0.0, **kw)
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(a - c).max()) > 1e-2
+
+
+def test_ancestral_update_matches_textbook_posterior():
+  # q(z_s | z_t, x0) in the alpha/sigma form of Ho et al. (2020), written independently.
+  sched = D.LinearSchedule()
+  t, s = 0.7, 0.6
+  at, st = (float(v) for v in sched.alpha_sigma(t))
+  as_, ss = (float(v) for v in sched.alpha_sigma(s))
+  ats = at / as_
+  sts2 = st**2 - ats**2 * ss**2
+  k = jax.random.split(jax.random.PRNGKey(0), 3)
+  z = jax.random.normal(k[0], (2, 3, 3, 1))
+  x0 = jax.random.normal(k[1], (2, 3, 3, 1))
+  noise = jax.random.normal(k[2], (2, 3, 3, 1))
+  mean = ats * ss**2 / st**2 * z + as_ * sts2 / st**2 * x0
+  std = np.sqrt(sts2 * ss**2 / st**2)
+  out = D.ancestral_update(z, x0, sched.log_snr(jnp.full((2,), t)), sched.log_snr(jnp.full((2,), s)), noise)
+  np.testing.assert_allclose(out, mean + std * noise, rtol=1e-4, atol=1e-5)
+
+
+def test_deterministic_per_key_and_trajectory():
+  kw = dict(schedule=D.CosineSchedule(), objective="eps", thresholding_method="dynamic")
+  key = jax.random.PRNGKey(11)
+  a = D.sample(ORACLE.model_fn(), key, (4, 2, 2, 4), None, num_steps=10, **kw)
+  b = D.sample(ORACLE.model_fn(), key, (4, 2, 2, 4), None, num_steps=10, **kw)
+  c = D.sample(ORACLE.model_fn(), jax.random.PRNGKey(12), (4, 2, 2, 4), None, num_steps=10, **kw)
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+  out, traj = D.sample(ORACLE.model_fn(), key, (4, 2, 2, 4), None, num_steps=10, return_trajectory=True, **kw)
+  assert traj["z"].shape == (11, 4, 2, 2, 4) and traj["x0"].shape == (10, 4, 2, 2, 4)
+  np.testing.assert_allclose(out, a, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(traj["z"][-1], out)
+  np.testing.assert_array_equal(traj["x0"][-1], out)   # the last step returns x0 exactly
+  # Dynamic thresholding keeps every x0 prediction in [-1, 1].
+  assert float(jnp.abs(traj["x0"]).max()) <= 1.0 + 1e-6
+
+
+def test_sampler_compiles_once_whatever_the_step_count_and_guidance():
+  traces = []
+
+  def apply_fn(params, z, log_snr, cond):
+    traces.append(z.shape[0])
+    m = cond[D.TEXT_MASK].astype(jnp.float32).mean(1)
+    return params["scale"] * z * (1.0 + m)[:, None, None, None]
+
+  cfg = D.DiffusionConfig(num_sampling_steps=4, guidance_scale=3.0)
+  sampler = D.JittedSampler(apply_fn, cfg)
+  params = {"scale": jnp.float32(0.5)}
+  cond = {D.TEXT_EMB: jnp.ones((2, 3, 4)), D.TEXT_MASK: jnp.ones((2, 3), bool)}
+  outs = [sampler(params, jax.random.PRNGKey(0), (2, 4, 4, 3), cond, num_steps=n) for n in (2, 5, 17)]
+  outs.append(sampler(params, jax.random.PRNGKey(0), (2, 4, 4, 3), cond, num_steps=5, guidance_scale=1.5))
+  assert sampler.compilations() == 1
+  assert traces == [4]              # one traced network call on the doubled batch, not one per step
+  assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[1], outs[3])
+  # w = 1: a second program with a single, unguided network call.
+  sampler(params, jax.random.PRNGKey(0), (2, 4, 4, 3), cond, num_steps=3, guidance_scale=1.0)
+  assert sampler.compilations() == 2 and traces == [4, 2]
+
+
+def test_jitted_sampler_equals_the_pure_function():
+  apply_fn = lambda params, z, log_snr, cond: ORACLE.model_fn("v")(z, log_snr, cond) * params
+  cfg = D.DiffusionConfig(objective="v", sampler="ddim", guidance_scale=1.0, thresholding="static")
+  got = D.JittedSampler(apply_fn, cfg)(jnp.float32(1.0), jax.random.PRNGKey(5), (8, 1, 1, 4), num_steps=12)
+  ref = D.sample(ORACLE.model_fn("v"), jax.random.PRNGKey(5), (8, 1, 1, 4), schedule=cfg.schedule, num_steps=12,
+                 objective="v", sampler="ddim", guidance_scale=1.0, thresholding_method="static")
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_sampler_arguments():
+  with pytest.raises(ValueError, match="unknown sampler"):
+    D.sample(ORACLE.model_fn(), jax.random.PRNGKey(0), (1, 1, 1, 4), schedule=D.CosineSchedule(), num_steps=2,
+             sampler="euler")
+  with pytest.raises(ValueError, match="Python int"):
+    D.sample(ORACLE.model_fn(), jax.random.PRNGKey(0), (1, 1, 1, 4), schedule=D.CosineSchedule(),
+             num_steps=jnp.int32(2), return_trajectory=True)
