@@ -120,3 +120,16 @@ def test_bad_sampler_arguments():
   with pytest.raises(ValueError, match="Python int"):
     D.sample(ORACLE.model_fn(), jax.random.PRNGKey(0), (1, 1, 1, 4), schedule=D.CosineSchedule(),
              num_steps=jnp.int32(2), return_trajectory=True)
+
+
+@pytest.mark.parametrize("method", ["static", "dynamic"])
+def test_thresholded_x0_and_eps_stay_a_consistent_pair(method):
+  # A network whose x0 prediction is far outside [-1, 1]: after thresholding, eps must be re-derived
+  # from the clipped x0 (DDIM's update uses both), i.e. z = alpha x0 + sigma eps still holds.
+  z = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 2))
+  log_snr = jnp.array([-1.0, 0.5, 2.0])
+  x0, eps = D.samplers.denoise(lambda z, l, c: -0.2 * z, z, log_snr, None, objective="eps", guidance_scale=1.0,
+                               thresholding_method=method, percentile=99.5)
+  alpha, sigma = D.alpha_sigma_from_log_snr(log_snr)
+  assert float(jnp.abs(x0).max()) <= 1.0 + 1e-6
+  np.testing.assert_allclose(D.diffuse(x0, eps, alpha, sigma), z, rtol=1e-5, atol=1e-5)
