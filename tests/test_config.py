@@ -1,11 +1,8 @@
-from pathlib import Path
-
 import gin
 import pytest
 
 from imagen_jax import diffusion as D
-
-GIN_DIR = Path(__file__).resolve().parents[1] / "gin_configs"
+from imagen_jax.gin_utils import parse_gin
 
 
 @pytest.fixture(autouse=True)
@@ -16,8 +13,7 @@ def _clear_gin():
 
 
 def _parse(name, *bindings):
-  gin.add_config_file_search_path(str(GIN_DIR))
-  gin.parse_config_files_and_bindings([str(GIN_DIR / name)], list(bindings))
+  parse_gin([name], bindings)
   return D.DiffusionConfig()
 
 

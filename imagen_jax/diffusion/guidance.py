@@ -8,7 +8,7 @@ are passed through untouched: guidance drops only the text.
 
 The null condition, used both by training-time dropout (p = 0.1 in the paper) and by the
 unconditional half of classifier-free guidance, is the text zeroed and fully masked out. Networks
-must treat an all-False mask as "no text" (issue: models).
+must treat an all-False mask as "no text" (the U-Nets attend to a learned null token instead).
 
 A network function has the signature `model_fn(z, log_snr, cond) -> prediction`, with z of shape
 (B, H, W, C), log_snr of shape (B,) and the prediction in the stage's objective (eps, x0 or v).
@@ -25,6 +25,8 @@ from imagen_jax.diffusion.schedules import alpha_sigma_from_log_snr
 
 TEXT_EMB = "text_emb"
 TEXT_MASK = "text_mask"
+LOWRES = "lowres"                      # SR stages: (noise-augmented) low-resolution image, NHWC
+LOWRES_AUG_LEVEL = "lowres_aug_level"  # SR stages: its noise-augmentation level in [0, 1], shape (B,)
 
 
 def null_condition(cond):
