@@ -1,0 +1,78 @@
+"""The cascade's networks: the base U-Net and the Efficient U-Net (Flax linen).
+
+Every model is called as `model.apply({'params': p}, z, log_snr, cond, deterministic)` and so plugs
+into the diffusion core as `model_fn(z, log_snr, cond)`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Union
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imagen_jax.diffusion.guidance import LOWRES, LOWRES_AUG_LEVEL, TEXT_EMB, TEXT_MASK
+from imagen_jax.models.efficient_unet import EfficientUNet, EfficientUNetConfig
+from imagen_jax.models.unet import UNet, UNetConfig
+
+ModelConfig = Union[UNetConfig, EfficientUNetConfig]
+
+
+@gin.configurable
+def model_config(config: ModelConfig = gin.REQUIRED) -> ModelConfig:
+  """The stage's network configuration, bound in gin as `model_config.config = @UNetConfig()`."""
+  return config
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+  if isinstance(config, UNetConfig):
+    return UNet(config)
+  if isinstance(config, EfficientUNetConfig):
+    return EfficientUNet(config)
+  raise TypeError(f"unknown model config {type(config).__name__}")
+
+
+def is_super_resolution(config: ModelConfig) -> bool:
+  return isinstance(config, EfficientUNetConfig)
+
+
+def example_inputs(config: ModelConfig, batch_size: int = 1, image_size=None, text_length=None):
+  """(z, log_snr, cond) of the shapes the model trains on (zeros; text fully present)."""
+  size = config.image_size if image_size is None else image_size
+  length = config.max_text_length if text_length is None else text_length
+  z = jnp.zeros((batch_size, size, size, config.in_channels), jnp.float32)
+  log_snr = jnp.zeros((batch_size,), jnp.float32)
+  cond = {TEXT_EMB: jnp.zeros((batch_size, length, config.text_embed_dim), jnp.float32),
+          TEXT_MASK: jnp.ones((batch_size, length), bool)}
+  if is_super_resolution(config):
+    low = size * config.lowres_size // config.image_size
+    cond[LOWRES] = jnp.zeros((batch_size, low, low, config.in_channels), jnp.float32)
+    cond[LOWRES_AUG_LEVEL] = jnp.zeros((batch_size,), jnp.float32)
+  return z, log_snr, cond
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(config: ModelConfig, batch_size: int):
+  model = build_model(config)
+  return jax.jit(lambda k: model.init(k, *example_inputs(config, batch_size))["params"])
+
+
+def init_params(config: ModelConfig, key, batch_size: int = 1):
+  """Parameters (boxed with their logical axis names) for the model of `config`, initialised under jit.
+
+  The compiled initialiser is cached per config (configs are hashable).
+  """
+  return _jitted_init(config, batch_size)(key)
+
+
+def abstract_params(config: ModelConfig):
+  """Shapes and dtypes of the parameters, with logical axis names, without allocating them."""
+  return jax.eval_shape(lambda k: init_params(config, k), jax.random.PRNGKey(0))
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(params))))

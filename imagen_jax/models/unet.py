@@ -1,0 +1,107 @@
+"""The Imagen base text-to-image U-Net (Improved-DDPM U-Net with BigGAN-style blocks and text).
+
+Paper configuration (DESIGN.md section 2): 64x64, width 512, channel_mult (1, 2, 3, 4), 3 residual
+blocks per level, 64 channels per attention head, self-attention with text concatenated into the
+keys/values at resolutions 32, 16, 8, attention-pooled text added to the timestep embedding,
+dropout 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import gin
+import jax.numpy as jnp
+
+from imagen_jax.models import layers
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  image_size: int = 64
+  in_channels: int = 3
+  out_channels: int = 3
+  model_channels: int = 512
+  channel_mult: Tuple[int, ...] = (1, 2, 3, 4)
+  num_res_blocks: int = 3
+  attention_resolutions: Tuple[int, ...] = (32, 16, 8)
+  head_dim: Optional[int] = 64
+  num_heads: Optional[int] = None
+  embed_mult: int = 4                 # time/text embedding width = embed_mult * model_channels
+  pool_heads: int = 8                 # heads of the text attention pooling
+  dropout: float = 0.0
+  norm_groups: int = 32
+  text_embed_dim: int = 4096          # T5-XXL
+  text_dim: Optional[int] = None      # width the text is projected to once (default model_channels)
+  max_text_length: int = 128
+  dtype: str = "float32"              # compute dtype; parameters are always float32
+  remat: str = "none"                 # none | full | dots | dots_no_batch
+  attention_impl: Optional[str] = None  # None (cuDNN where it applies) | 'xla' | 'cudnn'
+
+  def __post_init__(self):
+    for name in ("channel_mult", "attention_resolutions"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    if self.image_size % 2 ** (len(self.channel_mult) - 1):
+      raise ValueError(f"image_size {self.image_size} must be divisible by 2^(levels - 1)")
+    if self.remat not in layers.REMAT_POLICIES:
+      raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {sorted(layers.REMAT_POLICIES)}")
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def attention_levels(self):
+    return {l for l in range(len(self.channel_mult)) if self.image_size // 2 ** l in self.attention_resolutions}
+
+
+class UNet(nn.Module):
+  """model(z, log_snr, cond, deterministic=True) -> prediction, float32, shape of z."""
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(self, z, log_snr, cond, deterministic: bool = True):
+    cfg = self.config
+    dt = cfg.compute_dtype
+    ch = cfg.model_channels
+    emb, text, mask = layers.TextConditioning(ch * cfg.embed_mult, cfg.text_dim or ch, cfg.pool_heads, dt, cfg.attention_impl,
+                                              name="conditioning")(log_snr, cond)
+    res_cls = layers.maybe_remat(layers.ResBlock, cfg.remat, static_argnums=(3,))
+    attn_cls = layers.maybe_remat(layers.AttentionBlock, cfg.remat)
+    res = lambda features, resample, name: res_cls(features, resample, cfg.dropout, cfg.norm_groups, dt, name=name)
+    attn = lambda name: attn_cls(cfg.num_heads, cfg.head_dim, True, True, cfg.norm_groups, dt, cfg.attention_impl,
+                                 name=name)
+    attn_levels = cfg.attention_levels()
+    last = len(cfg.channel_mult) - 1
+
+    h = layers.constrain_image(layers.Conv(ch, 3, dtype=dt, name="conv_in")(z.astype(dt)))
+    skips = [h]
+    for level, mult in enumerate(cfg.channel_mult):
+      for i in range(cfg.num_res_blocks):
+        h = res(mult * ch, None, f"down_{level}_res_{i}")(h, emb, deterministic)
+        if level in attn_levels:
+          h = attn(f"down_{level}_attn_{i}")(h, text, mask)
+        skips.append(h)
+      if level != last:
+        h = res(mult * ch, "down", f"down_{level}_downsample")(h, emb, deterministic)
+        skips.append(h)
+
+    h = res(cfg.channel_mult[-1] * ch, None, "mid_res_0")(h, emb, deterministic)
+    h = attn("mid_attn")(h, text, mask)
+    h = res(cfg.channel_mult[-1] * ch, None, "mid_res_1")(h, emb, deterministic)
+
+    for level in reversed(range(len(cfg.channel_mult))):
+      mult = cfg.channel_mult[level]
+      for i in range(cfg.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
+        h = res(mult * ch, None, f"up_{level}_res_{i}")(h, emb, deterministic)
+        if level in attn_levels:
+          h = attn(f"up_{level}_attn_{i}")(h, text, mask)
+      if level != 0:
+        h = res(mult * ch, "up", f"up_{level}_upsample")(h, emb, deterministic)
+
+    h = nn.silu(layers.GroupNorm(cfg.norm_groups, dt, name="norm_out")(h))
+    out = layers.Conv(cfg.out_channels, 3, dtype=dt, zero_init=True, name="conv_out")(h)
+    return out.astype(jnp.float32)
