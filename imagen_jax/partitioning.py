@@ -37,6 +37,7 @@ AXIS_RULES: Tuple[Tuple[str, object], ...] = (
     ("mlp", "tensor"),            # hidden width of MLPs
     ("heads", "tensor"),          # attention heads
     ("kv", None),                 # per-head width
+    ("joined_kv", "tensor"),      # heads x per-head width, flattened (T5 attention kernels)
     ("conv_in", "fsdp"),          # input channels of a convolution kernel
     ("conv_out", "tensor"),       # output channels of a convolution kernel (and its bias)
     ("text_embed", "fsdp"),       # width of the text encoder's output, as consumed by the U-Nets

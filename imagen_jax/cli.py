@@ -1,0 +1,122 @@
+"""The `imagen-jax` command line.
+
+  imagen-jax t5 convert --from DIR --to DIR [--size SIZE] [--param_dtype bfloat16]
+  imagen-jax t5 encode --checkpoint DIR --vocab SPM (--prompts P ... | --prompts_file F) [--max_length 128]
+
+Bad input (missing files, mismatched checkpoints, bad arguments) ends with a one-line error on stderr
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+
+class UsageError(Exception):
+  """Bad input from the user: reported in one line, exit code 2."""
+
+
+def _t5_config_arg(args, **overrides):
+  from imagen_jax.text import t5
+  return None if args.size is None else t5.t5_config(args.size, **overrides)
+
+
+def cmd_t5_convert(args) -> int:
+  from imagen_jax.text import checkpoints
+  overrides = {"param_dtype": args.param_dtype}
+  config = _t5_config_arg(args, **overrides)
+  t0 = time.perf_counter()
+  config, params = checkpoints.load_any(args.src, config)
+  if config.param_dtype != args.param_dtype:
+    import dataclasses
+    config = dataclasses.replace(config, param_dtype=args.param_dtype)
+    params = checkpoints.unflatten({k: checkpoints._as_param(v, args.param_dtype)
+                                    for k, v in checkpoints.flatten(params).items()})
+  checkpoints.save_params(args.dst, config, params)
+  n = sum(v.size for v in checkpoints.flatten(params).values())
+  nbytes = sum(v.nbytes for v in checkpoints.flatten(params).values())
+  print(f"converted {args.src} -> {args.dst}: {n / 1e6:.2f}M parameters, {nbytes / 2**30:.3f} GiB "
+        f"({config.param_dtype}), d_model={config.d_model} layers={config.num_layers} heads={config.num_heads} "
+        f"in {time.perf_counter() - t0:.1f}s")
+  return 0
+
+
+def cmd_t5_encode(args) -> int:
+  import numpy as np
+
+  from imagen_jax.text import checkpoints
+  from imagen_jax.text.encoder import TextEncoder
+  from imagen_jax.text.tokenizer import Tokenizer
+  prompts: List[str] = list(args.prompts or [])
+  if args.prompts_file:
+    try:
+      prompts += Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+      raise UsageError(f"cannot read prompts file {args.prompts_file}: {e}") from None
+  if not prompts:
+    raise UsageError("no prompts: give --prompts or --prompts_file")
+  try:
+    tokenizer = Tokenizer(args.vocab, args.max_length)
+  except (FileNotFoundError, ValueError) as e:
+    raise UsageError(str(e)) from None
+  config, params = checkpoints.load_any(args.checkpoint, _t5_config_arg(args))
+  if tokenizer.vocab_size > config.vocab_size:
+    raise UsageError(f"vocabulary has {tokenizer.vocab_size} pieces but the encoder only {config.vocab_size} rows")
+  batch = tokenizer(prompts)
+  t0 = time.perf_counter()
+  encoder = TextEncoder(config, params, batch_size=args.batch_size)
+  emb, mask = encoder.encode(batch.tokens)
+  dt = time.perf_counter() - t0
+  for i, prompt in enumerate(prompts):
+    flag = " (truncated)" if batch.truncated[i] else ""
+    print(f"[{i}] tokens={int(mask[i].sum())}{flag} |emb|={float(np.abs(emb[i][mask[i]]).mean()):.4f} {prompt[:60]!r}")
+  s = batch.stats
+  print(f"embeddings {tuple(emb.shape)} {emb.dtype}, mask {tuple(mask.shape)}; captions={s.captions} "
+        f"truncated={s.truncated} empty={s.empty} invalid_utf8={s.invalid_utf8}; encode {dt:.2f}s")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="imagen-jax", description=__doc__.split("\n\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  t5p = sub.add_parser("t5", help="the frozen T5 text encoder")
+  t5sub = t5p.add_subparsers(dest="t5_command", required=True)
+  sizes = ["tiny", "small", "base", "large", "xl", "xxl"]
+
+  conv = t5sub.add_parser("convert", help="Hugging Face / T5X checkpoint -> orbax checkpoint for fast loading")
+  conv.add_argument("--from", dest="src", required=True, help="HF directory, T5X checkpoint dir, or ours")
+  conv.add_argument("--to", dest="dst", required=True, help="new (empty) output directory")
+  conv.add_argument("--size", choices=sizes, help="encoder size (required for T5X; checked against HF config.json)")
+  conv.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"])
+  conv.set_defaults(fn=cmd_t5_convert)
+
+  enc = t5sub.add_parser("encode", help="tokenize and encode prompts; print shapes, mask lengths, truncation")
+  enc.add_argument("--checkpoint", required=True)
+  enc.add_argument("--size", choices=sizes)
+  enc.add_argument("--vocab", required=True, help="sentencepiece model (cc_all.32000.100extra for T5 v1.1)")
+  enc.add_argument("--prompts", nargs="*")
+  enc.add_argument("--prompts_file")
+  enc.add_argument("--max_length", type=int, default=128)
+  enc.add_argument("--batch_size", type=int, default=16)
+  enc.set_defaults(fn=cmd_t5_encode)
+  return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  from imagen_jax.text.checkpoints import CheckpointError
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    return args.fn(args)
+  except (UsageError, CheckpointError, FileNotFoundError) as e:
+    print(f"imagen-jax: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
