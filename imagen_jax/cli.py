@@ -2,6 +2,7 @@
 
   imagen-jax t5 convert --from DIR --to DIR [--size SIZE] [--param_dtype bfloat16]
   imagen-jax t5 encode --checkpoint DIR --vocab SPM (--prompts P ... | --prompts_file F) [--max_length 128]
+  imagen-jax cache-embeddings --gin_file FILE [--gin_file ...] [--gin.KEY=VALUE ...]
 
 Bad input (missing files, mismatched checkpoints, bad arguments) ends with a one-line error on stderr
 and exit code 2.
@@ -80,6 +81,25 @@ def cmd_t5_encode(args) -> int:
   return 0
 
 
+def cmd_cache_embeddings(args) -> int:
+  from imagen_jax.gin_utils import parse_gin
+  if not args.gin_file:
+    raise UsageError("cache-embeddings needs at least one --gin_file (e.g. runs/cache_synthetic.gin)")
+  from imagen_jax.data import cache, tasks  # noqa: F401  (registers the configurables)
+  from imagen_jax.data.sources import DataError
+  try:
+    parse_gin(args.gin_file, args.gin_bindings)
+  except (OSError, ValueError) as e:
+    raise UsageError(f"gin: {e}".splitlines()[0]) from None
+  try:
+    tasks.register_source_task()
+    summary = cache.cache_embeddings()
+  except (DataError, ValueError) as e:
+    raise UsageError(str(e).splitlines()[0]) from None
+  print(f"cache {summary.line()}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="imagen-jax", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -104,13 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
   enc.add_argument("--max_length", type=int, default=128)
   enc.add_argument("--batch_size", type=int, default=16)
   enc.set_defaults(fn=cmd_t5_encode)
+
+  cache = sub.add_parser("cache-embeddings", help="encode a task's captions once and write the embedding cache")
+  cache.add_argument("--gin_file", action="append", default=[], help="gin file (relative to gin_configs/ or a path)")
+  cache.set_defaults(fn=cmd_cache_embeddings)
   return parser
+
+
+def _split_gin_bindings(argv: List[str]):
+  """Pulls t5x-style `--gin.KEY=VALUE` flags out of argv; returns (rest, ['KEY = VALUE', ...])."""
+  rest, bindings = [], []
+  for a in argv:
+    if a.startswith("--gin.") and "=" in a:
+      key, value = a[len("--gin."):].split("=", 1)
+      bindings.append(f"{key} = {value}")
+    else:
+      rest.append(a)
+  return rest, bindings
 
 
 def main(argv: Optional[List[str]] = None) -> int:
   from imagen_jax.text.checkpoints import CheckpointError
   parser = build_parser()
+  argv, bindings = _split_gin_bindings(list(sys.argv[1:] if argv is None else argv))
   args = parser.parse_args(argv)
+  args.gin_bindings = bindings
   try:
     return args.fn(args)
   except (UsageError, CheckpointError, FileNotFoundError) as e:

@@ -51,3 +51,11 @@ def find_gin_file(name: str, extra_search_paths: Optional[Iterable[str]] = None)
     if candidate.is_file():
       return candidate
   raise FileNotFoundError(f"gin file {name!r} not found in {search_paths(extra_search_paths or ())}")
+
+
+def require(**values) -> None:
+  """Raises a clear error for arguments still bound to gin.REQUIRED (e.g. through an unset macro)."""
+  missing = sorted(k for k, v in values.items() if v is gin.REQUIRED)
+  if missing:
+    raise ValueError(f"required gin value(s) not set: {', '.join(missing)} (bind them in a gin file or with "
+                     "--gin.KEY=VALUE)")

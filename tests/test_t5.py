@@ -174,20 +174,6 @@ def test_missing_and_mismatched_tensors_are_named(hf_model, tmp_path):
     checkpoints.load_t5x(tmp_path, t5.t5_config("tiny", **TINY))
 
 
-@pytest.fixture(scope="module")
-def spm_model(tmp_path_factory):
-  """A sentencepiece model trained on the fly with T5's special ids (pad 0, eos 1, unk 2)."""
-  import sentencepiece as spm
-  words = ["red", "blue", "green", "circle", "square", "triangle", "two", "three", "left", "of", "a", "the", "big"]
-  rng = np.random.default_rng(0)
-  corpus = [" ".join(rng.choice(words, rng.integers(3, 9))) for _ in range(400)]
-  prefix = str(tmp_path_factory.mktemp("spm") / "tiny")
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=prefix, vocab_size=60,
-                                 pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-                                 model_type="unigram")
-  return prefix + ".model"
-
-
 def test_tokenizer_eos_mask_truncation_and_bad_input(spm_model):
   tok = Tokenizer(spm_model, max_length=8)
   batch = tok(["two red circles", "", "a big blue square to the left of a green triangle", b"red \xff square"])

@@ -1,0 +1,174 @@
+"""seqio Tasks: one per image-caption source (captions tokenized with the T5 vocabulary), and the
+"cached" task that reads the records `cache-embeddings` writes (images and embeddings together, one
+sequential stream, no join)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import gin
+
+from imagen_jax.data import tf_setup
+from imagen_jax.data import sources as sources_lib
+from imagen_jax.data import synthetic
+from imagen_jax.gin_utils import require
+
+tf = tf_setup()
+import seqio  # noqa: E402  (after tf_setup: TensorFlow must not grab the accelerators)
+
+RECORD_SIGNATURE = {"key": tf.TensorSpec((), tf.string), "image": tf.TensorSpec((), tf.string),
+                    "caption": tf.TensorSpec((), tf.string), "ground_truth": tf.TensorSpec((), tf.string)}
+
+
+class CaptionedImageSource(seqio.DataSource):
+  """A seqio DataSource over a Python record iterator, validated by `sources.clean_records`.
+
+  Sharding happens *before* validation (record i goes to shard i mod num_shards), so each shard decodes
+  only its own images and its bad-record counts are its own (`stats[(split, shard)]`).
+  """
+
+  def __init__(self, records_fn: Callable[[str], Iterable[dict]], image_size: Optional[int],
+               splits: Tuple[str, ...] = ("train",), min_image_size: int = 16, max_bad_fraction: float = 0.5):
+    super().__init__(splits=splits, num_input_examples=None, caching_permitted=True)
+    self._records_fn = records_fn
+    self._image_size = image_size
+    self._min_image_size = min_image_size
+    self._max_bad_fraction = max_bad_fraction
+    self.stats: Dict[Tuple[str, int], sources_lib.SourceStats] = {}
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True
+
+  def list_shards(self, split: str):
+    return [split]
+
+  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
+                  shard_info: Optional[seqio.ShardInfo] = None, *, sequence_length=None, use_cached=False,
+                  num_epochs: Optional[int] = 1):
+    del shuffle, seed, sequence_length, use_cached   # records come in source order; shuffle downstream
+    index, count = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
+    stats = sources_lib.SourceStats()
+    self.stats[(split, index)] = stats
+
+    def gen():
+      raw = (r for i, r in enumerate(self._records_fn(split)) if i % count == index)
+      for rec in sources_lib.clean_records(raw, stats, self._image_size, self._min_image_size,
+                                           self._max_bad_fraction):
+        yield {"key": str(rec.get("key", "")), "image": rec["image"], "caption": rec["caption"],
+               "ground_truth": rec.get("ground_truth", "")}
+
+    ds = tf.data.Dataset.from_generator(gen, output_signature=RECORD_SIGNATURE)
+    return ds.repeat(num_epochs) if num_epochs != 1 else ds
+
+
+def _caption_to_tokens(ds):
+  return ds.map(lambda ex: {**ex, "tokens": ex["caption"]}, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def vocabulary(spm_path) -> seqio.SentencePieceVocabulary:
+  if not Path(spm_path).is_file():
+    raise FileNotFoundError(f"sentencepiece model not found: {spm_path}")
+  return seqio.SentencePieceVocabulary(str(spm_path))
+
+
+def _add(name: str, source, preprocessors, vocab_path, replace: bool):
+  if replace and name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  output_features = {"tokens": seqio.Feature(vocabulary(vocab_path), add_eos=True, dtype=tf.int32)}
+  return seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors, output_features=output_features)
+
+
+@gin.configurable
+def register_source_task(name: str = gin.REQUIRED, kind: str = gin.REQUIRED, vocab_path: str = gin.REQUIRED,
+                         image_size: Optional[int] = None, path: Optional[str] = None,
+                         tfds_name: Optional[str] = None, tfds_data_dir: Optional[str] = None,
+                         image_field: str = "image", caption_field: str = "captions/text",
+                         all_captions: bool = False, seed: int = 0, num_examples: int = 1000,
+                         splits: Optional[Tuple[str, ...]] = None, max_bad_fraction: float = 0.5,
+                         replace: bool = True) -> seqio.Task:
+  """Registers a source as a seqio Task whose examples carry 'tokens' (the caption, T5-tokenized,
+  not yet trimmed: the cache writer trims, appends EOS and counts truncation).
+
+  kind: 'folder' (path: image files with same-named .txt captions), 'jsonl' (path), 'tfds'
+  (tfds_name, image_field, caption_field, all_captions, tfds_data_dir), 'synthetic' (seed,
+  num_examples; 'validation' uses seed + 1). image_size: resolution the stored images are resized /
+  centre-cropped to (the largest stage's; None keeps the original, synthetic renders at 64).
+  """
+  require(name=name, kind=kind, vocab_path=vocab_path, path=path, tfds_data_dir=tfds_data_dir)
+  if kind in ("folder", "jsonl") and not path:
+    raise ValueError(f"a {kind} source needs path")
+  if kind == "folder":
+    records = lambda split: sources_lib.folder_records(path)
+  elif kind == "jsonl":
+    records = lambda split: sources_lib.jsonl_records(path)
+  elif kind == "tfds":
+    if not tfds_name:
+      raise ValueError("a tfds source needs tfds_name")
+    records = lambda split: sources_lib.tfds_records(tfds_name, split, image_field, caption_field, all_captions,
+                                                     tfds_data_dir)
+  elif kind == "synthetic":
+    res = image_size or 64
+    records = lambda split: synthetic.examples(seed if split == "train" else seed + 1, num_examples, res)
+  else:
+    raise ValueError(f"unknown source kind {kind!r}; expected folder, jsonl, tfds or synthetic")
+  if splits is None:
+    splits = ("train", "validation") if kind in ("tfds", "synthetic") else ("train",)
+  source = CaptionedImageSource(records, image_size, splits=tuple(splits), max_bad_fraction=max_bad_fraction)
+  preprocessors = [_caption_to_tokens, functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)]
+  return _add(name, source, preprocessors, vocab_path, replace)
+
+
+# ---------------------------------------------------------------------------------- cached records
+
+METADATA = "metadata.json"
+
+FEATURES = {
+    "key": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "caption": tf.io.FixedLenFeature([], tf.string),
+    "ground_truth": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "tokens": tf.io.VarLenFeature(tf.int64),
+    "num_tokens": tf.io.FixedLenFeature([], tf.int64),
+    "embeddings": tf.io.FixedLenFeature([], tf.string),
+}
+
+
+def read_metadata(cache_dir) -> dict:
+  path = Path(cache_dir) / METADATA
+  if not path.is_file():
+    raise sources_lib.DataError(f"{cache_dir}: no {METADATA}; not an embedding cache")
+  return json.loads(path.read_text())
+
+
+def decode_cached(ex, max_length: int, d_model: int):
+  """Parsed record -> tokens / text_emb (bfloat16) / text_mask padded to max_length."""
+  n = tf.cast(ex["num_tokens"], tf.int32)
+  tokens = tf.cast(tf.sparse.to_dense(ex["tokens"]), tf.int32)
+  emb = tf.reshape(tf.io.decode_raw(ex["embeddings"], tf.bfloat16), [n, d_model])
+  pad = max_length - n
+  return {
+      "key": ex["key"], "image": ex["image"], "caption": ex["caption"], "ground_truth": ex["ground_truth"],
+      "tokens": tf.pad(tokens, [[0, pad]]),
+      "text_emb": tf.ensure_shape(tf.pad(emb, [[0, pad], [0, 0]]), [max_length, d_model]),
+      "text_mask": tf.range(max_length) < n,
+  }
+
+
+def cached_file_pattern(cache_dir, split: str) -> str:
+  return str(Path(cache_dir) / f"{split}.tfrecord-*-of-*")
+
+
+@gin.configurable
+def register_cached_task(name: str, cache_dir: str, vocab_path: str, replace: bool = True) -> seqio.Task:
+  """The written cache as a seqio Task: records with image bytes, caption, tokens and embeddings."""
+  meta = read_metadata(cache_dir)
+  source = seqio.TFExampleDataSource(
+      split_to_filepattern={s: cached_file_pattern(cache_dir, s) for s in meta["splits"]},
+      feature_description=FEATURES, reader_cls=tf.data.TFRecordDataset)
+  decode = lambda ds: ds.map(functools.partial(decode_cached, max_length=meta["max_length"], d_model=meta["d_model"]),
+                             num_parallel_calls=tf.data.AUTOTUNE)
+  return _add(name, source, [decode], vocab_path, replace)
