@@ -361,3 +361,15 @@ def test_cache_embeddings_cli(tmp_path, spm_model, tiny_t5_checkpoint, capsys):
   assert cli.main(["cache-embeddings", "--gin_file", "runs/cache_synthetic.gin"]) == 2   # required macros unset
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("imagen-jax: error:")
+
+
+def test_each_host_reads_its_own_part(cached_task):
+  from imagen_jax.data import pipeline
+  name, _ = cached_task
+  keys = []
+  for host in range(2):
+    cfg = pipeline.StageDataConfig(image_size=32, batch_size=4, shuffle_buffer=4, seed=1)
+    ds = pipeline.stage_dataset(name, cfg, process_index=host, process_count=2, num_epochs=1)
+    keys.append({k for b in ds.as_numpy_iterator() for k in b["key"]})
+  assert keys[0] and keys[1] and not keys[0] & keys[1]
+  assert len(keys[0] | keys[1]) >= 20      # 24 records over 2 files; drop_remainder may drop < 2 per host

@@ -13,6 +13,13 @@ from imagen_jax import partitioning
 from imagen_jax.text.t5 import T5Config, T5Encoder
 
 
+def encode_tokens(config: T5Config, params, tokens, out_dtype=jnp.float32):
+  """Pure, jittable: tokens (B, L) -> (embeddings (B, L, d_model) in out_dtype, mask). For on-the-fly mode
+  inside a train step, with the params sharded on the step's mesh."""
+  emb, mask = T5Encoder(config).apply({"params": params}, tokens)
+  return emb.astype(out_dtype), mask
+
+
 class TextEncoder:
   """encode(tokens) -> (embeddings, mask), in fixed-size batches so that one compilation serves all.
 
@@ -39,8 +46,7 @@ class TextEncoder:
                          out_shardings=(partitioning.batch_sharding(mesh, 3), data))
 
   def _apply(self, params, tokens):
-    emb, mask = self.model.apply({"params": params}, tokens)
-    return emb.astype(self.out_dtype), mask
+    return encode_tokens(self.config, params, tokens, self.out_dtype)
 
   def _run(self, tokens):
     if self.mesh is None:
