@@ -223,8 +223,9 @@ def test_cache_round_trip(tmp_path, spm_model, tiny_t5_checkpoint):
   # Images are the synthetic renders, PNG at the cache resolution.
   by_key = {r["key"].decode(): r for r in records}
   ex = next(synthetic.examples(0, 1, 32))
-  assert by_key["synthetic-0-0"]["image"] == ex["image"] and by_key["synthetic-0-0"]["caption"].decode() == ex["caption"]
-  assert json.loads(by_key["synthetic-0-0"]["ground_truth"]) == json.loads(ex["ground_truth"])
+  first = by_key["synthetic-0-0"]
+  assert first["image"] == ex["image"] and first["caption"].decode() == ex["caption"]
+  assert json.loads(first["ground_truth"]) == json.loads(ex["ground_truth"])
 
 
 def test_resuming_a_half_written_cache_gives_the_same_records(tmp_path, spm_model, tiny_t5_checkpoint):
@@ -327,7 +328,6 @@ def test_iterator_state_restores_in_a_fresh_process(cached_task, spm_model, tmp_
 
 
 def test_on_the_fly_batches_match_the_cache(cached_task, spm_model, tiny_t5_checkpoint):
-  import ml_dtypes
   from imagen_jax.data import pipeline
   from imagen_jax.text.encoder import TextEncoder
   name, _ = cached_task

@@ -19,7 +19,8 @@ def _random_state(seed, b=6):
 
 def test_diffuse_is_alpha_x_plus_sigma_eps():
   x0, eps, alpha, sigma, z = _random_state(0)
-  ref = np.asarray(alpha)[:, None, None, None] * np.asarray(x0) + np.asarray(sigma)[:, None, None, None] * np.asarray(eps)
+  a, s = np.asarray(alpha)[:, None, None, None], np.asarray(sigma)[:, None, None, None]
+  ref = a * np.asarray(x0) + s * np.asarray(eps)
   np.testing.assert_allclose(np.asarray(z), ref, rtol=1e-6, atol=1e-6)
 
 

@@ -1,7 +1,6 @@
 """The T5 v1.1 encoder against an independent reference: Hugging Face transformers on PyTorch CPU."""
 
 import json
-import os
 
 import flax.linen as nn
 import jax

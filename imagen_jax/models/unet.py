@@ -66,8 +66,8 @@ class UNet(nn.Module):
     cfg = self.config
     dt = cfg.compute_dtype
     ch = cfg.model_channels
-    emb, text, mask = layers.TextConditioning(ch * cfg.embed_mult, cfg.text_dim or ch, cfg.pool_heads, dt, cfg.attention_impl,
-                                              name="conditioning")(log_snr, cond)
+    emb, text, mask = layers.TextConditioning(ch * cfg.embed_mult, cfg.text_dim or ch, cfg.pool_heads, dt,
+                                              cfg.attention_impl, name="conditioning")(log_snr, cond)
     res_cls = layers.maybe_remat(layers.ResBlock, cfg.remat, static_argnums=(3,))
     attn_cls = layers.maybe_remat(layers.AttentionBlock, cfg.remat)
     res = lambda features, resample, name: res_cls(features, resample, cfg.dropout, cfg.norm_groups, dt, name=name)

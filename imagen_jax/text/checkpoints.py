@@ -20,7 +20,6 @@ tensor otherwise. Nothing here unpickles anything: Hugging Face weights are read
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -220,7 +219,8 @@ def _find_t5x_dir(path: Path) -> Path:
   """A `checkpoint_<step>` directory: the path itself, or the highest step under it."""
   if (path / "checkpoint").exists() or (path / "_CHECKPOINT_METADATA").exists() or (path / "_METADATA").exists():
     return path
-  steps = sorted((int(m.group(1)), p) for p in path.glob("checkpoint_*") if (m := re.fullmatch(r"checkpoint_(\d+)", p.name)))
+  steps = sorted((int(m.group(1)), p) for p in path.glob("checkpoint_*")
+                 if (m := re.fullmatch(r"checkpoint_(\d+)", p.name)))
   if not steps:
     raise CheckpointError(f"{path}: not a T5X checkpoint (no 'checkpoint' file and no checkpoint_<step> directories)")
   return steps[-1][1]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
-
 import flax.linen as nn
 import gin
 import jax
@@ -43,6 +41,11 @@ class T5Config:
   @property
   def inner_dim(self) -> int:
     return self.num_heads * self.d_kv
+
+  @property
+  def dtypes(self):
+    """(compute dtype, parameter dtype) as jnp dtypes."""
+    return jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
 
 
 T5_SIZES = {
@@ -143,7 +146,7 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, h, bias, mask):
     cfg = self.config
-    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    dt, pdt = cfg.dtypes
     b, length, _ = h.shape
     heads = lambda y: y.reshape(b, length, cfg.num_heads, cfg.d_kv)
     q = heads(_Kernel(cfg.inner_dim, ("embed", "joined_kv"), 1.0 / cfg.d_kv, dt, pdt, name="query")(h))
@@ -161,7 +164,7 @@ class GatedGeluMlp(nn.Module):
   @nn.compact
   def __call__(self, h):
     cfg = self.config
-    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    dt, pdt = cfg.dtypes
     gate = jax.nn.gelu(_Kernel(cfg.d_ff, ("embed", "mlp"), 1.0, dt, pdt, name="wi_0")(h), approximate=True)
     lin = _Kernel(cfg.d_ff, ("embed", "mlp"), 1.0, dt, pdt, name="wi_1")(h)
     inner = nn.with_logical_constraint(gate * lin, ("activation_batch", "activation_length", "activation_mlp"))
@@ -177,7 +180,7 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, bias, mask):
     cfg = self.config
-    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    dt, pdt = cfg.dtypes
     h = RMSNorm(cfg.layer_norm_epsilon, dt, pdt, name="pre_attention_layer_norm")(x)
     x = nn.with_logical_constraint(x + SelfAttention(cfg, name="attention")(h, bias, mask).astype(x.dtype), ACT_AXES)
     h = RMSNorm(cfg.layer_norm_epsilon, dt, pdt, name="pre_mlp_layer_norm")(x)
@@ -190,7 +193,7 @@ class EncoderStack(nn.Module):
   @nn.compact
   def __call__(self, x, mask):
     cfg = self.config
-    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    dt, pdt = cfg.dtypes
     bias = RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
                                 cfg.relative_attention_max_distance, dt, pdt, name="relpos_bias")(x.shape[1])
     layer_cls = nn.remat(EncoderLayer) if cfg.remat else EncoderLayer
@@ -206,7 +209,7 @@ class T5Encoder(nn.Module):
   @nn.compact
   def __call__(self, tokens):
     cfg = self.config
-    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    dt, pdt = cfg.dtypes
     mask = tokens > PAD_ID
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=pdt, name="token_embedder",
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")))
