@@ -1,5 +1,6 @@
 """The T5 v1.1 encoder against an independent reference: Hugging Face transformers on PyTorch CPU."""
 
+import copy
 import json
 
 import flax.linen as nn
@@ -254,3 +255,18 @@ def test_module_parameters_are_exactly_the_checkpoint_layout(size):
   assert shapes == checkpoints.expected_shapes(config)
   if size == "xxl":   # T5-XXL encoder: 4.76B parameters with the 32128 x 4096 embedding
     assert abs(sum(int(np.prod(s)) for s in shapes.values()) - 4.762e9) < 1e6
+
+
+def test_bfloat16_hf_checkpoint_loads(hf_model, tmp_path):
+  # Released T5 v1.1 weights are often bfloat16 safetensors, which NumPy cannot represent natively.
+  model, hf_dir = hf_model
+  copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path / "bf16", safe_serialization=True)
+  config, params = checkpoints.load_hf(tmp_path / "bf16")
+  _, ref = checkpoints.load_hf(hf_dir)
+  a = checkpoints.flatten(params)
+  b = checkpoints.flatten(ref)
+  assert a.keys() == b.keys()
+  for k in a:
+    assert a[k].dtype == np.float32
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-2, atol=1e-2)        # bf16 rounding of the weights
+    np.testing.assert_array_equal(a[k], b[k].astype(jnp.bfloat16).astype(np.float32))
