@@ -64,3 +64,22 @@ def test_mesh_construction_errors():
     partitioning.create_mesh(data=2, fsdp=4, tensor=2)
   mesh = partitioning.create_mesh(data=-1, fsdp=1, tensor=2)
   assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+
+
+@pytest.mark.parametrize("which", ["models/tiny_base.gin", "models/tiny_sr.gin", "t5"])
+def test_every_parameter_carries_logical_axis_names(which):
+  if which == "t5":
+    from imagen_jax.text import t5
+    import jax.numpy as jnp
+    cfg = t5.t5_config("tiny")
+    boxed = jax.eval_shape(lambda: t5.T5Encoder(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32)))
+    boxed = boxed["params"]
+  else:
+    boxed = M.abstract_params(load_config(which))
+  leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  unnamed = [x for x in leaves if not isinstance(x, nn.LogicallyPartitioned)]
+  assert leaves and not unnamed
+  rule_names = {name for name, _ in partitioning.AXIS_RULES}
+  for x in leaves:
+    assert len(x.names) == len(x.value.shape)
+    assert all(n is None or n in rule_names for n in x.names), x.names
