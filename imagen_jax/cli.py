@@ -35,11 +35,10 @@ def cmd_t5_convert(args) -> int:
   if config.param_dtype != args.param_dtype:
     import dataclasses
     config = dataclasses.replace(config, param_dtype=args.param_dtype)
-    params = checkpoints.unflatten({k: checkpoints._as_param(v, args.param_dtype)
-                                    for k, v in checkpoints.flatten(params).items()})
+    params = checkpoints.cast_params(params, args.param_dtype)
   checkpoints.save_params(args.dst, config, params)
-  n = sum(v.size for v in checkpoints.flatten(params).values())
-  nbytes = sum(v.nbytes for v in checkpoints.flatten(params).values())
+  arrays = checkpoints.flatten(params).values()
+  n, nbytes = sum(v.size for v in arrays), sum(v.nbytes for v in arrays)
   print(f"converted {args.src} -> {args.dst}: {n / 1e6:.2f}M parameters, {nbytes / 2**30:.3f} GiB "
         f"({config.param_dtype}), d_model={config.d_model} layers={config.num_layers} heads={config.num_heads} "
         f"in {time.perf_counter() - t0:.1f}s")

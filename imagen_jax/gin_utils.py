@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
 import gin
 
@@ -43,14 +43,6 @@ def parse_gin(gin_files: Iterable[str] = (), bindings: Iterable[str] = (), extra
     gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=finalize)
   finally:
     root.removeFilter(quiet)
-
-
-def find_gin_file(name: str, extra_search_paths: Optional[Iterable[str]] = None) -> Path:
-  for p in search_paths(extra_search_paths or ()):
-    candidate = Path(p) / name
-    if candidate.is_file():
-      return candidate
-  raise FileNotFoundError(f"gin file {name!r} not found in {search_paths(extra_search_paths or ())}")
 
 
 def require(**values) -> None:

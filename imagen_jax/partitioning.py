@@ -68,11 +68,6 @@ def create_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Optiona
   return Mesh(devices.reshape(sizes), MESH_AXES)
 
 
-def logical_partition_specs(boxed_tree):
-  """PartitionSpecs in logical names for a tree of (possibly) `nn.LogicallyPartitioned` values."""
-  return nn.get_partition_spec(boxed_tree)
-
-
 def _axis_size(mesh: Mesh, axis) -> int:
   if axis is None:
     return 1
@@ -97,10 +92,6 @@ def mesh_shardings(boxed_tree, mesh: Mesh, rules=AXIS_RULES):
   is_spec = lambda x: isinstance(x, PartitionSpec)
   return jax.tree_util.tree_map(lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
                                 mesh_specs, shapes, is_leaf=is_spec)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

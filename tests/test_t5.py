@@ -270,3 +270,15 @@ def test_bfloat16_hf_checkpoint_loads(hf_model, tmp_path):
     assert a[k].dtype == np.float32
     np.testing.assert_allclose(a[k], b[k], rtol=1e-2, atol=1e-2)        # bf16 rounding of the weights
     np.testing.assert_array_equal(a[k], b[k].astype(jnp.bfloat16).astype(np.float32))
+
+
+def test_truncation_boundary(spm_model):
+  # A caption of exactly max_length - 1 pieces fits with its EOS; one more piece is truncated.
+  import sentencepiece as sp
+  n = len(sp.SentencePieceProcessor(model_file=spm_model).encode("two red circles"))
+  fits = Tokenizer(spm_model, max_length=n + 1)(["two red circles"])
+  assert not fits.truncated[0] and fits.stats.truncated == 0 and fits.lengths[0] == n + 1
+  cut = Tokenizer(spm_model, max_length=n)(["two red circles"])
+  assert cut.truncated[0] and cut.stats.truncated == 1 and cut.lengths[0] == n
+  assert cut.tokens[0, -1] == t5.EOS_ID
+  np.testing.assert_array_equal(cut.tokens[0, :-1], fits.tokens[0, : n - 1])

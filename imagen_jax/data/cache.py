@@ -23,6 +23,7 @@ from tqdm import tqdm
 from imagen_jax.data import sources as sources_lib
 from imagen_jax.data import tasks as tasks_lib
 from imagen_jax.data import tf_setup
+from imagen_jax.text.tokenizer import trim_with_eos
 
 tf = tf_setup()
 import seqio  # noqa: E402
@@ -74,12 +75,6 @@ def serialize(key: bytes, image: bytes, caption: bytes, ground_truth: bytes, tok
       "embeddings": _bytes(np.ascontiguousarray(embeddings[:n].astype(ml_dtypes.bfloat16)).tobytes()),
   }
   return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
-
-
-def trim_with_eos(ids: np.ndarray, max_length: int, eos_id: int = 1):
-  """ids (unpadded, no EOS) -> (ids[: max_length - 1] + [EOS], truncated?)."""
-  truncated = len(ids) + 1 > max_length
-  return np.concatenate([ids[: max_length - 1], [eos_id]]).astype(np.int32), truncated
 
 
 def _write_metadata(output_dir: Path, meta: dict) -> None:

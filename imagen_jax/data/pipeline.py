@@ -23,6 +23,7 @@ import gin
 import numpy as np
 
 from imagen_jax.data import tf_setup
+from imagen_jax.text.t5 import EOS_ID
 
 tf = tf_setup()
 import seqio  # noqa: E402
@@ -131,7 +132,7 @@ def pad_tokens_dataset(ds, max_length: int):
   """On-the-fly mode with a source task: trim to max_length - 1, append EOS, pad (like the cache)."""
   def fn(ex):
     ids = ex["tokens"][: max_length - 1]
-    ids = tf.concat([ids, [1]], axis=0)
+    ids = tf.concat([ids, [EOS_ID]], axis=0)
     return dict(ex, tokens=tf.pad(ids, [[0, max_length - tf.shape(ids)[0]]]))
   return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 

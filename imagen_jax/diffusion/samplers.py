@@ -47,9 +47,8 @@ def ancestral_update(z, x0, log_snr_t, log_snr_s, noise):
   return mean + process.bcast(std, z) * noise
 
 
-def ddim_update(z, x0, eps, log_snr_t, log_snr_s, noise, eta):
+def ddim_update(x0, eps, log_snr_t, log_snr_s, noise, eta):
   """One DDIM step (Song et al. 2021) with stochasticity eta in [0, 1]."""
-  del z
   alpha_s, sigma_s = alpha_sigma_from_log_snr(log_snr_s)
   c = -jnp.expm1(log_snr_t - log_snr_s)
   c_eta2 = jnp.square(eta) * c * jnp.square(sigma_s)
@@ -99,7 +98,7 @@ def sample(model_fn, key, shape, cond=None, *, schedule: NoiseSchedule, num_step
     if sampler == "ddpm":
       z_s = ancestral_update(z, x0, log_snr_t, log_snr_s, noise)
     else:
-      z_s = ddim_update(z, x0, eps, log_snr_t, log_snr_s, noise, jnp.asarray(ddim_eta, jnp.float32))
+      z_s = ddim_update(x0, eps, log_snr_t, log_snr_s, noise, jnp.asarray(ddim_eta, jnp.float32))
     return z_s, x0
 
   if not return_trajectory:

@@ -123,6 +123,11 @@ def _as_param(value, dtype) -> np.ndarray:
   return np.asarray(value).astype(jnp.dtype(dtype))
 
 
+def cast_params(params, dtype) -> dict:
+  """The nested params with every array cast to `dtype` (e.g. 'bfloat16')."""
+  return unflatten({k: _as_param(v, dtype) for k, v in flatten(params).items()})
+
+
 # ------------------------------------------------------------------------------------- Hugging Face
 
 

@@ -19,6 +19,12 @@ from imagen_jax.text.t5 import EOS_ID, PAD_ID
 DEFAULT_MAX_LENGTH = 128
 
 
+def trim_with_eos(ids, max_length: int):
+  """ids (unpadded, no EOS) -> (ids[: max_length - 1] + [EOS] as int32, whether it was truncated)."""
+  ids = np.asarray(ids, np.int32)
+  return np.append(ids[: max_length - 1], np.int32(EOS_ID)).astype(np.int32), len(ids) + 1 > max_length
+
+
 @dataclasses.dataclass
 class TokenizeStats:
   captions: int = 0
@@ -84,12 +90,8 @@ class Tokenizer:
         raise TypeError(f"caption {i} is a {type(caption).__name__}, not str or bytes")
       if not caption.strip():
         stats.empty += 1
-      ids = list(self._encode(caption))
-      if len(ids) + 1 > self.max_length:
-        ids = ids[: self.max_length - 1]
-        stats.truncated += 1
-        truncated[i] = True
-      ids.append(EOS_ID)
+      ids, truncated[i] = trim_with_eos(self._encode(caption), self.max_length)
+      stats.truncated += int(truncated[i])
       tokens[i, : len(ids)] = ids
       lengths[i] = len(ids)
     return TokenizedBatch(tokens, lengths, truncated, stats)
