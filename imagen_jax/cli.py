@@ -81,15 +81,8 @@ def cmd_t5_encode(args) -> int:
 
 
 def cmd_cache_embeddings(args) -> int:
-  from imagen_jax.gin_utils import parse_gin
-  if not args.gin_file:
-    raise UsageError("cache-embeddings needs at least one --gin_file (e.g. runs/cache_synthetic.gin)")
-  from imagen_jax.data import cache, tasks  # noqa: F401  (registers the configurables)
+  from imagen_jax.data import cache, tasks
   from imagen_jax.data.sources import DataError
-  try:
-    parse_gin(args.gin_file, args.gin_bindings)
-  except (OSError, ValueError) as e:
-    raise UsageError(f"gin: {e}".splitlines()[0]) from None
   try:
     tasks.register_source_task()
     summary = cache.cache_embeddings()
@@ -105,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   t5p = sub.add_parser("t5", help="the frozen T5 text encoder")
   t5sub = t5p.add_subparsers(dest="t5_command", required=True)
-  sizes = ["tiny", "small", "base", "large", "xl", "xxl"]
+  from imagen_jax.text.t5 import T5_SIZES
+  sizes = sorted(T5_SIZES)
 
   conv = t5sub.add_parser("convert", help="Hugging Face / T5X checkpoint -> orbax checkpoint for fast loading")
   conv.add_argument("--from", dest="src", required=True, help="HF directory, T5X checkpoint dir, or ours")
@@ -125,34 +119,60 @@ def build_parser() -> argparse.ArgumentParser:
   enc.set_defaults(fn=cmd_t5_encode)
 
   cache = sub.add_parser("cache-embeddings", help="encode a task's captions once and write the embedding cache")
-  cache.add_argument("--gin_file", action="append", default=[], help="gin file (relative to gin_configs/ or a path)")
-  cache.set_defaults(fn=cmd_cache_embeddings)
+  _gin_command(cache, cmd_cache_embeddings, ("imagen_jax.data.cache", "imagen_jax.data.tasks"),
+               example="runs/cache_synthetic.gin")
   return parser
 
 
-def _split_gin_bindings(argv: List[str]):
-  """Pulls t5x-style `--gin.KEY=VALUE` flags out of argv; returns (rest, ['KEY = VALUE', ...])."""
-  rest, bindings = [], []
-  for a in argv:
-    if a.startswith("--gin.") and "=" in a:
-      key, value = a[len("--gin."):].split("=", 1)
-      bindings.append(f"{key} = {value}")
-    else:
-      rest.append(a)
-  return rest, bindings
+def _gin_command(parser: argparse.ArgumentParser, fn, modules, example: str) -> None:
+  """A gin-configured command: `--gin_file` (repeatable) plus `--gin.KEY=VALUE`; `main` imports `modules`
+  (which register the configurables), parses and finalizes the config before calling `fn`."""
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin file, relative to gin_configs/ or a path (repeatable)")
+  parser.set_defaults(fn=fn, gin_modules=tuple(modules), gin_example=example)
+
+
+def _setup_gin(args) -> None:
+  import importlib
+
+  from imagen_jax import gin_utils
+  if getattr(args, "gin_modules", None) is None:
+    if args.gin_bindings:
+      raise UsageError(f"{args.command} takes no --gin.KEY=VALUE bindings")
+    return
+  if not args.gin_file:
+    raise UsageError(f"{args.command} needs at least one --gin_file (e.g. {args.gin_example})")
+  for module in args.gin_modules:
+    importlib.import_module(module)
+  gin_utils.parse_gin(args.gin_file, args.gin_bindings, finalize=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+  """Every command passes through here: bad input of any command (arguments, gin files and bindings,
+  checkpoints, data) ends as one line `imagen-jax: error: ...` on stderr and exit code 2."""
+  from imagen_jax.gin_utils import GinConfigError, bindings_from_flags, from_gin_runtime_error
   from imagen_jax.text.checkpoints import CheckpointError
-  parser = build_parser()
-  argv, bindings = _split_gin_bindings(list(sys.argv[1:] if argv is None else argv))
-  args = parser.parse_args(argv)
+  try:
+    argv, bindings = bindings_from_flags(list(sys.argv[1:] if argv is None else argv))
+  except GinConfigError as e:
+    print(f"imagen-jax: error: {_one_line(e)}", file=sys.stderr)
+    return 2
+  args = build_parser().parse_args(argv)
   args.gin_bindings = bindings
   try:
-    return args.fn(args)
-  except (UsageError, CheckpointError, FileNotFoundError) as e:
-    print(f"imagen-jax: error: {e}", file=sys.stderr)
+    try:
+      _setup_gin(args)
+      return args.fn(args)
+    except RuntimeError as e:
+      raise from_gin_runtime_error(e) or e
+  except (UsageError, GinConfigError, CheckpointError, FileNotFoundError) as e:
+    print(f"imagen-jax: error: {_one_line(e)}", file=sys.stderr)
     return 2
+
+
+def _one_line(e: BaseException) -> str:
+  """The first line (gin appends "In call to configurable ..." lines to errors raised inside one)."""
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 if __name__ == "__main__":

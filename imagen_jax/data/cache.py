@@ -110,7 +110,7 @@ def cache_embeddings(task_name: str = gin.REQUIRED, output_dir: str = gin.REQUIR
   import jax
 
   from imagen_jax.gin_utils import require
-  require(task_name=task_name, output_dir=output_dir, encoder_checkpoint=encoder_checkpoint)
+  require("cache_embeddings", task_name=task_name, output_dir=output_dir, encoder_checkpoint=encoder_checkpoint)
   t0 = time.perf_counter()
   task = seqio.get_mixture_or_task(task_name)
   config = None if encoder_size is None else t5.t5_config(encoder_size)

@@ -98,7 +98,8 @@ def register_source_task(name: str = gin.REQUIRED, kind: str = gin.REQUIRED, voc
   num_examples; 'validation' uses seed + 1). image_size: resolution the stored images are resized /
   centre-cropped to (the largest stage's; None keeps the original, synthetic renders at 64).
   """
-  require(name=name, kind=kind, vocab_path=vocab_path, path=path, tfds_data_dir=tfds_data_dir)
+  require("register_source_task", name=name, kind=kind, vocab_path=vocab_path, path=path,
+          tfds_data_dir=tfds_data_dir)
   if kind in ("folder", "jsonl") and not path:
     raise ValueError(f"a {kind} source needs path")
   if kind == "folder":
