@@ -22,12 +22,27 @@ def test_variance_preserving_and_strictly_decreasing(schedule):
 def test_cosine_matches_closed_form_and_clip_range():
   s = D.CosineSchedule()
   np.testing.assert_allclose(float(s.log_snr(0.0)), 20.0, rtol=1e-5)
-  np.testing.assert_allclose(float(s.log_snr(1.0)), -20.0, rtol=1e-3)
+  np.testing.assert_allclose(float(s.log_snr(1.0)), -20.0, rtol=1e-6)
   # Away from the clipped ends, alpha_t = cos(pi t / 2) (the clipping moves t by about 1e-4).
   t = np.linspace(0.05, 0.95, 91)
   alpha, sigma = s.alpha_sigma(jnp.asarray(t))
   np.testing.assert_allclose(np.asarray(alpha), np.cos(np.pi * t / 2), atol=2e-4)
   np.testing.assert_allclose(np.asarray(sigma), np.sin(np.pi * t / 2), atol=2e-4)
+
+
+@pytest.mark.parametrize("lo,hi", [(-20.0, 20.0), (-10.0, 12.0), (-30.0, 30.0)])
+def test_cosine_log_snr_keeps_float32_precision_up_to_t_one(lo, hi):
+  """Against float64 at the same float32 t, on a dense grid and at the points samplers start from."""
+  t = np.concatenate([np.linspace(0.0, 1.0, 400_001, dtype=np.float32),
+                      np.float32([1e-6, 1 - 1e-6, 1 - 2.0**-24, 0.5, np.nextafter(np.float32(0.5), 0), 1.0])])
+  t64 = t.astype(np.float64)
+  b = np.arctan(np.exp(-0.5 * hi))
+  a = np.arctan(np.exp(-0.5 * lo)) - b
+  ref = -2.0 * np.log(np.tan(a * t64 + b))
+  got = np.asarray(D.CosineSchedule(lo, hi).log_snr(jnp.asarray(t)), np.float64)
+  err = np.abs(got - ref)
+  assert err.max() < 1e-5, (t[np.argmax(err)], err.max())
+  assert got[-1] == pytest.approx(lo, abs=1e-5) and got[0] == pytest.approx(hi, abs=1e-5)
 
 
 def test_linear_matches_discrete_ddpm_cumprod():

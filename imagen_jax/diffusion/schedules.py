@@ -71,11 +71,25 @@ class CosineSchedule(NoiseSchedule):
     if not self.logsnr_min < self.logsnr_max:
       raise ValueError(f"CosineSchedule needs logsnr_min < logsnr_max, got {self.logsnr_min}, {self.logsnr_max}")
 
-  def log_snr(self, t):
-    t = jnp.asarray(t, jnp.float32)
+  def _angles(self):
+    """(a, b, c) in float64: the angle is a t + b, and c = pi/2 - a - b is its complement at t = 1."""
     b = math.atan(math.exp(-0.5 * self.logsnr_max))
     a = math.atan(math.exp(-0.5 * self.logsnr_min)) - b
-    return -2.0 * jnp.log(jnp.tan(a * t + b))
+    return a, b, math.pi / 2 - a - b
+
+  def log_snr(self, t):
+    """-2 log tan(a t + b), evaluated so that float32 keeps its precision on all of [0, 1].
+
+    Next to t = 1 the angle a t + b approaches pi/2, where tan is steep and the float32 sum a t + b has
+    lost the digits that matter (log_snr(1) would be -20.0011). On the upper half the complementary angle
+    pi/2 - (a t + b) = c + a (1 - t) is used instead: 1 - t is exact in float32 for t >= 1/2 (Sterbenz),
+    and -2 log tan(x) = 2 log tan(pi/2 - x).
+    """
+    t = jnp.asarray(t, jnp.float32)
+    a, b, c = self._angles()
+    lower = -2.0 * jnp.log(jnp.tan(a * jnp.minimum(t, 0.5) + b))
+    upper = 2.0 * jnp.log(jnp.tan(c + a * (1.0 - jnp.maximum(t, 0.5))))
+    return jnp.where(t < 0.5, lower, upper)
 
 
 @gin.configurable
