@@ -37,7 +37,7 @@ def test_intermediate_level_follows_forward_process():
 
 def test_random_levels_per_example_in_range():
   x = _img(512)
-  out, level = D.noise_augment(x, jax.random.PRNGKey(4), D.CosineSchedule(), level_range=(0.0, 0.5))
+  out, level = D.noise_augment_random(x, jax.random.PRNGKey(4), D.CosineSchedule(), level_range=(0.0, 0.5))
   level = np.asarray(level)
   assert level.shape == (512,) and level.min() >= 0 and level.max() <= 0.5
   assert len(np.unique(level)) > 500 and abs(level.mean() - 0.25) < 0.03
@@ -46,3 +46,26 @@ def test_random_levels_per_example_in_range():
   assert np.argmin(err) == np.argmin(level)
   with pytest.raises(ValueError, match="augmentation level range"):
     D.sample_aug_levels(jax.random.PRNGKey(0), 2, (0.5, 2.0))
+
+
+def test_sampling_uses_the_configured_level_never_a_random_one():
+  x = _img(32)
+  key = jax.random.PRNGKey(5)
+  cfg = D.DiffusionConfig(sample_aug_level=0.3, train_aug_level_range=(0.0, 1.0))
+  out, level = cfg.augment_lowres_for_sampling(x, key)
+  np.testing.assert_array_equal(level, np.full(32, 0.3, np.float32))
+  # Exactly the forward process at 0.3 with the key's noise: no key spent on drawing a level.
+  alpha, sigma = cfg.noise_aug_schedule.alpha_sigma(0.3)
+  np.testing.assert_allclose(out, alpha * x + sigma * jax.random.normal(key, x.shape), rtol=1e-6, atol=1e-6)
+  # An explicit level (a sweep's) overrides the configured one; level 0 is the untouched image.
+  out0, level0 = cfg.augment_lowres_for_sampling(x, key, aug_level=0.0)
+  np.testing.assert_array_equal(out0, x)
+  np.testing.assert_array_equal(level0, np.zeros(32))
+  # The default config samples at level 0 (the paper's best-FID setting), whatever the training range.
+  np.testing.assert_array_equal(D.DiffusionConfig().augment_lowres_for_sampling(x, key)[0], x)
+  # Training draws random levels from its range, one per example.
+  _, train_levels = cfg.augment_lowres_for_training(x, key)
+  assert len(np.unique(np.asarray(train_levels))) == 32
+  # The low-level function has no default level to fall back on.
+  with pytest.raises(TypeError):
+    D.noise_augment(x, key, D.CosineSchedule())

@@ -22,19 +22,18 @@ def sample_aug_levels(key, batch_size: int, level_range=(0.0, 1.0)):
   return jax.random.uniform(key, (batch_size,), jnp.float32, lo, hi)
 
 
-def noise_augment(lowres, key, schedule: NoiseSchedule, aug_level=None, level_range=(0.0, 1.0)):
-  """Returns (corrupted low-res image, per-example level of shape (B,)).
-
-  aug_level=None draws a level per example uniformly from level_range (training); a scalar or (B,)
-  array uses that level (sampling).
-  """
+def noise_augment(lowres, key, schedule: NoiseSchedule, aug_level):
+  """The low-res image corrupted by the forward process at `aug_level` (a scalar or a (B,) array; there is
+  no default: sampling must say which level it uses). Returns (image, per-example level of shape (B,))."""
   lowres = jnp.asarray(lowres, jnp.float32)
-  b = lowres.shape[0]
-  k_level, k_noise = jax.random.split(key)
-  if aug_level is None:
-    level = sample_aug_levels(k_level, b, level_range)
-  else:
-    level = jnp.broadcast_to(jnp.asarray(aug_level, jnp.float32), (b,))
+  level = jnp.broadcast_to(jnp.asarray(aug_level, jnp.float32), (lowres.shape[0],))
   alpha, sigma = schedule.alpha_sigma_exact_ends(level)
-  eps = jax.random.normal(k_noise, lowres.shape, jnp.float32)
+  eps = jax.random.normal(key, lowres.shape, jnp.float32)
   return process.diffuse(lowres, eps, alpha, sigma), level
+
+
+def noise_augment_random(lowres, key, schedule: NoiseSchedule, level_range=(0.0, 1.0)):
+  """Training: a level drawn uniformly from level_range per example, then `noise_augment` at it."""
+  k_level, k_noise = jax.random.split(key)
+  level = sample_aug_levels(k_level, jnp.shape(lowres)[0], level_range)
+  return noise_augment(lowres, k_noise, schedule, level)

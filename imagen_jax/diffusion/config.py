@@ -67,10 +67,16 @@ class DiffusionConfig:
         weighting=self.loss_weighting, min_snr_gamma=self.min_snr_gamma,
         cond_drop_prob=self.cond_drop_prob, low_discrepancy=self.low_discrepancy_time)
 
-  def augment_lowres(self, lowres, key, aug_level=None):
-    """Noise-conditioning augmentation: random levels when aug_level is None (training)."""
-    return augmentation.noise_augment(lowres, key, self.noise_aug_schedule, aug_level,
-                                      self.train_aug_level_range)
+  def augment_lowres_for_training(self, lowres, key):
+    """Noise-conditioning augmentation in training: a random level per example from train_aug_level_range.
+    Returns (augmented low-res image, levels (B,))."""
+    return augmentation.noise_augment_random(lowres, key, self.noise_aug_schedule, self.train_aug_level_range)
+
+  def augment_lowres_for_sampling(self, lowres, key, aug_level=None):
+    """Noise-conditioning augmentation at sampling: the level is `sample_aug_level` (or the given one, e.g.
+    a sweep's), never a random one. Returns (augmented low-res image, levels (B,))."""
+    level = self.sample_aug_level if aug_level is None else aug_level
+    return augmentation.noise_augment(lowres, key, self.noise_aug_schedule, level)
 
   def sample(self, model_fn, key, shape, cond=None, *, num_steps=None, guidance_scale=None,
              return_trajectory=False, z_init=None):
