@@ -20,6 +20,7 @@ import gin
 import numpy as np
 from tqdm import tqdm
 
+from imagen_jax import batch_keys as K
 from imagen_jax.data import sources as sources_lib
 from imagen_jax.data import tasks as tasks_lib
 from imagen_jax.data import tf_setup
@@ -69,8 +70,9 @@ def serialize(key: bytes, image: bytes, caption: bytes, ground_truth: bytes, tok
   import ml_dtypes
   n = int(tokens.shape[0])
   feats = {
-      "key": _bytes(key), "image": _bytes(image), "caption": _bytes(caption), "ground_truth": _bytes(ground_truth),
-      "tokens": tf.train.Feature(int64_list=tf.train.Int64List(value=tokens.astype(np.int64).tolist())),
+      K.KEY: _bytes(key), K.IMAGE: _bytes(image), K.CAPTION: _bytes(caption),
+      K.GROUND_TRUTH: _bytes(ground_truth),
+      K.TOKENS: tf.train.Feature(int64_list=tf.train.Int64List(value=tokens.astype(np.int64).tolist())),
       "num_tokens": tf.train.Feature(int64_list=tf.train.Int64List(value=[n])),
       "embeddings": _bytes(np.ascontiguousarray(embeddings[:n].astype(ml_dtypes.bfloat16)).tobytes()),
   }
@@ -164,16 +166,16 @@ def _write_shard(task, split, index, count, final: Path, encoder, batch_size, ma
       emb, _ = encoder.encode(tokens)
       for i, p in enumerate(pending):
         n = len(p["ids"])
-        writer.write(serialize(p["key"], p["image"], p["caption"], p["ground_truth"], p["ids"], emb[i, :n]))
+        writer.write(serialize(p[K.KEY], p[K.IMAGE], p[K.CAPTION], p[K.GROUND_TRUTH], p["ids"], emb[i, :n]))
         stats["tokens"] += n
       stats["examples"] += len(pending)
       pending.clear()
 
     for ex in ds.as_numpy_iterator():
-      ids, truncated = trim_with_eos(np.asarray(ex["tokens"]), max_length)
+      ids, truncated = trim_with_eos(np.asarray(ex[K.TOKENS]), max_length)
       stats["truncated"] += int(truncated)
-      pending.append({"key": ex["key"], "image": ex["image"], "caption": ex["caption"],
-                      "ground_truth": ex["ground_truth"], "ids": ids})
+      pending.append({K.KEY: ex[K.KEY], K.IMAGE: ex[K.IMAGE], K.CAPTION: ex[K.CAPTION],
+                      K.GROUND_TRUTH: ex[K.GROUND_TRUTH], "ids": ids})
       if len(pending) == batch_size:
         flush()
     if pending:

@@ -22,6 +22,7 @@ from typing import Optional
 import gin
 import numpy as np
 
+from imagen_jax import batch_keys as K
 from imagen_jax.data import tf_setup
 from imagen_jax.text.t5 import EOS_ID
 
@@ -73,13 +74,13 @@ def _resize_square(img, size: int):
 
 def stage_example(index, ex, config: StageDataConfig):
   """One record -> stage example; randomness from (seed, index) only."""
-  img = tf.cast(tf.io.decode_image(ex["image"], channels=3, expand_animations=False), tf.float32)
+  img = tf.cast(tf.io.decode_image(ex[K.IMAGE], channels=3, expand_animations=False), tf.float32)
   seed = tf.stack([tf.cast(config.seed, tf.int64), tf.cast(index, tf.int64)])
-  out = {"text_mask": ex["text_mask"], "caption": ex["caption"], "key": ex["key"]}
+  out = {K.TEXT_MASK: ex[K.TEXT_MASK], K.CAPTION: ex[K.CAPTION], K.KEY: ex[K.KEY]}
   if config.embeddings == "cached":
-    out["text_emb"] = ex["text_emb"]
+    out[K.TEXT_EMB] = ex[K.TEXT_EMB]
   else:
-    out["tokens"] = ex["tokens"]
+    out[K.TOKENS] = ex[K.TOKENS]
   f = config.factor
   if config.full_size is None:
     target = _resize_square(img, config.image_size)
@@ -100,9 +101,9 @@ def stage_example(index, ex, config: StageDataConfig):
     target = tf.cond(flip, lambda: target[:, ::-1], lambda: target)
     if lowres is not None:
       lowres = tf.cond(flip, lambda: lowres[:, ::-1], lambda: lowres)
-  out["image"] = target / 127.5 - 1.0
+  out[K.IMAGE] = target / 127.5 - 1.0
   if lowres is not None:
-    out["lowres"] = lowres / 127.5 - 1.0
+    out[K.LOWRES] = lowres / 127.5 - 1.0
   return out
 
 
@@ -116,7 +117,7 @@ def stage_dataset(task_name: str, config: StageDataConfig, split: str = "train",
                         shard_info=seqio.ShardInfo(process_index, process_count) if process_count > 1 else None,
                         sequence_length=None, num_epochs=1, try_in_mem_cache=False)
   if config.embeddings == "on_the_fly":
-    ds = pad_tokens_dataset(ds, config.max_length).map(lambda ex: dict(ex, text_mask=ex["tokens"] > 0))
+    ds = pad_tokens_dataset(ds, config.max_length).map(lambda ex: {**ex, K.TEXT_MASK: ex[K.TOKENS] > 0})
   opts = tf.data.Options()
   opts.deterministic = True
   ds = ds.with_options(opts)
@@ -131,7 +132,7 @@ def stage_dataset(task_name: str, config: StageDataConfig, split: str = "train",
 def pad_tokens_dataset(ds, max_length: int):
   """On-the-fly mode with a source task: trim to max_length - 1, append EOS, pad (like the cache)."""
   def fn(ex):
-    ids = ex["tokens"][: max_length - 1]
+    ids = ex[K.TOKENS][: max_length - 1]
     ids = tf.concat([ids, [EOS_ID]], axis=0)
     return dict(ex, tokens=tf.pad(ids, [[0, max_length - tf.shape(ids)[0]]]))
   return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)

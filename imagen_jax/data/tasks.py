@@ -11,6 +11,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import gin
 
+from imagen_jax import batch_keys as K
 from imagen_jax.data import tf_setup
 from imagen_jax.data import sources as sources_lib
 from imagen_jax.data import synthetic
@@ -19,8 +20,8 @@ from imagen_jax.gin_utils import require
 tf = tf_setup()
 import seqio  # noqa: E402  (after tf_setup: TensorFlow must not grab the accelerators)
 
-RECORD_SIGNATURE = {"key": tf.TensorSpec((), tf.string), "image": tf.TensorSpec((), tf.string),
-                    "caption": tf.TensorSpec((), tf.string), "ground_truth": tf.TensorSpec((), tf.string)}
+RECORD_SIGNATURE = {K.KEY: tf.TensorSpec((), tf.string), K.IMAGE: tf.TensorSpec((), tf.string),
+                    K.CAPTION: tf.TensorSpec((), tf.string), K.GROUND_TRUTH: tf.TensorSpec((), tf.string)}
 
 
 class CaptionedImageSource(seqio.DataSource):
@@ -58,15 +59,15 @@ class CaptionedImageSource(seqio.DataSource):
       raw = (r for i, r in enumerate(self._records_fn(split)) if i % count == index)
       for rec in sources_lib.clean_records(raw, stats, self._image_size, self._min_image_size,
                                            self._max_bad_fraction):
-        yield {"key": str(rec.get("key", "")), "image": rec["image"], "caption": rec["caption"],
-               "ground_truth": rec.get("ground_truth", "")}
+        yield {K.KEY: str(rec.get(K.KEY, "")), K.IMAGE: rec[K.IMAGE], K.CAPTION: rec[K.CAPTION],
+               K.GROUND_TRUTH: rec.get(K.GROUND_TRUTH, "")}
 
     ds = tf.data.Dataset.from_generator(gen, output_signature=RECORD_SIGNATURE)
     return ds.repeat(num_epochs) if num_epochs != 1 else ds
 
 
 def _caption_to_tokens(ds):
-  return ds.map(lambda ex: {**ex, "tokens": ex["caption"]}, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.map(lambda ex: {**ex, K.TOKENS: ex[K.CAPTION]}, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def vocabulary(spm_path) -> seqio.SentencePieceVocabulary:
@@ -78,7 +79,7 @@ def vocabulary(spm_path) -> seqio.SentencePieceVocabulary:
 def _add(name: str, source, preprocessors, vocab_path, replace: bool):
   if replace and name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
-  output_features = {"tokens": seqio.Feature(vocabulary(vocab_path), add_eos=True, dtype=tf.int32)}
+  output_features = {K.TOKENS: seqio.Feature(vocabulary(vocab_path), add_eos=True, dtype=tf.int32)}
   return seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors, output_features=output_features)
 
 
@@ -128,11 +129,11 @@ def register_source_task(name: str = gin.REQUIRED, kind: str = gin.REQUIRED, voc
 METADATA = "metadata.json"
 
 FEATURES = {
-    "key": tf.io.FixedLenFeature([], tf.string, default_value=""),
-    "image": tf.io.FixedLenFeature([], tf.string),
-    "caption": tf.io.FixedLenFeature([], tf.string),
-    "ground_truth": tf.io.FixedLenFeature([], tf.string, default_value=""),
-    "tokens": tf.io.VarLenFeature(tf.int64),
+    K.KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    K.IMAGE: tf.io.FixedLenFeature([], tf.string),
+    K.CAPTION: tf.io.FixedLenFeature([], tf.string),
+    K.GROUND_TRUTH: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    K.TOKENS: tf.io.VarLenFeature(tf.int64),
     "num_tokens": tf.io.FixedLenFeature([], tf.int64),
     "embeddings": tf.io.FixedLenFeature([], tf.string),
 }
@@ -148,14 +149,15 @@ def read_metadata(cache_dir) -> dict:
 def decode_cached(ex, max_length: int, d_model: int):
   """Parsed record -> tokens / text_emb (bfloat16) / text_mask padded to max_length."""
   n = tf.cast(ex["num_tokens"], tf.int32)
-  tokens = tf.cast(tf.sparse.to_dense(ex["tokens"]), tf.int32)
+  tokens = tf.cast(tf.sparse.to_dense(ex[K.TOKENS]), tf.int32)
   emb = tf.reshape(tf.io.decode_raw(ex["embeddings"], tf.bfloat16), [n, d_model])
   pad = max_length - n
   return {
-      "key": ex["key"], "image": ex["image"], "caption": ex["caption"], "ground_truth": ex["ground_truth"],
-      "tokens": tf.pad(tokens, [[0, pad]]),
-      "text_emb": tf.ensure_shape(tf.pad(emb, [[0, pad], [0, 0]]), [max_length, d_model]),
-      "text_mask": tf.range(max_length) < n,
+      K.KEY: ex[K.KEY], K.IMAGE: ex[K.IMAGE], K.CAPTION: ex[K.CAPTION],
+      K.GROUND_TRUTH: ex[K.GROUND_TRUTH],
+      K.TOKENS: tf.pad(tokens, [[0, pad]]),
+      K.TEXT_EMB: tf.ensure_shape(tf.pad(emb, [[0, pad], [0, 0]]), [max_length, d_model]),
+      K.TEXT_MASK: tf.range(max_length) < n,
   }
 
 

@@ -1,6 +1,7 @@
 """Text conditions, the null condition, condition dropout and classifier-free guidance.
 
-A condition is a dict of per-example arrays (leading batch axis). The text part is
+A condition is a dict of per-example arrays (leading batch axis), keyed by `imagen_jax.batch_keys`. The
+text part is
   TEXT_EMB:  (B, L, D) token embeddings of the frozen text encoder
   TEXT_MASK: (B, L)    bool, True for real tokens
 Other entries (the low-resolution image and noise-augmentation level of super-resolution stages)
@@ -20,13 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The condition's field names live in `imagen_jax.batch_keys`; re-exported here for the diffusion API.
+from imagen_jax.batch_keys import LOWRES, LOWRES_AUG_LEVEL, TEXT_EMB, TEXT_MASK  # noqa: F401
 from imagen_jax.diffusion import process
 from imagen_jax.diffusion.schedules import alpha_sigma_from_log_snr
-
-TEXT_EMB = "text_emb"
-TEXT_MASK = "text_mask"
-LOWRES = "lowres"                      # SR stages: (noise-augmented) low-resolution image, NHWC
-LOWRES_AUG_LEVEL = "lowres_aug_level"  # SR stages: its noise-augmentation level in [0, 1], shape (B,)
 
 
 def null_condition(cond):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagen_jax.diffusion.guidance import LOWRES, LOWRES_AUG_LEVEL, TEXT_EMB, TEXT_MASK
+from imagen_jax.batch_keys import LOWRES, LOWRES_AUG_LEVEL, TEXT_EMB, TEXT_MASK
 from imagen_jax.models.efficient_unet import EfficientUNet, EfficientUNetConfig
 from imagen_jax.models.unet import UNet, UNetConfig
 

@@ -25,7 +25,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from imagen_jax.diffusion.guidance import LOWRES, LOWRES_AUG_LEVEL
+from imagen_jax.batch_keys import LOWRES, LOWRES_AUG_LEVEL
 from imagen_jax.models import layers
 
 

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imagen_jax.diffusion.guidance import TEXT_EMB, TEXT_MASK
+from imagen_jax.batch_keys import TEXT_EMB, TEXT_MASK
 
 Dtype = Any
 

@@ -1,0 +1,53 @@
+"""Structure the rest of the code relies on: one source for each fact, no private JAX API, no dead code."""
+
+import ast
+from pathlib import Path
+
+
+from imagen_jax import batch_keys
+
+PACKAGE = Path(__file__).resolve().parents[1] / "imagen_jax"
+
+
+def _sources():
+  return sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+def _docstring_nodes(tree):
+  ids = set()
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+      first = node.body[0]
+      if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+        ids.add(id(first.value))
+  return ids
+
+
+def _string_constants(path):
+  tree = ast.parse(path.read_text())
+  docs = _docstring_nodes(tree)
+  return [(n.lineno, n.value) for n in ast.walk(tree)
+          if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+
+
+def test_batch_keys_are_spelled_only_in_batch_keys():
+  # The condition fields are unambiguous names: nowhere else in the package as a string literal.
+  distinctive = {batch_keys.TEXT_EMB, batch_keys.TEXT_MASK, batch_keys.LOWRES, batch_keys.LOWRES_AUG_LEVEL}
+  found = [f"{p.relative_to(PACKAGE)}:{line} {value!r}" for p in _sources() if p.name != "batch_keys.py"
+           for line, value in _string_constants(p) if value in distinctive]
+  assert not found, found
+  # The modules that build examples and batches index and build them with the constants, every field.
+  every = {v for k, v in vars(batch_keys).items() if k.isupper()}
+  found = []
+  for p in [PACKAGE / "data" / name for name in ("pipeline.py", "tasks.py")]:
+    for node in ast.walk(ast.parse(p.read_text())):
+      keys = []
+      if isinstance(node, ast.Dict):
+        keys = node.keys
+      elif isinstance(node, ast.Subscript):
+        keys = [node.slice]
+      elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+        keys = node.args[:1]
+      found += [f"{p.name}:{k.lineno} {k.value!r}" for k in keys
+                if isinstance(k, ast.Constant) and k.value in every]
+  assert not found, found
