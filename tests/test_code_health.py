@@ -4,6 +4,8 @@ import ast
 from pathlib import Path
 
 
+import pytest
+
 from imagen_jax import batch_keys
 
 PACKAGE = Path(__file__).resolve().parents[1] / "imagen_jax"
@@ -51,3 +53,48 @@ def test_batch_keys_are_spelled_only_in_batch_keys():
       found += [f"{p.name}:{k.lineno} {k.value!r}" for k in keys
                 if isinstance(k, ast.Constant) and k.value in every]
   assert not found, found
+
+
+def _bad_sample(**kw):
+  import jax
+  from imagen_jax import diffusion as D
+  args = dict(schedule=D.CosineSchedule(), num_steps=2)
+  args.update(kw)
+  return D.sample(lambda z, l, c: z, jax.random.PRNGKey(0), (1, 2, 2, 3), **args)
+
+
+def _cases():
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from imagen_jax import diffusion as D
+  from imagen_jax import models as M
+  from imagen_jax.models import layers
+  return [
+      ("check_sampler", lambda: D.DiffusionConfig(sampler="euler")),
+      ("check_sampler", lambda: _bad_sample(sampler="euler")),
+      ("check_thresholding", lambda: D.DiffusionConfig(thresholding="soft")),
+      ("check_thresholding", lambda: _bad_sample(thresholding_method="soft")),
+      ("check_thresholding", lambda: D.threshold(jnp.zeros((1, 2)), "soft")),
+      ("check_weighting", lambda: D.DiffusionConfig(loss_weighting="snr")),
+      ("check_weighting", lambda: D.loss_weight(jnp.zeros(2), "eps", "snr")),
+      ("check_objective", lambda: D.DiffusionConfig(objective="score")),
+      ("check_remat", lambda: M.UNetConfig(remat="sometimes")),
+      ("check_remat", lambda: M.EfficientUNetConfig(remat="sometimes")),
+      ("check_remat", lambda: layers.maybe_remat(nn.Dense, "sometimes")),
+  ]
+
+
+@pytest.mark.parametrize("index", range(11))
+def test_each_kind_of_name_is_validated_by_one_function(index):
+  checker, make = _cases()[index]
+  with pytest.raises(ValueError, match="unknown") as info:
+    make()
+  assert info.traceback[-1].name == checker
+
+
+def test_cli_sizes_are_the_encoder_table(monkeypatch):
+  from imagen_jax import cli
+  from imagen_jax.text import t5
+  monkeypatch.setitem(t5.T5_SIZES, "mini", (64, 2, 32, 128, 2))
+  args = cli.build_parser().parse_args(["t5", "convert", "--from", "a", "--to", "b", "--size", "mini"])
+  assert args.size == "mini"

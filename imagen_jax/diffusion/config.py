@@ -44,12 +44,9 @@ class DiffusionConfig:
     object.__setattr__(self, "noise_aug_schedule", get_schedule(self.noise_aug_schedule))
     object.__setattr__(self, "train_aug_level_range", tuple(float(v) for v in self.train_aug_level_range))
     process.check_objective(self.objective)
-    if self.loss_weighting not in losses.WEIGHTINGS:
-      raise ValueError(f"unknown loss_weighting {self.loss_weighting!r}; expected one of {losses.WEIGHTINGS}")
-    if self.sampler not in samplers.SAMPLERS:
-      raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {samplers.SAMPLERS}")
-    if self.thresholding not in thresholding.THRESHOLDING:
-      raise ValueError(f"unknown thresholding {self.thresholding!r}; expected one of {thresholding.THRESHOLDING}")
+    losses.check_weighting(self.loss_weighting)
+    samplers.check_sampler(self.sampler)
+    thresholding.check_thresholding(self.thresholding)
     if not 0.0 <= self.cond_drop_prob <= 1.0:
       raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
     if not 0.0 < self.dynamic_percentile <= 100.0:

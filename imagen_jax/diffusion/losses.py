@@ -21,6 +21,12 @@ from imagen_jax.diffusion.schedules import NoiseSchedule
 WEIGHTINGS = ("uniform", "min_snr")
 
 
+def check_weighting(weighting: str) -> str:
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
+  return weighting
+
+
 def sample_times(key, batch_size: int, low_discrepancy: bool = False):
   """t in [0, 1), shape (batch_size,), float32."""
   if low_discrepancy:
@@ -33,10 +39,8 @@ def loss_weight(log_snr, objective: str, weighting: str = "uniform", min_snr_gam
   """Per-example weight of the squared error in the objective's space."""
   log_snr = jnp.asarray(log_snr, jnp.float32)
   process.check_objective(objective)
-  if weighting == "uniform":
+  if check_weighting(weighting) == "uniform":
     return jnp.ones_like(log_snr)
-  if weighting != "min_snr":
-    raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
   # min(SNR, gamma) / SNR etc., written with exp(-log_snr) so that large SNR stays finite.
   snr = jnp.exp(log_snr)
   clipped = jnp.minimum(snr, min_snr_gamma)

@@ -31,6 +31,13 @@ from imagen_jax.diffusion.schedules import NoiseSchedule, alpha_sigma_from_log_s
 SAMPLERS = ("ddpm", "ddim")
 
 
+def check_sampler(sampler: str) -> str:
+  """The one validation of a sampler name (configs, the sampler, the CLI all call it)."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+  return sampler
+
+
 def _log_snr_at(schedule: NoiseSchedule, t):
   """Schedule log-SNR, with t <= 0 mapped to +inf (clean data) for the final step."""
   t = jnp.asarray(t, jnp.float32)
@@ -75,11 +82,9 @@ def sample(model_fn, key, shape, cond=None, *, schedule: NoiseSchedule, num_step
   Deterministic for a given key. With return_trajectory=True (num_steps a Python int) returns
   (x, {'z': (N + 1, B, H, W, C) states from t = 1 to the output, 'x0': (N, ...) x0 predictions}).
   """
-  if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+  check_sampler(sampler)
   process.check_objective(objective)
-  if thresholding_method not in thresholding.THRESHOLDING:
-    raise ValueError(f"unknown thresholding {thresholding_method!r}; expected one of {thresholding.THRESHOLDING}")
+  thresholding.check_thresholding(thresholding_method)
   k_init, k_loop = jax.random.split(key)
   z = jax.random.normal(k_init, shape, jnp.float32) if z_init is None else jnp.asarray(z_init, jnp.float32)
   b = shape[0]

@@ -13,6 +13,13 @@ import jax.numpy as jnp
 THRESHOLDING = ("none", "static", "dynamic")
 
 
+def check_thresholding(method: str) -> str:
+  """The one validation of a thresholding name (configs, the sampler, the CLI all call it)."""
+  if method not in THRESHOLDING:
+    raise ValueError(f"unknown thresholding {method!r}; expected one of {THRESHOLDING}")
+  return method
+
+
 def static_threshold(x0):
   return jnp.clip(x0, -1.0, 1.0)
 
@@ -27,10 +34,9 @@ def dynamic_threshold(x0, percentile: float = 99.5):
 
 
 def threshold(x0, method: str = "dynamic", percentile: float = 99.5):
+  check_thresholding(method)
   if method == "none":
     return jnp.asarray(x0, jnp.float32)
   if method == "static":
     return static_threshold(jnp.asarray(x0, jnp.float32))
-  if method == "dynamic":
-    return dynamic_threshold(x0, percentile)
-  raise ValueError(f"unknown thresholding {method!r}; expected one of {THRESHOLDING}")
+  return dynamic_threshold(x0, percentile)

@@ -65,8 +65,7 @@ class EfficientUNetConfig:
         raise ValueError(f"EfficientUNetConfig.{name} needs one entry per level ({n}), got {getattr(self, name)}")
     if any(s not in (1, 2) for s in self.strides):
       raise ValueError(f"strides must be 1 or 2, got {self.strides}")
-    if self.remat not in layers.REMAT_POLICIES:
-      raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {sorted(layers.REMAT_POLICIES)}")
+    layers.check_remat(self.remat)
 
   @property
   def compute_dtype(self):

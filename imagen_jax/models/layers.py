@@ -42,11 +42,16 @@ def _init(init, axes):
   return nn.with_logical_partitioning(init, axes)
 
 
-def maybe_remat(module_cls, remat: str, static_argnums=()):
-  """`nn.remat` of a module class under a named policy ('none' returns the class unchanged)."""
+def check_remat(remat: str) -> str:
+  """The one validation of a remat policy name (the U-Net configs and `maybe_remat` call it)."""
   if remat not in REMAT_POLICIES:
     raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
-  policy = REMAT_POLICIES[remat]
+  return remat
+
+
+def maybe_remat(module_cls, remat: str, static_argnums=()):
+  """`nn.remat` of a module class under a named policy ('none' returns the class unchanged)."""
+  policy = REMAT_POLICIES[check_remat(remat)]
   if policy is None:
     return module_cls
   return nn.remat(module_cls, static_argnums=static_argnums, policy=None if policy == "full" else policy)

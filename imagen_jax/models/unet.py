@@ -46,8 +46,7 @@ class UNetConfig:
       object.__setattr__(self, name, tuple(getattr(self, name)))
     if self.image_size % 2 ** (len(self.channel_mult) - 1):
       raise ValueError(f"image_size {self.image_size} must be divisible by 2^(levels - 1)")
-    if self.remat not in layers.REMAT_POLICIES:
-      raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {sorted(layers.REMAT_POLICIES)}")
+    layers.check_remat(self.remat)
 
   @property
   def compute_dtype(self):
