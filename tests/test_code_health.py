@@ -98,3 +98,29 @@ def test_cli_sizes_are_the_encoder_table(monkeypatch):
   monkeypatch.setitem(t5.T5_SIZES, "mini", (64, 2, 32, 128, 2))
   args = cli.build_parser().parse_args(["t5", "convert", "--from", "a", "--to", "b", "--size", "mini"])
   assert args.size == "mini"
+
+
+def test_no_private_jax_api():
+  found = [f"{p.relative_to(PACKAGE)}:{i}" for p in _sources() for i, line in enumerate(p.read_text().splitlines(), 1)
+           if "._cache_size" in line or "jax._src" in line or "jaxlib._" in line]
+  assert not found, found
+
+
+# Methods that an external interface calls (seqio.DataSource), so nothing in this repository names them.
+INTERFACE_METHODS = {"supports_arbitrary_sharding", "list_shards"}
+
+
+def test_every_function_and_class_is_used_somewhere():
+  """A definition whose name appears nowhere else (package, tests, gin files, README) is dead code."""
+  import re
+  root = PACKAGE.parent
+  others = (list(_sources()) + sorted((root / "tests").rglob("*.py")) + sorted((root / "gin_configs").rglob("*.gin"))
+            + [root / "README.md"] + sorted((root / "docs").glob("*.md")))
+  text = "\n".join(p.read_text() for p in others)
+  dead = []
+  for p in _sources():
+    for node in ast.walk(ast.parse(p.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("__"):
+        if node.name not in INTERFACE_METHODS and len(re.findall(rf"\b{re.escape(node.name)}\b", text)) <= 1:
+          dead.append(f"{p.relative_to(PACKAGE)}:{node.lineno} {node.name}")
+  assert not dead, dead

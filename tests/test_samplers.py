@@ -96,12 +96,12 @@ def test_sampler_compiles_once_whatever_the_step_count_and_guidance():
   cond = {D.TEXT_EMB: jnp.ones((2, 3, 4)), D.TEXT_MASK: jnp.ones((2, 3), bool)}
   outs = [sampler(params, jax.random.PRNGKey(0), (2, 4, 4, 3), cond, num_steps=n) for n in (2, 5, 17)]
   outs.append(sampler(params, jax.random.PRNGKey(0), (2, 4, 4, 3), cond, num_steps=5, guidance_scale=1.5))
-  assert sampler.compilations() == 1
+  assert sampler.trace_count == 1
   assert traces == [4]              # one traced network call on the doubled batch, not one per step
   assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[1], outs[3])
   # w = 1: a second program with a single, unguided network call.
   sampler(params, jax.random.PRNGKey(0), (2, 4, 4, 3), cond, num_steps=3, guidance_scale=1.0)
-  assert sampler.compilations() == 2 and traces == [4, 2]
+  assert sampler.trace_count == 2 and traces == [4, 2]
 
 
 def test_jitted_sampler_equals_the_pure_function():

@@ -208,7 +208,7 @@ def test_sharded_batched_encoder_matches_unsharded(hf_model):
   emb2, mask2 = sharded.encode(tokens)
   np.testing.assert_allclose(emb2, ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(mask2, ref_mask)
-  assert sharded.compilations() == 1                         # 12 rows = two fixed-size batches, one program
+  assert sharded.trace_count == 1                         # 12 rows = two fixed-size batches, one program
   q = sharded.params["encoder"]["layers_0"]["attention"]["query"]["kernel"]
   assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   with pytest.raises(ValueError, match="token ids must lie in"):

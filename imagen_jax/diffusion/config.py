@@ -97,9 +97,11 @@ class JittedSampler:
   def __init__(self, apply_fn: Callable[..., Any], config: DiffusionConfig):
     self.apply_fn = apply_fn
     self.config = config
+    self.trace_count = 0      # times the loop was traced, i.e. compiled (or fetched from the compile cache)
     self._jitted = jax.jit(self._run, static_argnames=("shape", "guided"))
 
   def _run(self, params, cond, key, num_steps, guidance_scale, *, shape, guided):
+    self.trace_count += 1     # runs at trace time only
     model_fn = functools.partial(self.apply_fn, params)
     return self.config.sample(model_fn, key, shape, cond, num_steps=num_steps,
                               guidance_scale=guidance_scale if guided else 1.0)
@@ -111,7 +113,3 @@ class JittedSampler:
     guided = not guidance.is_unguided(w) and cond is not None
     return self._jitted(params, cond, key, jnp.asarray(n, jnp.int32), jnp.asarray(w, jnp.float32),
                         shape=tuple(shape), guided=guided)
-
-  def compilations(self) -> int:
-    """How many times the sampler has been compiled (for tests and logs)."""
-    return self._jitted._cache_size()

@@ -114,11 +114,6 @@ class LinearSchedule(NoiseSchedule):
     if self.num_timesteps < 1:
       raise ValueError(f"LinearSchedule needs num_timesteps >= 1, got {self.num_timesteps}")
 
-  def discrete_alpha_bar(self) -> np.ndarray:
-    """alpha_bar_n for n = 1..N in float64, as the discrete DDPM defines it."""
-    betas = np.linspace(self.beta_start, self.beta_end, self.num_timesteps, dtype=np.float64)
-    return np.cumprod(1.0 - betas)
-
   def _log_alpha_bar_knots(self) -> np.ndarray:
     betas = np.linspace(self.beta_start, self.beta_end, self.num_timesteps, dtype=np.float64)
     return np.concatenate([[0.0], np.cumsum(np.log1p(-betas))]).astype(np.float32)

@@ -34,6 +34,7 @@ class TextEncoder:
     self.mesh = mesh
     self.batch_size = batch_size
     self.out_dtype = out_dtype
+    self.trace_count = 0
     if mesh is None:
       self.params = jax.device_put(params)
       self._fn = jax.jit(self._apply)
@@ -46,6 +47,7 @@ class TextEncoder:
                          out_shardings=(partitioning.batch_sharding(mesh, 3), data))
 
   def _apply(self, params, tokens):
+    self.trace_count += 1     # runs at trace time only: one trace = one compilation
     return encode_tokens(self.config, params, tokens, self.out_dtype)
 
   def _run(self, tokens):
@@ -74,6 +76,3 @@ class TextEncoder:
     if not embs:
       return np.zeros((0, tokens.shape[1], self.config.d_model), self.out_dtype), np.zeros((0, tokens.shape[1]), bool)
     return np.concatenate(embs), np.concatenate(masks)
-
-  def compilations(self) -> int:
-    return self._fn._cache_size()

@@ -32,10 +32,6 @@ class TokenizeStats:
   empty: int = 0
   invalid_utf8: int = 0
 
-  def update(self, other: "TokenizeStats") -> None:
-    for f in dataclasses.fields(self):
-      setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
 
 @dataclasses.dataclass
 class TokenizedBatch:
