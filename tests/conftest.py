@@ -7,8 +7,52 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+import functools  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from imagen_jax import diffusion as D  # noqa: E402
+from imagen_jax import models as M  # noqa: E402
+from imagen_jax.gin_utils import parse_gin  # noqa: E402
+
+# --------------------------------------------------------------------------------- shared test helpers
+# (plain functions, imported by the test modules: `from tests.conftest import ...`)
+
+
+def load_config(gin_file, *bindings):
+  """The stage network config a model gin file (plus bindings) defines."""
+  parse_gin([gin_file], bindings)
+  return M.model_config()
+
+
+@functools.lru_cache(maxsize=8)
+def randomized_params(config, seed=0, scale=0.05):
+  """Initialised parameters plus noise, so that zero-initialised output layers do not hide anything."""
+  params = nn.unbox(M.init_boxed_params(config, jax.random.PRNGKey(seed)))
+  rng = np.random.default_rng(seed)   # host-side noise: one XLA compile per leaf shape would cost seconds
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape),
+                                                      jnp.float32), params)
+
+
+def inputs(config, batch=2, seed=0, image_size=None):
+  """(z, log_snr, cond) with random values; example 0's text half masked, example 1's nearly full."""
+  z, log_snr, cond = M.example_inputs(config, batch, image_size=image_size)
+  ks = jax.random.split(jax.random.PRNGKey(100 + seed), 4)
+  z = jax.random.normal(ks[0], z.shape)
+  log_snr = jnp.linspace(-3.0, 3.0, batch)
+  cond = dict(cond)
+  cond[D.TEXT_EMB] = jax.random.normal(ks[1], cond[D.TEXT_EMB].shape)
+  length = cond[D.TEXT_MASK].shape[1]
+  cond[D.TEXT_MASK] = jnp.arange(length)[None, :] < jnp.array([length // 2, length - 3] * batch)[:batch, None]
+  if D.LOWRES in cond:
+    cond[D.LOWRES] = jax.random.uniform(ks[2], cond[D.LOWRES].shape, minval=-1, maxval=1)
+    cond[D.LOWRES_AUG_LEVEL] = jnp.full((batch,), 0.2)
+  return z, log_snr, cond
+
 
 SHAPE_WORDS = ["red", "blue", "green", "yellow", "purple", "orange", "circle", "circles", "square", "squares",
                "triangle", "triangles", "one", "two", "three", "four", "left", "right", "of", "to", "the", "a", "an",
@@ -31,11 +75,9 @@ def spm_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_t5_checkpoint(tmp_path_factory):
   """A random tiny T5 encoder saved in our orbax format; returns (directory, config, params)."""
-  import flax.linen as nn
-  import jax
   from imagen_jax.text import checkpoints, t5
   config = t5.t5_config("tiny", vocab_size=64)
-  params = jax.tree_util.tree_map(np.asarray, nn.unbox(t5.init_params(config, jax.random.PRNGKey(0))))
+  params = jax.tree_util.tree_map(np.asarray, nn.unbox(t5.init_random_encoder_params(config, jax.random.PRNGKey(0))))
   directory = tmp_path_factory.mktemp("t5") / "tiny"
   checkpoints.save_params(directory, config, params)
   return directory, config, params

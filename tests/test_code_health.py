@@ -124,3 +124,23 @@ def test_every_function_and_class_is_used_somewhere():
         if node.name not in INTERFACE_METHODS and len(re.findall(rf"\b{re.escape(node.name)}\b", text)) <= 1:
           dead.append(f"{p.relative_to(PACKAGE)}:{node.lineno} {node.name}")
   assert not dead, dead
+
+
+def test_random_init_and_abstract_params_agree_for_models_and_encoder():
+  """One helper each: the boxed random initialisers and the abstract trees have the same leaves."""
+  import flax.linen as nn
+  import jax
+  from imagen_jax import models as M
+  from imagen_jax.text import t5
+  from tests.conftest import load_config
+
+  def spec(tree):
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return [(x.names, tuple(x.value.shape), str(x.value.dtype)) for x in leaves]
+
+  cfg = t5.t5_config("tiny")
+  random = t5.init_random_encoder_params(cfg, jax.random.PRNGKey(0))
+  assert spec(random) == spec(t5.abstract_encoder_params(cfg)) and spec(random)
+  config = load_config("models/tiny_sr.gin")
+  random = M.init_boxed_params(config, jax.random.PRNGKey(0))
+  assert spec(random) == spec(M.abstract_params(config)) and spec(random)

@@ -1,6 +1,5 @@
 """The U-Nets: paper-size parameter counts, text conditioning, Efficient U-Net structure, crops."""
 
-import functools
 import math
 
 import flax.linen as nn
@@ -11,36 +10,7 @@ import pytest
 
 from imagen_jax import diffusion as D
 from imagen_jax import models as M
-from imagen_jax.gin_utils import parse_gin
-
-
-def load_config(gin_file, *bindings):
-  parse_gin([gin_file], bindings)
-  return M.model_config()
-
-
-@functools.lru_cache(maxsize=8)
-def randomized_params(config, seed=0, scale=0.05):
-  """Initialised parameters plus noise, so that zero-initialised output layers do not hide anything."""
-  params = nn.unbox(M.init_params(config, jax.random.PRNGKey(seed)))
-  rng = np.random.default_rng(seed)   # host-side noise: one XLA compile per leaf shape would cost seconds
-  return jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape),
-                                                      jnp.float32), params)
-
-
-def inputs(config, batch=2, seed=0, image_size=None):
-  z, log_snr, cond = M.example_inputs(config, batch, image_size=image_size)
-  ks = jax.random.split(jax.random.PRNGKey(100 + seed), 4)
-  z = jax.random.normal(ks[0], z.shape)
-  log_snr = jnp.linspace(-3.0, 3.0, batch)
-  cond = dict(cond)
-  cond[D.TEXT_EMB] = jax.random.normal(ks[1], cond[D.TEXT_EMB].shape)
-  length = cond[D.TEXT_MASK].shape[1]
-  cond[D.TEXT_MASK] = jnp.arange(length)[None, :] < jnp.array([length // 2, length - 3] * batch)[:batch, None]
-  if D.LOWRES in cond:
-    cond[D.LOWRES] = jax.random.uniform(ks[2], cond[D.LOWRES].shape, minval=-1, maxval=1)
-    cond[D.LOWRES_AUG_LEVEL] = jnp.full((batch,), 0.2)
-  return z, log_snr, cond
+from tests.conftest import inputs, load_config, randomized_params
 
 
 @pytest.mark.parametrize("gin_file,target", [

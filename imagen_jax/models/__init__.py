@@ -61,17 +61,15 @@ def _jitted_init(config: ModelConfig, batch_size: int):
   return jax.jit(lambda k: model.init(k, *example_inputs(config, batch_size))["params"])
 
 
-def init_params(config: ModelConfig, key, batch_size: int = 1):
-  """Parameters (boxed with their logical axis names) for the model of `config`, initialised under jit.
-
-  The compiled initialiser is cached per config (configs are hashable).
-  """
+def init_boxed_params(config: ModelConfig, key, batch_size: int = 1):
+  """Random initial parameters of the model of `config`, boxed with their logical axis names (unbox with
+  `nn.unbox`). The compiled initialiser is cached per (config, batch size): configs are hashable."""
   return _jitted_init(config, batch_size)(key)
 
 
 def abstract_params(config: ModelConfig):
   """Shapes and dtypes of the parameters, with logical axis names, without allocating them."""
-  return jax.eval_shape(lambda k: init_params(config, k), jax.random.PRNGKey(0))
+  return jax.eval_shape(lambda k: init_boxed_params(config, k), jax.random.PRNGKey(0))
 
 
 def count_params(params) -> int:

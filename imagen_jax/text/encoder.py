@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax import partitioning
-from imagen_jax.text.t5 import T5Config, T5Encoder
+from imagen_jax.text.t5 import T5Config, T5Encoder, abstract_encoder_params
 
 
 def encode_tokens(config: T5Config, params, tokens, out_dtype=jnp.float32):
@@ -39,8 +39,7 @@ class TextEncoder:
       self.params = jax.device_put(params)
       self._fn = jax.jit(self._apply)
     else:
-      abstract = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32)))["params"]
-      shardings = partitioning.mesh_shardings(abstract, mesh)
+      shardings = partitioning.mesh_shardings(abstract_encoder_params(config), mesh)
       self.params = jax.device_put(params, shardings)
       data = partitioning.batch_sharding(mesh, 2)
       self._fn = jax.jit(self._apply, in_shardings=(shardings, data),

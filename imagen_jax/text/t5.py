@@ -217,6 +217,17 @@ class T5Encoder(nn.Module):
     return EncoderStack(cfg, name="encoder")(x, mask), mask
 
 
-def init_params(config: T5Config, key, length: int = 8):
-  model = T5Encoder(config)
-  return jax.jit(lambda k: model.init(k, jnp.ones((1, length), jnp.int32))["params"])(key)
+def _init(config: T5Config, key, length: int = 8):
+  return T5Encoder(config).init(key, jnp.ones((1, length), jnp.int32))["params"]
+
+
+def init_random_encoder_params(config: T5Config, key):
+  """Random initial encoder parameters (boxed with their logical axis names), for tests and the demo's
+  untrained encoder; real runs load a checkpoint (`imagen_jax.text.checkpoints`)."""
+  return jax.jit(lambda k: _init(config, k))(key)
+
+
+def abstract_encoder_params(config: T5Config):
+  """The encoder's parameter tree as shapes and dtypes with logical axis names, nothing allocated: for
+  shardings, layout checks and ahead-of-time compiles."""
+  return jax.eval_shape(lambda: _init(config, jax.random.PRNGKey(0)))
