@@ -20,8 +20,15 @@ class GinConfigError(ValueError):
   """A gin file, binding or required value the user has to fix; the message is one line."""
 
 
-# gin_configs/ sits beside the package in the repository (an editable install keeps it there).
-GIN_CONFIGS_DIR = Path(__file__).resolve().parents[1] / "gin_configs"
+def configs_dir() -> Optional[Path]:
+  """The shipped gin configs: `imagen_jax/gin_configs/` in an installed wheel (package data mapped from the
+  repository's top-level folder, see pyproject.toml), the repository's `gin_configs/` in a source tree or
+  an editable install."""
+  here = Path(__file__).resolve().parent
+  for candidate in (here / "gin_configs", here.parent / "gin_configs"):
+    if candidate.is_dir():
+      return candidate
+  return None
 
 
 class _QuietGinIncludes(logging.Filter):
@@ -34,8 +41,9 @@ class _QuietGinIncludes(logging.Filter):
 
 def search_paths(extra: Iterable[str] = ()) -> list:
   paths = [str(p) for p in extra]
-  if GIN_CONFIGS_DIR.is_dir():
-    paths.append(str(GIN_CONFIGS_DIR))
+  shipped = configs_dir()
+  if shipped is not None:
+    paths.append(str(shipped))
   paths.append(os.getcwd())
   return paths
 
