@@ -45,3 +45,28 @@ def test_bad_values_fail_at_construction():
   with pytest.raises(ValueError, match="unknown noise schedule"):
     D.DiffusionConfig(schedule="quadratic")
   assert D.DiffusionConfig(schedule="linear").schedule == D.LinearSchedule()
+
+
+CACHE_MACROS = ["VOCAB = '/v'", "ENCODER = '/e'", "CACHE_DIR = '/c'"]
+
+
+@pytest.mark.parametrize("run,kind,extra", [("runs/cache_synthetic.gin", "synthetic", []),
+                                            ("runs/cache_folder.gin", "folder", ["DATA = '/d'"]),
+                                            ("runs/cache_tfds.gin", "tfds", [])])
+def test_cache_runs_share_a_base_and_nothing_source_specific(run, kind, extra):
+  from imagen_jax.data import cache, tasks  # noqa: F401  (registers the configurables)
+  parse_gin([run], CACHE_MACROS + extra)
+  assert gin.query_parameter("register_source_task.kind") == kind
+  assert gin.query_parameter("cache_embeddings.max_length") is not None   # the shared part is there
+  bound = {name: _is_bound(f"register_source_task.{name}") for name in ("seed", "num_examples", "path", "tfds_name")}
+  # Synthetic-only settings do not leak into folder and tfds runs (nor theirs into the others).
+  assert bound == {"seed": kind == "synthetic", "num_examples": kind == "synthetic", "path": kind == "folder",
+                   "tfds_name": kind == "tfds"}
+
+
+def _is_bound(key):
+  try:
+    gin.query_parameter(key)
+    return True
+  except ValueError:
+    return False

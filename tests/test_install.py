@@ -62,5 +62,5 @@ def test_wheel_ships_the_gin_configs_and_its_cli_finds_them(tmp_path):
   res = _run([str(venv / "bin" / "imagen-jax"), "cache-embeddings", "--gin_file=runs/cache_synthetic.gin"],
              cwd=tmp_path, env=env)
   assert res.returncode == 2
-  assert res.stderr.startswith("imagen-jax: error: required gin value(s) not set: CACHE_DIR, ENCODER, VOCAB"), \
-      res.stderr
+  want = "imagen-jax: error: required gin value(s) not set: CACHE_DIR, ENCODER, VOCAB"
+  assert res.stderr.startswith(want), res.stderr
