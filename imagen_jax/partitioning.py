@@ -51,7 +51,7 @@ def create_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Optiona
   """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices.
 
   Built with `Mesh` over a reshaped device array (Auto axis types): `jax.make_mesh` defaults to
-  Explicit axes, which `nn.Conv` does not support under sharding (DESIGN.md section 4).
+  Explicit axes, which `nn.Conv` does not support under sharding (docs/paper.md §5).
   """
   devices = np.asarray(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, tensor]

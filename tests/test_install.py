@@ -27,7 +27,7 @@ def test_wheel_ships_the_gin_configs_and_its_cli_finds_them(tmp_path):
   src.mkdir()
   for name in ("pyproject.toml", "setup.cfg", "README.md"):
     (src / name).write_bytes((ROOT / name).read_bytes())
-  for folder in ("imagen_jax", "gin_configs"):
+  for folder in ("imagen_jax", "gin_configs", "docs"):
     for f in (ROOT / folder).rglob("*"):
       if f.is_file() and "__pycache__" not in f.parts:
         (src / f.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
@@ -38,10 +38,11 @@ def test_wheel_ships_the_gin_configs_and_its_cli_finds_them(tmp_path):
   assert res.returncode == 0, res.stderr
   (wheel,) = dist.glob("imagen_jax-*.whl")
   names = set(zipfile.ZipFile(wheel).namelist())
-  # Every gin file and every module of the tree is in the wheel.
+  # Every gin file, every module and every doc page of the tree is in the wheel.
   want = {f"imagen_jax/gin_configs/{p.relative_to(ROOT / 'gin_configs').as_posix()}"
           for p in (ROOT / "gin_configs").rglob("*.gin")}
   want |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "imagen_jax").rglob("*.py")}
+  want |= {f"imagen_jax/docs/{p.name}" for p in (ROOT / "docs").glob("*.md")}   # what the code cites
   assert not want - names, sorted(want - names)
 
   # 2. A fresh venv with the wheel installed (no dependencies downloaded: they come through a .pth line).

@@ -1,6 +1,6 @@
 """Per-stage diffusion settings (gin-configurable) and the jitted sampler built from them.
 
-Defaults are the paper's base-stage choices (DESIGN.md section 2); the stage files in
+Defaults are the paper's base-stage choices (docs/paper.md §2); the stage files in
 `gin_configs/diffusion/` override what differs per stage (schedule, guidance weight).
 """
 

@@ -1,6 +1,6 @@
 """The Imagen base text-to-image U-Net (Improved-DDPM U-Net with BigGAN-style blocks and text).
 
-Paper configuration (DESIGN.md section 2): 64x64, width 512, channel_mult (1, 2, 3, 4), 3 residual
+Paper configuration (docs/paper.md §3): 64x64, width 512, channel_mult (1, 2, 3, 4), 3 residual
 blocks per level, 64 channels per attention head, self-attention with text concatenated into the
 keys/values at resolutions 32, 16, 8, attention-pooled text added to the timestep embedding,
 dropout 0.

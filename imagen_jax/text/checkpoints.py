@@ -1,6 +1,6 @@
 """Loading T5 v1.1 encoder weights from Hugging Face and T5X checkpoints, and saving our own.
 
-Our parameter tree uses T5X's names and kernel layouts (DESIGN.md section 3):
+Our parameter tree uses T5X's names and kernel layouts (docs/paper.md §4):
 
   token_embedder/embedding                                (vocab, d_model)
   encoder/relpos_bias/rel_embedding                       (heads, buckets)

@@ -1,4 +1,4 @@
-"""The T5 v1.1 encoder in Flax linen (what Imagen conditions on; DESIGN.md section 3).
+"""The T5 v1.1 encoder in Flax linen (what Imagen conditions on; docs/paper.md §4).
 
 Pre-norm residual blocks with RMSNorm (float32, no mean subtraction, no bias, eps 1e-6); no biases
 anywhere; unscaled attention logits; one bucketed bidirectional relative-position bias table
@@ -49,7 +49,7 @@ class T5Config:
 
 
 T5_SIZES = {
-    # d_model, heads, d_kv, d_ff, layers (DESIGN.md section 3)
+    # d_model, heads, d_kv, d_ff, layers (docs/paper.md §4)
     "small": (512, 6, 64, 1024, 8),
     "base": (768, 12, 64, 2048, 12),
     "large": (1024, 16, 64, 2816, 24),
