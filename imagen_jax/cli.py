@@ -3,9 +3,10 @@
   imagen-jax t5 convert --from DIR --to DIR [--size SIZE] [--param_dtype bfloat16]
   imagen-jax t5 encode --checkpoint DIR --vocab SPM (--prompts P ... | --prompts_file F) [--max_length 128]
   imagen-jax cache-embeddings --gin_file FILE [--gin_file ...] [--gin.KEY=VALUE ...]
+  imagen-jax train --gin_file FILE [--gin_file ...] [--gin.KEY=VALUE ...] [--coordinator_address H:P ...]
 
 Bad input (missing files, mismatched checkpoints, bad arguments) ends with a one-line error on stderr
-and exit code 2.
+and exit code 2; a training run stopped by too many non-finite steps in a row exits with code 3.
 """
 
 from __future__ import annotations
@@ -92,6 +93,26 @@ def cmd_cache_embeddings(args) -> int:
   return 0
 
 
+def cmd_train(args) -> int:
+  from imagen_jax.data.sources import DataError
+  from imagen_jax.train import distributed, loop
+  from imagen_jax.train.checkpoints import RunDirError
+  try:
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  try:
+    summary = loop.train()
+  except (loop.TrainError, RunDirError, DataError) as e:
+    raise UsageError(str(e)) from None
+  except loop.NonFiniteError as e:
+    print(f"imagen-jax: stopped: {_one_line(e)}", file=sys.stderr)
+    return 3
+  last = f", loss {summary.history[-1][1]:.4f}" if summary.history else ""
+  print(f"train: {summary.stopped} at step {summary.final_step}{last}; checkpoints {summary.checkpoints or 'none new'}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="imagen-jax", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -121,7 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
   cache = sub.add_parser("cache-embeddings", help="encode a task's captions once and write the embedding cache")
   _gin_command(cache, cmd_cache_embeddings, ("imagen_jax.data.cache", "imagen_jax.data.tasks"),
                example="runs/cache_synthetic.gin")
+  tr = sub.add_parser("train", help="train one cascade stage from a gin run config (resumes automatically)")
+  _gin_command(tr, cmd_train, TRAIN_GIN_MODULES, example="runs/demo_base.gin")
+  tr.add_argument("--coordinator_address", help="multi-host: host:port of process 0 (or IMAGEN_COORDINATOR_ADDRESS; "
+                  "TPU pods and SLURM are detected)")
+  tr.add_argument("--num_processes", type=int, help="multi-host: number of processes (or IMAGEN_NUM_PROCESSES)")
+  tr.add_argument("--process_id", type=int, help="multi-host: this process's index (or IMAGEN_PROCESS_ID)")
   return parser
+
+
+# The modules whose configurables a training run's gin files bind.
+TRAIN_GIN_MODULES = ("imagen_jax.models", "imagen_jax.diffusion", "imagen_jax.train.loop", "imagen_jax.train.optimizer",
+                     "imagen_jax.train.data", "imagen_jax.data.pipeline", "imagen_jax.data.tasks")
 
 
 def _gin_command(parser: argparse.ArgumentParser, fn, modules, example: str) -> None:

@@ -1,6 +1,8 @@
-"""Test-wide settings: CPU only, eight simulated devices (a 2x2x2 data/fsdp/tensor mesh)."""
+"""Test-wide settings: CPU only, eight simulated devices (a 2x2x2 data/fsdp/tensor mesh), JAX's persistent
+compilation cache under .cache/xla (shared with the training subprocesses the tests start)."""
 
 import os
+from pathlib import Path
 
 # Before jax is imported anywhere.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -18,6 +20,12 @@ import pytest  # noqa: E402
 from imagen_jax import diffusion as D  # noqa: E402
 from imagen_jax import models as M  # noqa: E402
 from imagen_jax.gin_utils import parse_gin  # noqa: E402
+
+# Compilation dominates small runs: every test process and every training subprocess shares one cache.
+XLA_CACHE = str(Path(__file__).resolve().parents[1] / ".cache" / "xla")
+os.makedirs(XLA_CACHE, exist_ok=True)
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 # --------------------------------------------------------------------------------- shared test helpers
 # (plain functions, imported by the test modules: `from tests.conftest import ...`)
@@ -81,3 +89,17 @@ def tiny_t5_checkpoint(tmp_path_factory):
   directory = tmp_path_factory.mktemp("t5") / "tiny"
   checkpoints.save_params(directory, config, params)
   return directory, config, params
+
+
+@pytest.fixture(scope="session")
+def shapes_cache(tmp_path_factory, spm_model, tiny_t5_checkpoint):
+  """An embedding cache of 64 synthetic captioned shapes at 32 px (tiny random T5, 16 tokens), registered as
+  the seqio task 'shapes_cache'; returns its directory."""
+  from imagen_jax.data import cache, tasks
+  t5_dir, _, _ = tiny_t5_checkpoint
+  out = tmp_path_factory.mktemp("shapes_cache")
+  tasks.register_source_task("shapes_source", "synthetic", spm_model, image_size=32, seed=0, num_examples=64)
+  cache.cache_embeddings("shapes_source", str(out), str(t5_dir), num_shards=2, batch_size=16, max_length=16,
+                         progress=False)
+  tasks.register_cached_task("shapes_cache", str(out), spm_model)
+  return out

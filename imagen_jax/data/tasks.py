@@ -79,7 +79,8 @@ def vocabulary(spm_path) -> seqio.SentencePieceVocabulary:
 def _add(name: str, source, preprocessors, vocab_path, replace: bool):
   if replace and name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
-  output_features = {K.TOKENS: seqio.Feature(vocabulary(vocab_path), add_eos=True, dtype=tf.int32)}
+  vocab = vocabulary(vocab_path) if vocab_path is not None else seqio.PassThroughVocabulary(size=0)
+  output_features = {K.TOKENS: seqio.Feature(vocab, add_eos=True, dtype=tf.int32)}
   return seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors, output_features=output_features)
 
 
@@ -166,8 +167,10 @@ def cached_file_pattern(cache_dir, split: str) -> str:
 
 
 @gin.configurable
-def register_cached_task(name: str, cache_dir: str, vocab_path: str, replace: bool = True) -> seqio.Task:
-  """The written cache as a seqio Task: records with image bytes, caption, tokens and embeddings."""
+def register_cached_task(name: str, cache_dir: str, vocab_path: Optional[str] = None,
+                         replace: bool = True) -> seqio.Task:
+  """The written cache as a seqio Task: records with image bytes, caption, tokens and embeddings.
+  vocab_path (optional: the records hold token ids already) only labels the task's token feature."""
   meta = read_metadata(cache_dir)
   source = seqio.TFExampleDataSource(
       split_to_filepattern={s: cached_file_pattern(cache_dir, s) for s in meta["splits"]},

@@ -1,0 +1,200 @@
+"""Orbax checkpoints of a training run: asynchronous, atomic, restorable onto any mesh.
+
+A run directory (MODEL_DIR) holds
+  run.json                     what trains here: the stage's network config and its parameter shapes
+  config.gin                   the gin config the run was started with (operative_config.gin after step 1)
+  checkpoints/<step>/          one orbax composite checkpoint per saved step, items:
+      state                    step, params, optimizer state, run key, non-finite counters
+      ema_params               the EMA parameters alone (what sampling reads; no optimizer state)
+      data                     the data iterator's position, one file set per process
+  train/ (TensorBoard)         metrics
+
+Orbax writes each checkpoint into a temporary directory and renames it when every process has finished,
+so a checkpoint cut short (a kill during an asynchronous save) is never listed and never restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+
+
+class RunDirError(ValueError):
+  """MODEL_DIR holds something else than this run (another stage or size), or no checkpoint."""
+
+
+# ------------------------------------------------------------------------------- the data iterator
+
+
+@dataclasses.dataclass
+class IteratorSave(ocp.args.CheckpointArgs):
+  iterator: Any     # has .save(path_prefix) and .restore(path_prefix)
+
+
+@dataclasses.dataclass
+class IteratorRestore(ocp.args.CheckpointArgs):
+  iterator: Any
+
+
+class IteratorHandler(ocp.CheckpointHandler):
+  """Saves each process's data iterator position (synchronously: it is the position at save time)."""
+
+  def save(self, directory: epath.Path, args: IteratorSave):
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    args.iterator.save(str(directory / f"process_{jax.process_index():05d}"))
+
+  def restore(self, directory: epath.Path, args: IteratorRestore):
+    args.iterator.restore(str(epath.Path(directory) / f"process_{jax.process_index():05d}"))
+    return args.iterator
+
+
+ocp.args.register_with_handler(IteratorHandler, for_save=True)(IteratorSave)
+ocp.args.register_with_handler(IteratorHandler, for_restore=True)(IteratorRestore)
+
+
+# ---------------------------------------------------------------------------------- the run record
+
+
+def param_shapes(params) -> dict:
+  """'/'-joined parameter path -> shape list (arrays or ShapeDtypeStructs)."""
+  return {"/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def run_record(model_config, params) -> dict:
+  from imagen_jax import models
+  fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(model_config).items()}
+  shapes = param_shapes(params)
+  return {"network": type(model_config).__name__, "super_resolution": models.is_super_resolution(model_config),
+          "parameters": int(sum(int(np.prod(s)) for s in shapes.values())), "config": fields,
+          "param_shapes": shapes}
+
+
+def _describe(record: dict) -> str:
+  cfg = record["config"]
+  size = cfg.get("model_channels", cfg.get("channels"))
+  return (f"{record['network']} {cfg.get('image_size')}px, {record['parameters'] / 1e6:.2f}M parameters "
+          f"(width {size})")
+
+
+def check_run_dir(model_dir, record: dict) -> None:
+  """Raises RunDirError when MODEL_DIR was made by a run of another network (stage, resolution or size);
+  writes the record when it is new. Nothing else in MODEL_DIR is touched."""
+  path = epath.Path(model_dir) / RUN_FILE
+  if path.exists():
+    old = json.loads(path.read_text())
+    if old.get("param_shapes") != record["param_shapes"] or old.get("network") != record["network"]:
+      diff = sorted(k for k in set(old.get("config", {})) | set(record["config"])
+                    if old.get("config", {}).get(k) != record["config"].get(k))
+      raise RunDirError(f"{model_dir} holds a run of {_describe(old)}, not of the configured "
+                        f"{_describe(record)} (differs in: {', '.join(diff[:6]) or 'parameter shapes'}); "
+                        "use another MODEL_DIR")
+    return
+  if epath.Path(model_dir, CHECKPOINTS).exists() and any(epath.Path(model_dir, CHECKPOINTS).iterdir()):
+    raise RunDirError(f"{model_dir} holds checkpoints but no {RUN_FILE}: not a run of this trainer")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    tmp = path.parent / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.rename(path)
+
+
+def read_run_record(model_dir) -> dict:
+  path = epath.Path(model_dir) / RUN_FILE
+  if not path.exists():
+    raise RunDirError(f"{model_dir}: no {RUN_FILE}; not a training run directory")
+  return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------- the manager
+
+
+def manager(model_dir, *, max_to_keep: Optional[int] = 3, async_save: bool = True,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                         create=not read_only, read_only=read_only,
+                                         cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(epath.Path(model_dir) / CHECKPOINTS, options=options)
+
+
+def _split(state):
+  """The state's 'state' item (everything but the EMA) and its 'ema_params' item."""
+  return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng,
+          "nonfinite_streak": state.nonfinite_streak, "nonfinite_total": state.nonfinite_total}, state.ema_params
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state, iterator=None, force: bool = True) -> bool:
+  """Starts an (asynchronous) save of `state` and the iterator position at `step`."""
+  main, ema = _split(state)
+  items = {"state": ocp.args.StandardSave(main), "ema_params": ocp.args.StandardSave(ema)}
+  if iterator is not None:
+    items["data"] = IteratorSave(iterator)
+  return mgr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def _abstract(tree, shardings):
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore(mgr: ocp.CheckpointManager, step: int, abstract_state, shardings, iterator=None):
+  """The state saved at `step`, placed with `shardings` (any mesh: orbax reshards on load); the iterator
+  (if given) is moved to the saved position."""
+  main, ema = _split(abstract_state)
+  main_s, ema_s = _split(shardings)
+  items = {"state": ocp.args.StandardRestore(_abstract(main, main_s)),
+           "ema_params": ocp.args.StandardRestore(_abstract(ema, ema_s))}
+  if iterator is not None:
+    items["data"] = IteratorRestore(iterator)
+  out = mgr.restore(step, args=ocp.args.Composite(**items))
+  m = out["state"]
+  return abstract_state.replace(step=m["step"], params=m["params"], ema_params=out["ema_params"],
+                                opt_state=m["opt_state"], rng=m["rng"], nonfinite_streak=m["nonfinite_streak"],
+                                nonfinite_total=m["nonfinite_total"])
+
+
+def latest_step(model_dir) -> Optional[int]:
+  """The latest complete checkpoint's step (None if there is none); never waits, never writes."""
+  d = epath.Path(model_dir) / CHECKPOINTS
+  if not d.exists():
+    return None
+  mgr = manager(model_dir, read_only=True)
+  try:
+    return mgr.latest_step()
+  finally:
+    mgr.close()
+
+
+def restore_ema_params(model_dir, abstract_params, shardings=None, step: Optional[int] = None):
+  """The EMA parameters of a run (latest complete checkpoint, or `step`) without reading the optimizer
+  state. abstract_params: ShapeDtypeStructs of the parameters (e.g. nn.unbox(models.abstract_params(cfg)));
+  shardings: where to place them (default: the first local device). Returns (params, step)."""
+  mgr = manager(model_dir, read_only=True)
+  try:
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+      raise RunDirError(f"{model_dir}: no complete checkpoint")
+    if step not in mgr.all_steps():
+      raise RunDirError(f"{model_dir}: no complete checkpoint at step {step} (have {mgr.all_steps()})")
+    if shardings is None:
+      dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      shardings = jax.tree_util.tree_map(lambda _: dev, abstract_params)
+    out = mgr.restore(step, args=ocp.args.Composite(
+        ema_params=ocp.args.StandardRestore(_abstract(abstract_params, shardings))))
+    return out["ema_params"], step
+  finally:
+    mgr.close()
+
+
+def gin_file(model_dir, operative: bool = False) -> Path:
+  return Path(model_dir) / ("operative_config.gin" if operative else "config.gin")

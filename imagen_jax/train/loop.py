@@ -1,0 +1,389 @@
+"""The training loop of one cascade stage: `train(*, ...)`, gin-configured (`imagen-jax train`).
+
+Start-up: check MODEL_DIR belongs to this network (run.json), resume from the latest complete checkpoint
+or create the state directly sharded, write the gin config, compile the step once ahead of time (FLOPs
+from its cost analysis), then loop: dispatch step N, then write step N-1's metrics while N runs; metrics
+are summed on the device and fetched only at log steps. Checkpoints are asynchronous, every
+`checkpoint_every` steps, at SIGTERM (preemption) and at the end; a non-finite state is never saved, and
+`max_nonfinite_streak` non-finite steps in a row stop the run with the last good checkpoint intact.
+
+Imports without TensorFlow; the data pipeline (and TensorFlow) is loaded only for a seqio task source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+from etils import epath
+
+from imagen_jax import batch_keys as K
+from imagen_jax import models, partitioning, perf
+from imagen_jax.diffusion import DiffusionConfig
+from imagen_jax.gin_utils import require
+from imagen_jax.train import checkpoints as ckpt
+from imagen_jax.train import optimizer as optim
+from imagen_jax.train import state as state_lib
+from imagen_jax.train import step as step_lib
+
+
+class TrainError(ValueError):
+  """A configuration that cannot train (reported in one line by the CLI, exit code 2)."""
+
+
+class NonFiniteError(RuntimeError):
+  """Too many non-finite steps in a row: the run stopped; the last good checkpoint is intact."""
+
+
+@dataclasses.dataclass
+class TrainSummary:
+  start_step: int
+  final_step: int
+  stopped: str                                   # 'done' | 'preempted' | 'nonfinite'
+  history: List[Tuple[int, float]] = dataclasses.field(default_factory=list)   # (step, mean loss)
+  traces: int = 0                                # times the step was traced (= compiled)
+  flops_per_step: Optional[float] = None         # per device, from XLA's cost analysis
+  step_time: Optional[float] = None              # median seconds per step over log intervals after the first
+  nonfinite_total: int = 0
+  checkpoints: List[int] = dataclasses.field(default_factory=list)
+  compile_seconds: float = 0.0
+
+
+def enable_compilation_cache(path: Optional[str]) -> None:
+  """JAX's persistent compilation cache in `path` (None: off): a restart does not recompile."""
+  if not path:
+    return
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  path = os.path.expanduser(path)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  cc.reset_cache()   # take effect even if something was compiled before
+
+
+class _Preemption:
+  """SIGTERM sets a flag the loop checks each step (single process); multi-host runs ask orbax, which
+  agrees on a common step through JAX's preemption service."""
+
+  def __init__(self):
+    self.flag = threading.Event()
+    self._old = None
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, lambda *_: self.flag.set())
+
+  def reached(self, mgr, step: int) -> bool:
+    if jax.process_count() > 1:
+      return bool(mgr.reached_preemption(step)) or self.flag.is_set()
+    return self.flag.is_set()
+
+  def close(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _needed_keys(model_config, on_the_fly: bool) -> Tuple[str, ...]:
+  keys = [K.IMAGE, K.TEXT_MASK, K.TOKENS if on_the_fly else K.TEXT_EMB]
+  if models.is_super_resolution(model_config):
+    keys.append(K.LOWRES)
+  return tuple(keys)
+
+
+def _check_batch(batch: Dict[str, np.ndarray], keys, model_config, local_batch: int) -> None:
+  missing = [k for k in keys if k not in batch]
+  if missing:
+    raise TrainError(f"the data gives no {', '.join(missing)} (has {', '.join(sorted(batch))}); "
+                     + ("an SR stage needs StageDataConfig.lowres_size" if K.LOWRES in missing else
+                        "check StageDataConfig.embeddings"))
+  size = batch[K.IMAGE].shape[1]
+  if size != model_config.image_size:
+    raise TrainError(f"the data's images are {size}x{size} but the network trains at {model_config.image_size} "
+                     "(set StageDataConfig.image_size to match)")
+  if models.is_super_resolution(model_config) and batch[K.LOWRES].shape[1] != model_config.lowres_size:
+    raise TrainError(f"the data's low-res images are {batch[K.LOWRES].shape[1]}px but the network expects "
+                     f"{model_config.lowres_size}px (StageDataConfig.lowres_size)")
+  if batch[K.IMAGE].shape[0] != local_batch:
+    raise TrainError(f"a host batch has {batch[K.IMAGE].shape[0]} rows, expected {local_batch}")
+
+
+def _global_batch(batch: Dict[str, np.ndarray], keys, shardings) -> Dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in keys}
+
+
+class _Writer:
+  """Metrics to TensorBoard (clu, process 0 only; asynchronous) and one progress line on stdout."""
+
+  def __init__(self, model_dir, enabled: bool, progress: bool):
+    self.enabled = enabled
+    self.progress = progress
+    self._clu = None
+    if enabled:
+      try:
+        from imagen_jax.data import tf_setup
+        tf_setup()                         # TensorFlow for tf.summary: host only, start-up chatter filtered
+        from clu import metric_writers   # TensorBoard event files through tf.summary
+        self._clu = metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(epath.Path(model_dir) / "train")))
+      except ImportError as e:     # no TensorFlow / TensorBoard on this machine: console only
+        print(f"metrics: no TensorBoard writer ({e}); console only", flush=True)
+        self._clu = None
+
+  def write(self, step: int, scalars: Dict[str, float], line: str) -> None:
+    if not self.enabled:
+      return
+    if self._clu is not None:
+      self._clu.write_scalars(step, scalars)
+    if self.progress:
+      print(line, flush=True)
+
+  def close(self):
+    if self._clu is not None:
+      self._clu.flush()
+      self._clu.close()
+
+
+def _mesh(mesh_shape: Sequence[int]):
+  try:
+    return partitioning.create_mesh(*mesh_shape)
+  except ValueError as e:
+    raise TrainError(f"mesh {tuple(mesh_shape)} (data, fsdp, tensor): {e}") from None
+
+
+def _load_encoder(checkpoint: str, mesh):
+  from imagen_jax.text import checkpoints as text_ckpt
+  from imagen_jax.text.t5 import abstract_encoder_params
+  config, params = text_ckpt.load_any(checkpoint)
+  shardings = partitioning.mesh_shardings(abstract_encoder_params(config), mesh)
+  return config, jax.device_put(params, shardings), shardings
+
+
+@gin.configurable
+def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_task: Optional[str] = None,
+          batch_source=None, model_config=None, diffusion: Optional[DiffusionConfig] = None,
+          optimizer: Optional[optim.OptimizerConfig] = None, data_config=None,
+          mesh_shape: Sequence[int] = (-1, 1, 1), seed: int = 0, ema_decay: float = 0.9999, ema_warmup: bool = True,
+          log_every: int = 50, checkpoint_every: int = 1000, keep_checkpoints: Optional[int] = 3,
+          async_checkpoints: bool = True, max_nonfinite_streak: int = 10,
+          compilation_cache_dir: Optional[str] = "~/.cache/imagen_jax/xla",
+          text_encoder_checkpoint: Optional[str] = None, sample_every: int = 0,
+          sample_hook: Optional[Callable[..., None]] = None, progress: bool = True) -> TrainSummary:
+  """Trains one cascade stage; see the module docstring and `gin_configs/runs/train_*.gin`.
+
+  model_dir: the run directory (checkpoints, logs, gin config). num_steps: optimizer calls in all.
+  data_task: a seqio task (normally `@cached_task()`), read through StageDataConfig (`data_config`);
+  batch_source (Python only) replaces it with any source of host-local batches (`train.data`).
+  model_config / diffusion / optimizer / data_config: None takes the gin-configured ones.
+  mesh_shape: (data, fsdp, tensor), one entry may be -1. text_encoder_checkpoint: embed tokens on the fly
+  (StageDataConfig.embeddings = 'on_the_fly'). sample_hook(step=, state=, model_dir=) runs every
+  sample_every steps (periodic sample grids).
+  """
+  require("train", model_dir=model_dir, num_steps=num_steps)
+  enable_compilation_cache(compilation_cache_dir)
+  model_config = model_config if model_config is not None else models.model_config()
+  diffusion = diffusion if diffusion is not None else DiffusionConfig()
+  opt_config = optimizer if optimizer is not None else optim.OptimizerConfig()
+  if num_steps < 1 or log_every < 1 or checkpoint_every < 1:
+    raise TrainError(f"num_steps, log_every and checkpoint_every must be >= 1 (got {num_steps}, {log_every}, "
+                     f"{checkpoint_every})")
+  mesh = _mesh(mesh_shape)
+  lead = jax.process_index() == 0
+
+  # What trains here: refuse a MODEL_DIR of another network before anything is written.
+  tx = optim.make_optimizer(opt_config)
+  abstract, boxed = state_lib.abstract_state(model_config, tx)
+  record = ckpt.run_record(model_config, abstract.params)
+  ckpt.check_run_dir(model_dir, record)
+  shardings = state_lib.state_shardings(abstract, boxed, mesh)
+
+  # The data.
+  if batch_source is None:
+    if data_task is None:
+      raise TrainError("no data: set train.data_task (e.g. @cached_task()) or pass batch_source")
+    if data_config is None:
+      from imagen_jax.data.pipeline import StageDataConfig
+      data_config = StageDataConfig()
+    batch_source = _task_source(data_task, data_config)
+    global_batch = data_config.batch_size
+  else:
+    global_batch = batch_source.batch_size
+  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch % data_shards:
+    raise TrainError(f"global batch {global_batch} does not split over data x fsdp = {data_shards} devices")
+  local_batch = global_batch // jax.process_count()
+  on_the_fly = text_encoder_checkpoint is not None
+  keys = _needed_keys(model_config, on_the_fly)
+
+  mgr = ckpt.manager(model_dir, max_to_keep=keep_checkpoints, async_save=async_checkpoints)
+  preemption = _Preemption()
+  writer = _Writer(model_dir, enabled=lead, progress=progress)
+  try:
+    latest = mgr.latest_step()
+    if latest is not None:
+      state = ckpt.restore(mgr, latest, abstract, shardings, iterator=batch_source)
+      if progress and lead:
+        print(f"resumed from {epath.Path(model_dir) / ckpt.CHECKPOINTS / str(latest)} (step {latest})", flush=True)
+    else:
+      state, _, _ = state_lib.create_state(model_config, tx, jax.random.PRNGKey(seed), mesh)
+    start = int(jax.device_get(state.step))
+    if lead:
+      ckpt.gin_file(model_dir).write_text(gin.config_str())
+
+    encoder_config = encoder_params = encoder_shardings = None
+    if on_the_fly:
+      encoder_config, encoder_params, encoder_shardings = _load_encoder(text_encoder_checkpoint, mesh)
+
+    summary = TrainSummary(start_step=start, final_step=start, stopped="done")
+    if start >= num_steps:
+      if progress and lead:
+        print(f"{model_dir}: already trained to step {start} (num_steps = {num_steps}); nothing to do", flush=True)
+      return summary
+
+    first = next(batch_source)
+    _check_batch(first, keys, model_config, local_batch)
+    batch_shapes = {k: jax.ShapeDtypeStruct((global_batch,) + first[k].shape[1:], first[k].dtype) for k in keys}
+
+    def count_trace():
+      summary.traces += 1
+
+    sig = step_lib.step_signature(model_config=model_config, diffusion=diffusion, tx=tx, state_shardings=shardings,
+                                  batch_shapes=batch_shapes, mesh=mesh, ema_decay=ema_decay, ema_warmup=ema_warmup,
+                                  encoder_config=encoder_config, encoder_shardings=encoder_shardings,
+                                  trace_counter=count_trace)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
+      abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sig.in_shardings[1][k])
+                        for k, v in batch_shapes.items()}
+      compiled = sig.jit().lower(state, abstract_batch, encoder_params).compile()
+    summary.compile_seconds = time.perf_counter() - t0
+    summary.flops_per_step = perf.compiled_flops(compiled)
+    accumulate = jax.jit(step_lib.accumulate)
+    finite_fn = jax.jit(lambda s: state_lib.all_finite((s.params, s.ema_params)))
+    peak, peak_source = perf.device_peak_flops()
+    if lead and progress:
+      tensors, replicated = state_lib.replicated_by_divisibility(boxed, mesh)
+      n_params = record["parameters"]
+      print(f"train {record['network']} ({n_params / 1e6:.2f}M parameters) on mesh {dict(mesh.shape)}, "
+            f"{jax.device_count()} devices / {jax.process_count()} processes; global batch {global_batch}; "
+            f"steps {start} -> {num_steps}", flush=True)
+      print(f"sharding: {tensors} tensors ({replicated / 1e6:.3f}M parameters) left replicated along an axis "
+            f"that does not divide them", flush=True)
+      flops = summary.flops_per_step
+      print(f"step compiled in {summary.compile_seconds:.1f}s; "
+            + (f"{flops / 1e9:.2f} GFLOP per step per device (XLA cost analysis); " if flops else "")
+            + f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})", flush=True)
+
+    schedule = optim.learning_rate_schedule(opt_config)
+    acc = step_lib.zero_metrics()
+    pending = None
+    interval_times: List[float] = []
+    t_last, step_last = time.perf_counter(), start
+    host_step = start
+    batch = first
+    wrote_operative = False
+
+    def write_pending(p):
+      nonlocal t_last, step_last
+      step, sums = p
+      sums = jax.device_get(sums)
+      streak, total = int(sums["nonfinite_streak"]), int(sums["nonfinite_total"])
+      now = time.perf_counter()
+      dt = (now - t_last) / max(step - step_last, 1)
+      interval_times.append(dt)
+      t_last, step_last = now, step
+      finite = float(sums["finite_steps"])
+      loss = float(sums["loss_sum"]) / finite if finite else float("nan")
+      gnorm = float(sums["grad_norm_sum"]) / finite if finite else float("nan")
+      skipped = int(sums["nonfinite_steps"])
+      lr = float(schedule(max(step - 1, 0) // opt_config.accumulate_steps))
+      util = perf.mfu(summary.flops_per_step, dt, peak)
+      tflops = summary.flops_per_step / dt / 1e12 if summary.flops_per_step else float("nan")
+      scalars = {"learning/loss": loss, "learning/grad_norm": gnorm, "learning/lr": lr,
+                 "learning/skipped_steps": skipped, "learning/nonfinite_total": int(total),
+                 "perf/step_time": dt, "perf/steps_per_sec": 1.0 / dt, "perf/images_per_sec": global_batch / dt,
+                 "perf/tflops_per_device": tflops, "perf/mfu": util}
+      summary.history.append((step, loss))
+      summary.nonfinite_total = int(total)
+      eta = (num_steps - step) * dt
+      line = (f"step {step}/{num_steps} | loss {loss:.4f} | grad_norm {gnorm:.3f} | lr {lr:.2e} | skipped {skipped} "
+              f"| {1.0 / dt:.2f} steps/s | {global_batch / dt:.1f} img/s | MFU {100 * util:.2f}% | eta {eta:.0f}s")
+      writer.write(step, scalars, line)
+      if int(streak) >= max_nonfinite_streak:
+        raise NonFiniteError(f"{int(streak)} non-finite steps in a row (max_nonfinite_streak = "
+                             f"{max_nonfinite_streak}) at step {step}; stopped, the last checkpoint "
+                             f"(step {mgr.latest_step()}) is intact")
+
+    def save(step: int) -> bool:
+      if not bool(jax.device_get(finite_fn(state))):
+        if lead:
+          print(f"step {step}: the state is not finite; checkpoint skipped", flush=True)
+        return False
+      if int(jax.device_get(state.nonfinite_streak)) >= max_nonfinite_streak:
+        return False
+      ckpt.save(mgr, step, state, batch_source)
+      summary.checkpoints.append(step)
+      if progress and lead:
+        print(f"checkpoint: step {step} saving" + (" (asynchronously)" if async_checkpoints else ""), flush=True)
+      return True
+
+    try:
+      while host_step < num_steps:
+        if batch is None:
+          batch = next(batch_source)
+        state, metrics = compiled(state, _global_batch(batch, keys, sig.in_shardings[1]), encoder_params)
+        batch = None
+        host_step += 1
+        acc = accumulate(acc, metrics)
+        if pending is not None:          # step N-1's metrics, written while step N runs
+          p, pending = pending, None
+          write_pending(p)
+        if not wrote_operative and lead:
+          ckpt.gin_file(model_dir, operative=True).write_text(gin.operative_config_str())
+          wrote_operative = True
+        if host_step % log_every == 0 or host_step == num_steps:
+          pending = (host_step, acc)
+          acc = step_lib.zero_metrics()
+        if sample_hook is not None and sample_every and host_step % sample_every == 0:
+          sample_hook(step=host_step, state=state, model_dir=model_dir)
+        if preemption.reached(mgr, host_step):
+          save(host_step)
+          summary.stopped = "preempted"
+          if lead:
+            print(f"preempted (SIGTERM) at step {host_step}: checkpoint saved, exiting", flush=True)
+          break
+        if host_step % checkpoint_every == 0 and host_step != num_steps:
+          save(host_step)
+      if pending is not None:
+        write_pending(pending)
+        pending = None
+      if summary.stopped == "done" and (not summary.checkpoints or summary.checkpoints[-1] != host_step):
+        save(host_step)
+    except NonFiniteError:
+      summary.stopped = "nonfinite"
+      raise
+    finally:
+      mgr.wait_until_finished()
+      summary.final_step = host_step
+      later = interval_times[1:] if len(interval_times) > 1 else interval_times
+      summary.step_time = float(np.median(later)) if later else None
+    return summary
+  finally:
+    preemption.close()
+    writer.close()
+    mgr.close()
+
+
+def _task_source(task_name: str, data_config):
+  from imagen_jax.train.data import TaskSource
+  import seqio
+  try:
+    seqio.get_mixture_or_task(task_name)
+  except ValueError:
+    raise TrainError(f"data task {task_name!r} is not registered (use train.data_task = @cached_task() with "
+                     "cached_task.cache_dir = ...)") from None
+  return TaskSource(task_name, data_config)
