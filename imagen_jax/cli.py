@@ -103,8 +103,8 @@ def cmd_train(args) -> int:
     raise UsageError(str(e)) from None
   try:
     summary = loop.train()
-  except (loop.TrainError, RunDirError, DataError) as e:
-    raise UsageError(str(e)) from None
+  except (loop.TrainError, RunDirError, DataError, ValueError) as e:   # ValueError: a config's own validation
+    raise UsageError(_one_line(e)) from None
   except loop.NonFiniteError as e:
     print(f"imagen-jax: stopped: {_one_line(e)}", file=sys.stderr)
     return 3

@@ -122,9 +122,12 @@ def read_run_record(model_dir) -> dict:
 
 def manager(model_dir, *, max_to_keep: Optional[int] = 3, async_save: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                         create=not read_only, read_only=read_only,
-                                         cleanup_tmp_directories=not read_only)
+  if read_only:      # a reader (sampling, evaluation, a run still training): never writes, never waits
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0, max_to_keep=None,
+                                           enable_async_checkpointing=False)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
   return ocp.CheckpointManager(epath.Path(model_dir) / CHECKPOINTS, options=options)
 
 

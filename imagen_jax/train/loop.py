@@ -148,9 +148,9 @@ class _Writer:
       self._clu.close()
 
 
-def _mesh(mesh_shape: Sequence[int]):
+def _mesh(mesh_shape: Sequence[int], devices=None):
   try:
-    return partitioning.create_mesh(*mesh_shape)
+    return partitioning.create_mesh(*mesh_shape, devices=devices)
   except ValueError as e:
     raise TrainError(f"mesh {tuple(mesh_shape)} (data, fsdp, tensor): {e}") from None
 
@@ -172,7 +172,7 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
           async_checkpoints: bool = True, max_nonfinite_streak: int = 10,
           compilation_cache_dir: Optional[str] = "~/.cache/imagen_jax/xla",
           text_encoder_checkpoint: Optional[str] = None, sample_every: int = 0,
-          sample_hook: Optional[Callable[..., None]] = None, progress: bool = True) -> TrainSummary:
+          sample_hook: Optional[Callable[..., None]] = None, progress: bool = True, devices=None) -> TrainSummary:
   """Trains one cascade stage; see the module docstring and `gin_configs/runs/train_*.gin`.
 
   model_dir: the run directory (checkpoints, logs, gin config). num_steps: optimizer calls in all.
@@ -181,7 +181,7 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
   model_config / diffusion / optimizer / data_config: None takes the gin-configured ones.
   mesh_shape: (data, fsdp, tensor), one entry may be -1. text_encoder_checkpoint: embed tokens on the fly
   (StageDataConfig.embeddings = 'on_the_fly'). sample_hook(step=, state=, model_dir=) runs every
-  sample_every steps (periodic sample grids).
+  sample_every steps (periodic sample grids). devices (Python only): the mesh's devices (default: all).
   """
   require("train", model_dir=model_dir, num_steps=num_steps)
   enable_compilation_cache(compilation_cache_dir)
@@ -191,7 +191,7 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
   if num_steps < 1 or log_every < 1 or checkpoint_every < 1:
     raise TrainError(f"num_steps, log_every and checkpoint_every must be >= 1 (got {num_steps}, {log_every}, "
                      f"{checkpoint_every})")
-  mesh = _mesh(mesh_shape)
+  mesh = _mesh(mesh_shape, devices)
   lead = jax.process_index() == 0
 
   # What trains here: refuse a MODEL_DIR of another network before anything is written.
