@@ -2,9 +2,10 @@
 
 Order of precedence: explicit arguments (the CLI's --coordinator_address / --num_processes /
 --process_id), then IMAGEN_COORDINATOR_ADDRESS / IMAGEN_NUM_PROCESSES / IMAGEN_PROCESS_ID, then the
-clusters JAX detects by itself (Cloud TPU pods: TPU_WORKER_HOSTNAMES with several hosts; SLURM:
-SLURM_NTASKS > 1), where `jax.distributed.initialize()` takes everything from the environment. A single
-process with none of these runs without it. Must run before JAX touches a device.
+clusters JAX detects by itself, where `jax.distributed.initialize()` takes everything from the
+environment: IMAGEN_DISTRIBUTED=auto (launch/tpu_pod.sh sets it on every TPU VM worker), several hosts
+in TPU_WORKER_HOSTNAMES, or SLURM_NTASKS > 1. A single process with none of these runs without it. Must
+run before JAX touches a device.
 
 On CPU (the tests' simulated hosts), collectives go through gloo.
 """
@@ -21,6 +22,8 @@ def _env_int(name: str) -> Optional[int]:
 
 
 def cluster_detected() -> bool:
+  if os.environ.get("IMAGEN_DISTRIBUTED", "").lower() == "auto":
+    return True
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
   if "," in hosts:
     return True
