@@ -43,17 +43,24 @@ def _leaves(tree):
   return jax.tree_util.tree_leaves(jax.device_get(tree))
 
 
-def test_sharded_step_equals_single_device_step(tiny16, shapes16):
-  """One train step on a 2x2x2 (data, fsdp, tensor) mesh of 8 devices = the same step on one device."""
+@pytest.mark.parametrize("stage", ["base", "sr"])
+def test_sharded_step_equals_single_device_step(tiny16, shapes16, stage):
+  """One train step on a 2x2x2 (data, fsdp, tensor) mesh of 8 devices = the same step on one device; for
+  the base U-Net and for an SR Efficient U-Net (noise-conditioning augmentation inside the step)."""
   tx = optimizer.make_optimizer(optimizer.OptimizerConfig(name="sgd", learning_rate=0.1, b1=0.0, warmup_steps=0,
                                                           decay_steps=None))
-  batch = {k: shapes16[k][:8] for k in (K.IMAGE, K.TEXT_EMB, K.TEXT_MASK)}
+  if stage == "base":
+    config, batch = tiny16, {k: shapes16[k][:8] for k in (K.IMAGE, K.TEXT_EMB, K.TEXT_MASK)}
+  else:
+    config = load_config("models/tiny_sr.gin")     # 8 -> 32
+    batch = tdata.word_vector_shapes(8, 32, 32, 16, lowres=8)
+    batch = {k: batch[k] for k in (K.IMAGE, K.LOWRES, K.TEXT_EMB, K.TEXT_MASK)}
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
   out = {}
   for name, mesh in (("one", partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1])),
                      ("2x2x2", partitioning.create_mesh(2, 2, 2))):
-    state, shardings, _ = state_lib.create_state(tiny16, tx, jax.random.PRNGKey(0), mesh)
-    sig = step_lib.step_signature(model_config=tiny16, diffusion=DiffusionConfig(), tx=tx, state_shardings=shardings,
+    state, shardings, _ = state_lib.create_state(config, tx, jax.random.PRNGKey(0), mesh)
+    sig = step_lib.step_signature(model_config=config, diffusion=DiffusionConfig(), tx=tx, state_shardings=shardings,
                                   batch_shapes=shapes, mesh=mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
       gb = {k: jax.device_put(v, sig.in_shardings[1][k]) for k, v in batch.items()}
@@ -65,7 +72,7 @@ def test_sharded_step_equals_single_device_step(tiny16, shapes16):
   (p1, m1), (p8, m8) = out["one"], out["2x2x2"]
   np.testing.assert_allclose(m8["loss_sum"], m1["loss_sum"], rtol=1e-5)
   np.testing.assert_allclose(m8["grad_norm_sum"], m1["grad_norm_sum"], rtol=1e-4)
-  init, _, _ = state_lib.create_state(tiny16, tx, jax.random.PRNGKey(0),
+  init, _, _ = state_lib.create_state(config, tx, jax.random.PRNGKey(0),
                                       partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1]))
   moved = max(float(np.abs(a - b).max()) for a, b in zip(_leaves(p1), _leaves(init.params)))
   assert moved > 1e-4                      # the step did change the parameters ...

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+import os
 from typing import Any, Optional
 
 import jax
@@ -120,6 +120,12 @@ def read_run_record(model_dir) -> dict:
 # ---------------------------------------------------------------------------------- the manager
 
 
+def absolute(path) -> epath.Path:
+  """A local path made absolute (orbax requires it); URLs such as gs://... are kept."""
+  path = str(path)
+  return epath.Path(path if "://" in path else os.path.abspath(os.path.expanduser(path)))
+
+
 def manager(model_dir, *, max_to_keep: Optional[int] = 3, async_save: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
   if read_only:      # a reader (sampling, evaluation, a run still training): never writes, never waits
@@ -128,7 +134,7 @@ def manager(model_dir, *, max_to_keep: Optional[int] = 3, async_save: bool = Tru
   else:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(epath.Path(model_dir) / CHECKPOINTS, options=options)
+  return ocp.CheckpointManager(absolute(model_dir) / CHECKPOINTS, options=options)
 
 
 def _split(state):
@@ -168,7 +174,7 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_state, shardings, it
 
 def latest_step(model_dir) -> Optional[int]:
   """The latest complete checkpoint's step (None if there is none); never waits, never writes."""
-  d = epath.Path(model_dir) / CHECKPOINTS
+  d = absolute(model_dir) / CHECKPOINTS
   if not d.exists():
     return None
   mgr = manager(model_dir, read_only=True)
@@ -199,5 +205,5 @@ def restore_ema_params(model_dir, abstract_params, shardings=None, step: Optiona
     mgr.close()
 
 
-def gin_file(model_dir, operative: bool = False) -> Path:
-  return Path(model_dir) / ("operative_config.gin" if operative else "config.gin")
+def gin_file(model_dir, operative: bool = False) -> epath.Path:
+  return epath.Path(model_dir) / ("operative_config.gin" if operative else "config.gin")

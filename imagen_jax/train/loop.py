@@ -184,6 +184,7 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
   sample_every steps (periodic sample grids). devices (Python only): the mesh's devices (default: all).
   """
   require("train", model_dir=model_dir, num_steps=num_steps)
+  model_dir = str(ckpt.absolute(model_dir))
   enable_compilation_cache(compilation_cache_dir)
   model_config = model_config if model_config is not None else models.model_config()
   diffusion = diffusion if diffusion is not None else DiffusionConfig()
