@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 
 DEMO_DIR        ?= out/demo
 DEMO_BASE_STEPS ?= 450
-DEMO_SR_STEPS   ?= 300
+DEMO_SR_STEPS   ?= 200
 
 .PHONY: test test-slow install demo demo-long clean
 
@@ -31,19 +31,28 @@ test-slow: $(STAMP)
 
 # Each step resumes or reuses what is done: re-running `make demo` continues where it stopped.
 demo: $(STAMP)
-	@echo "== demo 1/4: vocabulary and a tiny T5 encoder with random weights (untrained; real runs load T5-XXL)"
+	@echo "== demo 1/5: vocabulary and a tiny T5 encoder with random weights (untrained; real runs load T5-XXL)"
 	$(PY) -m imagen_jax.demo prepare --out $(DEMO_DIR)
-	@echo "== demo 2/4: embedding cache of the synthetic captioned shapes"
+	@echo "== demo 2/5: embedding cache of the synthetic captioned shapes"
 	$(CLI) cache-embeddings --gin_file=runs/demo_cache.gin --gin.VOCAB="'$(DEMO_DIR)/spiece.model'" \
 	  --gin.ENCODER="'$(DEMO_DIR)/t5'" --gin.CACHE_DIR="'$(DEMO_DIR)/cache'"
-	@echo "== demo 3/4: base stage, 32x32"
+	@echo "== demo 3/5: base stage, 32x32"
 	$(CLI) train --gin_file=runs/demo_base.gin --gin.MODEL_DIR="'$(DEMO_DIR)/base'" \
 	  --gin.TRAIN_DATA="'$(DEMO_DIR)/cache'" --gin.NUM_STEPS=$(DEMO_BASE_STEPS)
-	@echo "== demo 4/4: super-resolution stage, 32 -> 64"
+	@echo "== demo 4/5: super-resolution stage, 32 -> 64"
 	$(CLI) train --gin_file=runs/demo_sr.gin --gin.MODEL_DIR="'$(DEMO_DIR)/sr'" \
 	  --gin.TRAIN_DATA="'$(DEMO_DIR)/cache'" --gin.NUM_STEPS=$(DEMO_SR_STEPS)
+	@echo "== demo 5/5: sample the cascade (base, then SR) for the demo prompts, with a guidance sweep of the base"
+	rm -rf $(DEMO_DIR)/samples
+	$(CLI) sample --gin_file=runs/sample_demo.gin --gin.VOCAB="'$(DEMO_DIR)/spiece.model'" \
+	  --gin.ENCODER="'$(DEMO_DIR)/t5'" --gin.BASE_DIR="'$(DEMO_DIR)/base'" --gin.SR_DIR="'$(DEMO_DIR)/sr'" \
+	  --prompts_file=$(DEMO_DIR)/prompts.txt --guidance base=1,3,5 --out $(DEMO_DIR)/samples
+	cp $(DEMO_DIR)/samples/grid.png $(DEMO_DIR)/samples.png
+	cp $(DEMO_DIR)/samples/base/sweep.png $(DEMO_DIR)/guidance_sweep.png
 	@echo "== demo done. Under $(DEMO_DIR)/: spiece.model, t5/ (random encoder), cache/ (embeddings),"
-	@echo "   base/ and sr/ (checkpoints/, TensorBoard logs in train/, config.gin, run.json)."
+	@echo "   base/ and sr/ (checkpoints/, samples/ grids during training, TensorBoard logs in train/, run.json),"
+	@echo "   samples/ (every image, settings.json). The cascade's grid: $(DEMO_DIR)/samples.png"
+	@echo "   The base stage's guidance sweep (w = 1, 3, 5; same seeds per row): $(DEMO_DIR)/guidance_sweep.png"
 	@echo "   TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)"
 
 # Longer training (about an hour on 2 cores) in its own folder: shapes, not only colours.

@@ -4,6 +4,10 @@
   imagen-jax t5 encode --checkpoint DIR --vocab SPM (--prompts P ... | --prompts_file F) [--max_length 128]
   imagen-jax cache-embeddings --gin_file FILE [--gin_file ...] [--gin.KEY=VALUE ...]
   imagen-jax train --gin_file FILE [--gin_file ...] [--gin.KEY=VALUE ...] [--coordinator_address H:P ...]
+  imagen-jax sample --gin_file FILE (--prompts P ... | --prompts_file F) --out DIR [--stages base,sr]
+      [--seed S] [--samples_per_prompt N] [--batch_size B] [--guidance [STAGE=]W1,W2 ...] [--steps ...]
+      [--thresholding [STAGE=]none|static|dynamic[:P]] [--aug_level ...] [--sampler ...] [--checkpoint_step STAGE=N]
+      [--lowres_images DIR] [--init_images DIR --strength S]
 
 Bad input (missing files, mismatched checkpoints, bad arguments) ends with a one-line error on stderr
 and exit code 2; a training run stopped by too many non-finite steps in a row exits with code 3.
@@ -52,14 +56,7 @@ def cmd_t5_encode(args) -> int:
   from imagen_jax.text import checkpoints
   from imagen_jax.text.encoder import TextEncoder
   from imagen_jax.text.tokenizer import Tokenizer
-  prompts: List[str] = list(args.prompts or [])
-  if args.prompts_file:
-    try:
-      prompts += Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-      raise UsageError(f"cannot read prompts file {args.prompts_file}: {e}") from None
-  if not prompts:
-    raise UsageError("no prompts: give --prompts or --prompts_file")
+  prompts = _read_prompts(args)
   try:
     tokenizer = Tokenizer(args.vocab, args.max_length)
   except (FileNotFoundError, ValueError) as e:
@@ -113,6 +110,45 @@ def cmd_train(args) -> int:
   return 0
 
 
+def _read_prompts(args) -> List[str]:
+  prompts: List[str] = list(args.prompts or [])
+  if args.prompts_file:
+    try:
+      prompts += [p for p in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if p.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+      raise UsageError(f"cannot read prompts file {args.prompts_file}: {e}") from None
+  if not prompts:
+    raise UsageError("no prompts: give --prompts or --prompts_file")
+  return prompts
+
+
+def cmd_sample(args) -> int:
+  from imagen_jax.sample import cascade, settings
+  from imagen_jax.train.checkpoints import RunDirError
+  prompts = _read_prompts(args)
+  flags = {f: getattr(args, f) for f in settings.FLAG_FIELDS}
+  only = [x for x in (args.stages or "").split(",") if x] or None
+  steps = {}
+  for item in args.checkpoint_step or []:
+    name, eq, value = item.partition("=")
+    if not eq or not value.isdigit():
+      raise UsageError(f"--checkpoint_step {item}: write STAGE=STEP, e.g. base=5000")
+    steps[name] = int(value)
+  try:
+    result = cascade.sample(prompts=prompts, out_dir=args.out, seed=args.seed, samples_per_prompt=args.samples_per_prompt,
+                            batch_size=args.batch_size, only=only, setting_flags=flags, checkpoint_steps=steps,
+                            lowres_images=args.lowres_images, init_images=args.init_images, strength=args.strength,
+                            record_extra={"command": ["imagen-jax"] + list(sys.argv[1:])})
+  except (cascade.SampleError, settings.SettingsError, RunDirError, ValueError) as e:
+    raise UsageError(_one_line(e)) from None
+  print(f"sample: wrote {len(result.jobs)} image(s) per stage setting to {result.out_dir}; grid "
+        f"{Path(result.out_dir) / 'grid.png'}; settings {Path(result.out_dir) / 'settings.json'}")
+  for st in result.stages:
+    if len(st.settings) > 1:
+      print(f"sample: sweep grid of stage {st.name}: {Path(result.out_dir) / st.name / 'sweep.png'}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="imagen-jax", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -148,12 +184,39 @@ def build_parser() -> argparse.ArgumentParser:
                   "TPU pods and SLURM are detected)")
   tr.add_argument("--num_processes", type=int, help="multi-host: number of processes (or IMAGEN_NUM_PROCESSES)")
   tr.add_argument("--process_id", type=int, help="multi-host: this process's index (or IMAGEN_PROCESS_ID)")
+
+  sp = sub.add_parser("sample", help="sample a cascade (or part of it) from training runs: PNGs, grids, sweeps")
+  _gin_command(sp, cmd_sample, SAMPLE_GIN_MODULES, example="runs/sample_demo.gin")
+  sp.add_argument("--prompts", nargs="*", help="prompt texts")
+  sp.add_argument("--prompts_file", help="a text file, one prompt per line")
+  sp.add_argument("--out", required=True, help="output directory (new or empty)")
+  sp.add_argument("--stages", help="comma-separated contiguous stages to run (default: the whole cascade)")
+  sp.add_argument("--seed", type=int, default=0)
+  sp.add_argument("--samples_per_prompt", type=int, default=1)
+  sp.add_argument("--batch_size", type=int, default=8, help="images per device batch call (rounded up to a "
+                  "multiple of the local device count)")
+  for flag, what in (("guidance", "guidance weight(s) w"), ("steps", "sampling step count(s)"),
+                     ("thresholding", "none | static | dynamic[:PERCENTILE], or a list"),
+                     ("aug_level", "SR noise-conditioning augmentation level(s) in [0, 1]"),
+                     ("sampler", "ddpm | ddim"), ("ddim_eta", "DDIM stochasticity in [0, 1]")):
+    sp.add_argument(f"--{flag}", action="append", metavar="[STAGE=]V[,V...]",
+                    help=f"{what}; several comma-separated values make a sweep grid")
+  sp.add_argument("--checkpoint_step", action="append", metavar="STAGE=STEP", help="a checkpoint other than the latest")
+  sp.add_argument("--lowres_images", help="folder of low-resolution inputs for a cascade that starts at an SR stage")
+  sp.add_argument("--init_images", help="img2img: folder of images the first stage starts from")
+  sp.add_argument("--strength", type=float, default=0.8, help="img2img: start at t = strength (0: the image, "
+                  "1: pure noise)")
   return parser
 
 
 # The modules whose configurables a training run's gin files bind.
 TRAIN_GIN_MODULES = ("imagen_jax.models", "imagen_jax.diffusion", "imagen_jax.train.loop", "imagen_jax.train.optimizer",
-                     "imagen_jax.train.data", "imagen_jax.data.pipeline", "imagen_jax.data.tasks")
+                     "imagen_jax.train.data", "imagen_jax.data.pipeline", "imagen_jax.data.tasks",
+                     "imagen_jax.sample.hook")
+
+
+# The modules whose configurables a sampling config binds.
+SAMPLE_GIN_MODULES = ("imagen_jax.sample.cascade",)
 
 
 def _gin_command(parser: argparse.ArgumentParser, fn, modules, example: str) -> None:

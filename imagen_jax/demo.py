@@ -5,6 +5,7 @@
 writes
   spiece.model   a sentencepiece vocabulary trained on the synthetic captions (T5's ids: pad 0, EOS 1, unk 2)
   t5/            a tiny T5 v1.1 encoder with RANDOM weights, in our checkpoint format
+  prompts.txt    the prompts the demo samples at the end
 
 The demo's text encoder is untrained: it maps each caption to a fixed, distinct sequence of embeddings,
 which is all a diffusion model needs to learn the synthetic captions, but it knows nothing of language.
@@ -43,8 +44,16 @@ def random_encoder(directory: Path, vocab_size: int, seed: int = 0) -> None:
   checkpoints.save_params(directory, config, params)
 
 
+# What `make demo` samples at the end (captions in the synthetic dataset's own forms).
+DEMO_PROMPTS = ("a red circle", "a blue square", "a green triangle", "two yellow circles",
+                "three purple squares", "a red circle to the left of a blue square",
+                "an orange triangle to the right of a green circle", "a yellow square")
+
+
 def prepare(out: Path) -> None:
   out.mkdir(parents=True, exist_ok=True)
+  prompts = out / "prompts.txt"
+  prompts.write_text("\n".join(DEMO_PROMPTS) + "\n")
   vocab = out / "spiece.model"
   if not vocab.is_file():
     train_vocabulary(vocab)

@@ -28,7 +28,7 @@ def noise_augment(lowres, key, schedule: NoiseSchedule, aug_level):
   lowres = jnp.asarray(lowres, jnp.float32)
   level = jnp.broadcast_to(jnp.asarray(aug_level, jnp.float32), (lowres.shape[0],))
   alpha, sigma = schedule.alpha_sigma_exact_ends(level)
-  eps = jax.random.normal(key, lowres.shape, jnp.float32)
+  eps = process.standard_normal(key, lowres.shape)      # a key, or one key per example (B, 2)
   return process.diffuse(lowres, eps, alpha, sigma), level
 
 

@@ -15,7 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax.diffusion import augmentation, guidance, losses, process, samplers, thresholding
-from imagen_jax.diffusion.schedules import CosineSchedule, NoiseSchedule, get_schedule
+from imagen_jax.diffusion.schedules import (CosineSchedule, NoiseSchedule, get_schedule, schedule_from_record,
+                                            schedule_record)
+
+# What a sampler must reproduce of how a stage was trained (the rest of DiffusionConfig are sampling choices
+# or training-only settings).
+TRAINED_FIELDS = ("objective", "schedule", "noise_aug_schedule")
 
 
 @gin.configurable
@@ -57,6 +62,17 @@ class DiffusionConfig:
       raise ValueError(f"num_sampling_steps must be >= 1, got {self.num_sampling_steps}")
     if not 0.0 <= self.sample_aug_level <= 1.0:
       raise ValueError(f"sample_aug_level must be in [0, 1], got {self.sample_aug_level}")
+
+  def training_record(self) -> dict:
+    """TRAINED_FIELDS as JSON: the trainer writes them to run.json, a sampler reads them back."""
+    return {"objective": self.objective, "schedule": schedule_record(self.schedule),
+            "noise_aug_schedule": schedule_record(self.noise_aug_schedule)}
+
+  @classmethod
+  def from_training_record(cls, record: dict, **sampling) -> "DiffusionConfig":
+    """The config a stage trained with (its `training_record`), with sampling settings from `sampling`."""
+    return cls(objective=record["objective"], schedule=schedule_from_record(record["schedule"]),
+               noise_aug_schedule=schedule_from_record(record["noise_aug_schedule"]), **sampling)
 
   def loss(self, model_fn, x, cond, key):
     return losses.diffusion_loss(

@@ -13,6 +13,7 @@ trailing (H, W, C) axes. All arithmetic is float32.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 OBJECTIVES = ("eps", "x0", "v")
@@ -30,6 +31,34 @@ def bcast(a, x):
   if a.ndim == 0:
     return a
   return a.reshape(a.shape + (1,) * (jnp.ndim(x) - a.ndim))
+
+
+def per_example_keys(key) -> bool:
+  """True for a batch of raw PRNG keys, shape (B, 2): one key per example."""
+  return jnp.ndim(key) == 2
+
+
+def standard_normal(key, shape):
+  """N(0, I) of `shape` = (B, ...). With one key per example (B, 2), example b's noise depends on its own key
+  only: the same whatever the batch it is drawn in (batch size, padding, device count)."""
+  if per_example_keys(key):
+    return jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), jnp.float32))(key)
+  return jax.random.normal(key, tuple(shape), jnp.float32)
+
+
+def split_key(key, num: int = 2):
+  """jax.random.split, per example for a batch of keys: returns `num` keys (or key batches)."""
+  if per_example_keys(key):
+    keys = jax.vmap(lambda k: jax.random.split(k, num))(key)      # (B, num, 2)
+    return tuple(keys[:, i] for i in range(num))
+  return tuple(jax.random.split(key, num))
+
+
+def fold_in(key, data):
+  """jax.random.fold_in, per example for a batch of keys."""
+  if per_example_keys(key):
+    return jax.vmap(lambda k: jax.random.fold_in(k, data))(key)
+  return jax.random.fold_in(key, data)
 
 
 def diffuse(x, eps, alpha, sigma):

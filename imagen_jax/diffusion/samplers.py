@@ -65,28 +65,44 @@ def ddim_update(x0, eps, log_snr_t, log_snr_s, noise, eta):
 
 
 def denoise(model_fn, z, log_snr, cond, *, objective, guidance_scale, thresholding_method, percentile):
-  """Guided, thresholded (x0, eps) at one noise level. log_snr has shape (B,)."""
+  """Guided, thresholded (x0, eps) at one noise level. log_snr has shape (B,). thresholding_method: a name,
+  or a traced index into `thresholding.THRESHOLDING`."""
   x0, eps = guidance.guided_x0_eps(model_fn, z, log_snr, cond, guidance_scale, objective)
-  if thresholding_method != "none":
-    x0 = thresholding.threshold(x0, thresholding_method, percentile)
-    alpha, sigma = alpha_sigma_from_log_snr(log_snr)
-    eps = process.eps_from_x0(z, x0, alpha, sigma)
-  return x0, eps
+  if isinstance(thresholding_method, str) and thresholding_method == "none":
+    return x0, eps
+  alpha, sigma = alpha_sigma_from_log_snr(log_snr)
+  return thresholding.threshold_x0_eps(x0, eps, z, alpha, sigma, thresholding_method, percentile)
 
 
 def sample(model_fn, key, shape, cond=None, *, schedule: NoiseSchedule, num_steps, objective: str = "eps",
-           sampler: str = "ddpm", ddim_eta: float = 0.0, guidance_scale=1.0, thresholding_method: str = "dynamic",
-           percentile: float = 99.5, return_trajectory: bool = False, z_init=None):
+           sampler: str = "ddpm", ddim_eta: float = 0.0, guidance_scale=1.0, thresholding_method="dynamic",
+           percentile: float = 99.5, return_trajectory: bool = False, z_init=None, x_init=None, t_start=1.0):
   """Draws samples of `shape` = (B, H, W, C). Pure and jittable; see the module docstring.
 
-  Deterministic for a given key. With return_trajectory=True (num_steps a Python int) returns
-  (x, {'z': (N + 1, B, H, W, C) states from t = 1 to the output, 'x0': (N, ...) x0 predictions}).
+  Deterministic for a given key; with one key per example (`key` of shape (B, 2)) every example's
+  randomness is its own, so an image does not depend on the batch it is drawn in.
+  num_steps, guidance_scale, ddim_eta, percentile and t_start may be traced; thresholding_method is a name
+  or a traced index into `thresholding.THRESHOLDING`.
+  z_init: the state at t = 1 (instead of N(0, I)).
+  x_init, t_start (img2img, SDEdit): start from x_init forward-noised to t = t_start in [0, 1] with the noise
+  the sampler would start from, and walk t_start -> 0 in num_steps steps. t_start = 1 is exactly sampling
+  from noise (the process is pure noise at t = 1); t_start = 0 returns x_init.
+  With return_trajectory=True (num_steps a Python int) returns
+  (x, {'z': (N + 1, B, H, W, C) states from t = t_start to the output, 'x0': (N, ...) x0 predictions}).
   """
   check_sampler(sampler)
   process.check_objective(objective)
-  thresholding.check_thresholding(thresholding_method)
-  k_init, k_loop = jax.random.split(key)
-  z = jax.random.normal(k_init, shape, jnp.float32) if z_init is None else jnp.asarray(z_init, jnp.float32)
+  if isinstance(thresholding_method, str):
+    thresholding.check_thresholding(thresholding_method)
+  k_init, k_loop = process.split_key(key)
+  noise0 = process.standard_normal(k_init, shape)
+  t0 = jnp.asarray(t_start, jnp.float32)
+  if x_init is not None:
+    x_init = jnp.asarray(x_init, jnp.float32)
+    a0, s0 = schedule.alpha_sigma_exact_ends(t0)
+    z = a0 * x_init + s0 * noise0
+  else:
+    z = noise0 if z_init is None else jnp.asarray(z_init, jnp.float32)
   b = shape[0]
   n = jnp.asarray(num_steps, jnp.int32)
   nf = n.astype(jnp.float32)
@@ -94,12 +110,12 @@ def sample(model_fn, key, shape, cond=None, *, schedule: NoiseSchedule, num_step
                           thresholding_method=thresholding_method, percentile=percentile)
 
   def step(i, z):
-    t = (nf - i) / nf
-    s = (nf - i - 1) / nf
+    t = (nf - i) / nf * t0
+    s = (nf - i - 1) / nf * t0
     log_snr_t = jnp.full((b,), _log_snr_at(schedule, t))
     log_snr_s = jnp.full((b,), _log_snr_at(schedule, s))
     x0, eps = den(z, log_snr_t, cond)
-    noise = jax.random.normal(jax.random.fold_in(k_loop, i), shape, jnp.float32)
+    noise = process.standard_normal(process.fold_in(k_loop, i), shape)
     if sampler == "ddpm":
       z_s = ancestral_update(z, x0, log_snr_t, log_snr_s, noise)
     else:
@@ -108,8 +124,13 @@ def sample(model_fn, key, shape, cond=None, *, schedule: NoiseSchedule, num_step
     # (1 - c) / alpha_t * z + c * x0 to round to exactly x0.
     return jnp.where(i == n - 1, x0, z_s), x0
 
+  def finish(x):
+    if x_init is None:
+      return x
+    return jnp.where(t0 <= 0, x_init, x)     # nothing to denoise: the init image itself
+
   if not return_trajectory:
-    return jax.lax.fori_loop(0, n, lambda i, z: step(i, z)[0], z)
+    return finish(jax.lax.fori_loop(0, n, lambda i, z: step(i, z)[0], z))
 
   if not isinstance(num_steps, int):
     raise ValueError("return_trajectory=True needs num_steps as a Python int")
@@ -121,5 +142,5 @@ def sample(model_fn, key, shape, cond=None, *, schedule: NoiseSchedule, num_step
   _, (zs, x0s) = jax.lax.scan(scan_body, z, jnp.arange(num_steps, dtype=jnp.int32))
   # XLA may evaluate the last x0 once for the carry and once for the stacked output, rounding each its
   # own way (an ulp apart); the output is defined as the stacked last x0.
-  out = x0s[-1]
+  out = finish(x0s[-1])
   return out, {"z": jnp.concatenate([z[None], zs[:-1], out[None]], axis=0), "x0": x0s}

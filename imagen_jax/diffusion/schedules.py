@@ -138,3 +138,20 @@ def get_schedule(schedule) -> NoiseSchedule:
   if isinstance(schedule, str) and schedule in SCHEDULES:
     return SCHEDULES[schedule]()
   raise ValueError(f"unknown noise schedule {schedule!r}; expected one of {sorted(SCHEDULES)} or a NoiseSchedule")
+
+
+def schedule_record(schedule: NoiseSchedule) -> dict:
+  """A registered schedule as JSON ({'name': ..., its fields}); the inverse of `schedule_from_record`."""
+  schedule = get_schedule(schedule)
+  names = [name for name, cls in SCHEDULES.items() if type(schedule) is cls]
+  if not names or not dataclasses.is_dataclass(schedule):
+    raise ValueError(f"{type(schedule).__name__} is not a registered dataclass schedule; register it in SCHEDULES")
+  return {"name": names[0], **dataclasses.asdict(schedule)}
+
+
+def schedule_from_record(record: dict) -> NoiseSchedule:
+  record = dict(record)
+  name = record.pop("name", None)
+  if name not in SCHEDULES:
+    raise ValueError(f"unknown noise schedule {name!r} in record; expected one of {sorted(SCHEDULES)}")
+  return SCHEDULES[name](**record)

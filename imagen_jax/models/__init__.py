@@ -28,6 +28,18 @@ def model_config(config: ModelConfig = gin.REQUIRED) -> ModelConfig:
   return config
 
 
+def model_config_from_record(network: str, fields: dict) -> ModelConfig:
+  """The network config a training run recorded (run.json's 'network' and 'config'; JSON lists -> tuples)."""
+  classes = {cls.__name__: cls for cls in (UNetConfig, EfficientUNetConfig)}
+  if network not in classes:
+    raise ValueError(f"unknown network {network!r}; expected one of {sorted(classes)}")
+
+  def tuples(v):
+    return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+
+  return classes[network](**{k: tuples(v) for k, v in fields.items()})
+
+
 def build_model(config: ModelConfig) -> nn.Module:
   if isinstance(config, UNetConfig):
     return UNet(config)

@@ -1,7 +1,8 @@
 """Orbax checkpoints of a training run: asynchronous, atomic, restorable onto any mesh.
 
 A run directory (MODEL_DIR) holds
-  run.json                     what trains here: the stage's network config and its parameter shapes
+  run.json                     what trains here: the stage's network config and its parameter shapes, and
+                               the diffusion objective and schedules it trains with
   config.gin                   the gin config the run was started with (operative_config.gin after step 1)
   checkpoints/<step>/          one orbax composite checkpoint per saved step, items:
       state                    step, params, optimizer state, run key, non-finite counters
@@ -72,13 +73,16 @@ def param_shapes(params) -> dict:
           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
-def run_record(model_config, params) -> dict:
+def run_record(model_config, params, diffusion=None) -> dict:
+  """run.json: the network (config and parameter shapes) and, given the stage's DiffusionConfig, what sampling
+  must reproduce of its training (objective, schedules)."""
   from imagen_jax import models
   fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(model_config).items()}
   shapes = param_shapes(params)
   return {"network": type(model_config).__name__, "super_resolution": models.is_super_resolution(model_config),
           "parameters": int(sum(int(np.prod(s)) for s in shapes.values())), "config": fields,
-          "param_shapes": shapes}
+          "param_shapes": shapes,
+          **({"diffusion": diffusion.training_record()} if diffusion is not None else {})}
 
 
 def _describe(record: dict) -> str:
@@ -100,6 +104,10 @@ def check_run_dir(model_dir, record: dict) -> None:
       raise RunDirError(f"{model_dir} holds a run of {_describe(old)}, not of the configured "
                         f"{_describe(record)} (differs in: {', '.join(diff[:6]) or 'parameter shapes'}); "
                         "use another MODEL_DIR")
+    if "diffusion" in old and "diffusion" in record and old["diffusion"] != record["diffusion"]:
+      diff = sorted(k for k in record["diffusion"] if old["diffusion"].get(k) != record["diffusion"][k])
+      raise RunDirError(f"{model_dir} holds a run trained with other diffusion settings ({', '.join(diff)}: "
+                        f"{', '.join(str(old['diffusion'].get(k)) for k in diff)}); use another MODEL_DIR")
     return
   if epath.Path(model_dir, CHECKPOINTS).exists() and any(epath.Path(model_dir, CHECKPOINTS).iterdir()):
     raise RunDirError(f"{model_dir} holds checkpoints but no {RUN_FILE}: not a run of this trainer")

@@ -142,6 +142,10 @@ class _Writer:
     if self.progress:
       print(line, flush=True)
 
+  def write_images(self, step: int, images: Dict[str, np.ndarray]) -> None:
+    if self.enabled and self._clu is not None:
+      self._clu.write_images(step, images)
+
   def close(self):
     if self._clu is not None:
       self._clu.flush()
@@ -180,8 +184,9 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
   batch_source (Python only) replaces it with any source of host-local batches (`train.data`).
   model_config / diffusion / optimizer / data_config: None takes the gin-configured ones.
   mesh_shape: (data, fsdp, tensor), one entry may be -1. text_encoder_checkpoint: embed tokens on the fly
-  (StageDataConfig.embeddings = 'on_the_fly'). sample_hook(step=, state=, model_dir=) runs every
-  sample_every steps (periodic sample grids). devices (Python only): the mesh's devices (default: all).
+  (StageDataConfig.embeddings = 'on_the_fly'). sample_hook(step=, state=, model_dir=, write_images=) runs
+  every sample_every steps (periodic sample grids: `imagen_jax.sample.hook.SampleGridHook`; its `prepare`
+  gets the first batch). devices (Python only): the mesh's devices (default: all).
   """
   require("train", model_dir=model_dir, num_steps=num_steps)
   model_dir = str(ckpt.absolute(model_dir))
@@ -198,7 +203,7 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
   # What trains here: refuse a MODEL_DIR of another network before anything is written.
   tx = optim.make_optimizer(opt_config)
   abstract, boxed = state_lib.abstract_state(model_config, tx)
-  record = ckpt.run_record(model_config, abstract.params)
+  record = ckpt.run_record(model_config, abstract.params, diffusion)
   ckpt.check_run_dir(model_dir, record)
   shardings = state_lib.state_shardings(abstract, boxed, mesh)
 
@@ -247,6 +252,8 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
 
     first = next(batch_source)
     _check_batch(first, keys, model_config, local_batch)
+    if sample_hook is not None and sample_every and hasattr(sample_hook, "prepare"):
+      sample_hook.prepare(batch=first, model_config=model_config, diffusion=diffusion, mesh=mesh)
     batch_shapes = {k: jax.ShapeDtypeStruct((global_batch,) + first[k].shape[1:], first[k].dtype) for k in keys}
 
     def count_trace():
@@ -350,7 +357,8 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
           pending = (host_step, acc)
           acc = step_lib.zero_metrics()
         if sample_hook is not None and sample_every and host_step % sample_every == 0:
-          sample_hook(step=host_step, state=state, model_dir=model_dir)
+          with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
+            sample_hook(step=host_step, state=state, model_dir=model_dir, write_images=writer.write_images)
         if preemption.reached(mgr, host_step):
           save(host_step)
           summary.stopped = "preempted"

@@ -1,0 +1,171 @@
+"""One cascade stage's jitted batch sampler, sharded over the local devices on the data axis.
+
+`StageSampler.run(params, text, keys, settings)` draws one image per row of `keys`:
+- every image has its own PRNG key (`image_keys`: its seed folded with the stage's index), so an image is the
+  same whatever the batch size, the padding and the number of devices;
+- rows are cut into batches of `batch_size` (a multiple of the device count); the last batch is padded by
+  repeating its first row, and the padding is dropped;
+- the whole multi-step loop is one compiled program per (batch shape, guided or not, sampler, img2img or not):
+  the step count, guidance weight, thresholding (method and percentile), SR augmentation level, DDIM eta and
+  img2img strength are traced arguments, so a sweep over them compiles once. `trace_count` counts traces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from imagen_jax import batch_keys as K
+from imagen_jax import partitioning
+from imagen_jax.diffusion import DiffusionConfig, augmentation, process, samplers, thresholding
+from imagen_jax.sample.settings import StageSettings
+
+
+def image_keys(seeds, stage_index: int) -> np.ndarray:
+  """(N, 2) uint32 keys: fold_in(PRNGKey(seed), stage_index) per image seed."""
+  seeds = np.asarray(seeds, np.int64)
+  if seeds.size and (seeds.min() < 0 or seeds.max() >= 2 ** 31):
+    raise ValueError(f"image seeds must lie in [0, 2^31), got [{seeds.min()}, {seeds.max()}]")
+  fn = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), stage_index))
+  return np.asarray(fn(jnp.asarray(seeds, jnp.int32)), np.uint32)
+
+
+@dataclasses.dataclass
+class RunStats:
+  images: int = 0
+  batches: int = 0
+  steps: int = 0                 # network evaluations of the loop summed over batches (per batch: num_steps)
+  seconds: float = 0.0           # sampling, device-synchronised, compilation excluded
+  compile_seconds: float = 0.0
+
+  @property
+  def images_per_second(self) -> float:
+    return self.images / self.seconds if self.seconds else float("nan")
+
+  @property
+  def seconds_per_step(self) -> float:
+    return self.seconds / self.steps if self.steps else float("nan")
+
+
+class StageSampler:
+  """The batch sampler of one stage: network `apply_fn(params, z, log_snr, cond)`, its DiffusionConfig (the
+  trained objective and schedules), the output resolution, and a mesh (default: the local devices on data)."""
+
+  def __init__(self, apply_fn: Callable[..., Any], diffusion: DiffusionConfig, image_size: int, *,
+               super_resolution: bool, batch_size: int = 8, mesh=None, channels: int = 3):
+    self.apply_fn = apply_fn
+    self.diffusion = diffusion
+    self.image_size = image_size
+    self.channels = channels
+    self.super_resolution = super_resolution
+    self.mesh = mesh if mesh is not None else partitioning.create_mesh(-1, 1, 1, devices=jax.local_devices())
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    self.batch_size = -(-max(batch_size, 1) // shards) * shards
+    self.trace_count = 0
+    self._jitted = jax.jit(self._run, static_argnames=("guided", "sampler", "has_init"))
+    self._compiled: Dict[Any, Any] = {}
+
+  def place_params(self, params):
+    """Parameters replicated on the mesh (use as they are when they already live on it, e.g. in training)."""
+    return jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+
+  def _run(self, params, text_emb, text_mask, keys, lowres, x_init, scalars, *, guided, sampler, has_init):
+    self.trace_count += 1          # runs at trace time only
+    k_aug, k_sample = process.split_key(keys)
+    cond = {K.TEXT_EMB: text_emb, K.TEXT_MASK: text_mask}
+    if self.super_resolution:
+      low, level = augmentation.noise_augment(lowres, k_aug, self.diffusion.noise_aug_schedule, scalars["aug_level"])
+      cond[K.LOWRES] = low
+      cond[K.LOWRES_AUG_LEVEL] = level
+    shape = (keys.shape[0], self.image_size, self.image_size, self.channels)
+    return samplers.sample(
+        functools.partial(self.apply_fn, params), k_sample, shape, cond, schedule=self.diffusion.schedule,
+        num_steps=scalars["num_steps"], objective=self.diffusion.objective, sampler=sampler,
+        ddim_eta=scalars["ddim_eta"], guidance_scale=scalars["guidance_scale"] if guided else 1.0,
+        thresholding_method=scalars["thresholding"], percentile=scalars["percentile"],
+        x_init=x_init if has_init else None, t_start=scalars["t_start"])
+
+  @staticmethod
+  def _scalars(settings: StageSettings, t_start: float):
+    return {"num_steps": np.int32(settings.num_steps), "guidance_scale": np.float32(settings.guidance_scale),
+            "thresholding": np.int32(thresholding.thresholding_index(settings.thresholding)),
+            "percentile": np.float32(settings.percentile), "aug_level": np.float32(settings.aug_level),
+            "ddim_eta": np.float32(settings.ddim_eta), "t_start": np.float32(t_start)}
+
+  def run(self, params, text_emb: np.ndarray, text_mask: np.ndarray, keys: np.ndarray, settings: StageSettings, *,
+          lowres: Optional[np.ndarray] = None, x_init: Optional[np.ndarray] = None, strength: float = 1.0,
+          guided: Optional[bool] = None, stats: Optional[RunStats] = None,
+          on_batch: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+    """Images (N, S, S, C) float32 in the model's range, one per row of keys (N, 2).
+
+    lowres (N, s, s, C): SR stages' conditioning images. x_init (N, S, S, C) with strength in [0, 1]: img2img.
+    guided: compile the guided program (doubled batch) even where w = 1, so that a sweep over w compiles once;
+    default: guided unless w is 1. on_batch(done, total) is called after each batch (progress bars).
+    """
+    n = keys.shape[0]
+    if self.super_resolution and lowres is None:
+      raise ValueError("a super-resolution stage needs its low-resolution images")
+    guided = (settings.guidance_scale != 1.0) if guided is None else guided
+    has_init = x_init is not None
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    b = min(self.batch_size, -(-max(n, 1) // shards) * shards)      # no bigger than the work needs
+    scalars = self._scalars(settings, strength if has_init else 1.0)
+    data = {"text_emb": np.asarray(text_emb, np.float32), "text_mask": np.asarray(text_mask, bool),
+            "keys": np.asarray(keys, np.uint32)}
+    data["lowres"] = np.asarray(lowres, np.float32) if lowres is not None else np.zeros((n, 1, 1, 1), np.float32)
+    data["x_init"] = np.asarray(x_init, np.float32) if has_init else np.zeros((n, 1, 1, 1), np.float32)
+    out = []
+    total = -(-n // b)
+    for i, start in enumerate(range(0, n, b)):
+      rows = np.arange(start, min(start + b, n))
+      rows = np.concatenate([rows, np.full(b - len(rows), rows[0])])      # padding: repeats of the first row
+      batch = {k: jax.device_put(v[rows], partitioning.batch_sharding(self.mesh, v.ndim)) for k, v in data.items()}
+      fn = self._compile(params, batch, scalars, guided, settings.sampler, has_init, stats)
+      t0 = time.perf_counter()
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
+        x = fn(params, batch["text_emb"], batch["text_mask"], batch["keys"], batch["lowres"], batch["x_init"],
+               scalars)
+      x = jax.block_until_ready(x)
+      if not x.is_fully_addressable:         # a multi-host mesh (the trainer's sample hook)
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
+      x = np.asarray(jax.device_get(x))
+      if stats is not None:
+        stats.seconds += time.perf_counter() - t0
+        stats.batches += 1
+        stats.steps += settings.num_steps
+        stats.images += min(b, n - start)
+      out.append(x[: min(b, n - start)])
+      if on_batch is not None:
+        on_batch(i + 1, total)
+    if not out:
+      return np.zeros((0, self.image_size, self.image_size, self.channels), np.float32)
+    return np.concatenate(out)
+
+  def _compile(self, params, batch, scalars, guided, sampler, has_init, stats):
+    key = (tuple((k, v.shape) for k, v in sorted(batch.items())), guided, sampler, has_init)
+    if key not in self._compiled:
+      t0 = time.perf_counter()
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
+        self._compiled[key] = self._jitted.lower(
+            params, batch["text_emb"], batch["text_mask"], batch["keys"], batch["lowres"], batch["x_init"], scalars,
+            guided=guided, sampler=sampler, has_init=has_init).compile()
+      if stats is not None:
+        stats.compile_seconds += time.perf_counter() - t0
+    return self._compiled[key]
+
+
+def model_apply_fn(model: nn.Module) -> Callable[..., Any]:
+  """A Flax network as `apply_fn(params, z, log_snr, cond)`, deterministic (no dropout)."""
+  def apply(params, z, log_snr, cond):
+    return model.apply({"params": params}, z, log_snr, cond, deterministic=True)
+  return apply
+

@@ -1,0 +1,127 @@
+"""Images on disk and on screen: [-1, 1] floats <-> uint8 PNG, reading input folders, labelled grids.
+
+Pillow does the encoding and the text; nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MIN_CELL = 128          # grid cells are at least this wide: small images are enlarged (nearest) for the labels
+
+
+class ImageError(ValueError):
+  """An input image that cannot be used (unreadable, wrong size): reported in one line, exit code 2."""
+
+
+def to_uint8(x) -> np.ndarray:
+  """[-1, 1] float images -> uint8 (round to nearest; values outside are clipped)."""
+  x = np.asarray(x, np.float32)
+  return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def from_uint8(x) -> np.ndarray:
+  return np.asarray(x, np.float32) / 127.5 - 1.0
+
+
+def save_png(path, image_uint8: np.ndarray) -> None:
+  """Writes atomically (temporary name, then rename): a reader never sees half a file."""
+  from PIL import Image
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  Image.fromarray(np.asarray(image_uint8, np.uint8)).save(tmp, format="PNG")
+  os.replace(tmp, path)
+
+
+def read_image(path) -> np.ndarray:
+  """(H, W, 3) uint8; ImageError when the file is not a readable image."""
+  from PIL import Image, UnidentifiedImageError
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB"), np.uint8)
+  except (OSError, UnidentifiedImageError, ValueError) as e:
+    raise ImageError(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") \
+        from None
+
+
+def image_files(folder) -> List[Path]:
+  """The image files of a folder, sorted by name (grids are not inputs: '*grid*' and 'sweep*' are left out)."""
+  folder = Path(folder)
+  if not folder.is_dir():
+    raise ImageError(f"image folder not found: {folder}")
+  files = sorted(p for p in folder.iterdir()
+                 if p.suffix.lower() in IMAGE_SUFFIXES and "grid" not in p.stem and not p.stem.startswith("sweep"))
+  if not files:
+    raise ImageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+  return files
+
+
+def read_folder(folder, size: int, what: str) -> "tuple[np.ndarray, List[Path]]":
+  """Every image of a folder as (N, size, size, 3) floats in [-1, 1]; ImageError on an unreadable one or one
+  of another size (nothing is resized behind the user's back)."""
+  files = image_files(folder)
+  out = []
+  for f in files:
+    im = read_image(f)
+    if im.shape[:2] != (size, size):
+      raise ImageError(f"{what} {f} is {im.shape[1]}x{im.shape[0]}, but this stage takes {size}x{size}")
+    out.append(from_uint8(im))
+  return np.stack(out), files
+
+
+def box_downsample(x: np.ndarray, factor: int) -> np.ndarray:
+  """(B, H, W, C) -> (B, H/f, W/f, C) by averaging f x f blocks (the data pipeline's low-res rule)."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+
+
+def _font():
+  from PIL import ImageFont
+  try:
+    return ImageFont.load_default(size=11)
+  except TypeError:          # Pillow without FreeType: the fixed bitmap font
+    return ImageFont.load_default()
+
+
+def grid(rows: Sequence[Sequence[np.ndarray]], col_labels: Sequence[str] = (), row_labels: Sequence[str] = (),
+         title: Optional[str] = None) -> np.ndarray:
+  """A labelled grid (uint8 (H, W, 3)): rows of equally sized uint8 images, the column labels (prompts) under
+  each column, row labels (settings) on the left, an optional title line on top."""
+  from PIL import Image, ImageDraw
+  h, w = rows[0][0].shape[:2]
+  scale = max(1, -(-MIN_CELL // w))
+  cw, ch, gap = w * scale, h * scale, 4
+  chars = max(8, cw // 6)
+  wrapped = [textwrap.wrap(str(t), chars)[:4] or [""] for t in col_labels]
+  label_h = (max((len(x) for x in wrapped), default=0) * 13 + 4) if col_labels else 0
+  left = (max(len(str(t)) for t in row_labels) * 6 + 10) if row_labels else 0
+  top = 16 if title else 0
+  ncol = max(len(r) for r in rows)
+  width = left + ncol * (cw + gap) + gap
+  height = top + len(rows) * (ch + gap) + gap + label_h
+  canvas = Image.new("RGB", (width, height), (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  font = _font()
+  if title:
+    draw.text((gap, 2), title, fill=(0, 0, 0), font=font)
+  for r, row in enumerate(rows):
+    y = top + gap + r * (ch + gap)
+    if row_labels:
+      draw.text((4, y + ch // 2 - 6), str(row_labels[r]), fill=(0, 0, 0), font=font)
+    for c, im in enumerate(row):
+      im = np.asarray(im, np.uint8)
+      if scale > 1:
+        im = im.repeat(scale, axis=0).repeat(scale, axis=1)
+      canvas.paste(Image.fromarray(im), (left + gap + c * (cw + gap), y))
+  y0 = top + gap + len(rows) * (ch + gap)
+  for c, lines in enumerate(wrapped):
+    for k, line in enumerate(lines):
+      draw.text((left + gap + c * (cw + gap), y0 + k * 13), line, fill=(0, 0, 0), font=font)
+  return np.asarray(canvas, np.uint8)

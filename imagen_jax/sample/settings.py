@@ -1,0 +1,159 @@
+"""A stage's sampling settings, their sweeps, and the command line's per-stage overrides.
+
+`StageSettings` is one setting of one stage (sampler, steps, guidance weight, thresholding, SR augmentation
+level). A sweep is a list of them: the cartesian product of the values given for each field, in the order
+(guidance_scale, thresholding, aug_level, num_steps); the first is what the stage passes on to the next.
+
+On the command line every setting flag takes `VALUES` (every stage) or `STAGE=VALUES` (one stage) and may be
+repeated; VALUES is one value or a comma-separated list (a sweep):
+  --guidance 3            --guidance base=1,3,5         --thresholding sr=none,static,dynamic:99.9
+  --steps base=64         --aug_level sr=0,0.1,0.3      --sampler ddim
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from imagen_jax.diffusion import samplers, thresholding
+
+
+class SettingsError(ValueError):
+  """A bad setting (unknown sampler or thresholding name, a step count below 1, ...): one line, exit code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+  """One sampling setting of one stage; defaults are the paper's (docs/paper.md §2)."""
+  sampler: str = "ddpm"              # ddpm (ancestral) | ddim
+  num_steps: int = 256
+  guidance_scale: float = 1.35       # w; 1 = unguided
+  thresholding: str = "dynamic"      # none | static | dynamic
+  percentile: float = 99.5           # dynamic thresholding's percentile
+  aug_level: float = 0.0             # SR stages: noise-conditioning augmentation level at sampling
+  ddim_eta: float = 0.0
+
+  def __post_init__(self):
+    try:
+      samplers.check_sampler(self.sampler)
+      thresholding.check_thresholding(self.thresholding)
+    except ValueError as e:
+      raise SettingsError(str(e)) from None
+    if isinstance(self.num_steps, bool) or int(self.num_steps) != self.num_steps or self.num_steps < 1:
+      raise SettingsError(f"the number of sampling steps must be an integer >= 1, got {self.num_steps}")
+    object.__setattr__(self, "num_steps", int(self.num_steps))
+    for name in ("guidance_scale", "percentile", "aug_level", "ddim_eta"):
+      object.__setattr__(self, name, float(getattr(self, name)))
+    if not 0.0 < self.percentile <= 100.0:
+      raise SettingsError(f"the thresholding percentile must be in (0, 100], got {self.percentile}")
+    if not 0.0 <= self.aug_level <= 1.0:
+      raise SettingsError(f"the augmentation level must be in [0, 1], got {self.aug_level}")
+    if not 0.0 <= self.ddim_eta <= 1.0:
+      raise SettingsError(f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
+
+  def label(self, super_resolution: bool = False) -> str:
+    thr = f"dynamic {self.percentile:g}" if self.thresholding == "dynamic" else self.thresholding
+    out = f"w={self.guidance_scale:g} {thr} {self.sampler} {self.num_steps} steps"
+    return out + (f" aug {self.aug_level:g}" if super_resolution else "")
+
+  def slug(self, super_resolution: bool = False) -> str:
+    """A folder name for a sweep row."""
+    thr = f"dynamic{self.percentile:g}" if self.thresholding == "dynamic" else self.thresholding
+    out = f"w{self.guidance_scale:g}_{thr}_{self.sampler}{self.num_steps}"
+    return out + (f"_aug{self.aug_level:g}" if super_resolution else "")
+
+
+SWEEP_FIELDS = ("guidance_scale", "thresholding", "aug_level", "num_steps")
+
+
+def parse_thresholding(value: str) -> Tuple[str, Optional[float]]:
+  """'none' | 'static' | 'dynamic' | 'dynamic:99.9' -> (method, percentile or None)."""
+  method, _, pct = str(value).partition(":")
+  try:
+    thresholding.check_thresholding(method)
+  except ValueError as e:
+    raise SettingsError(str(e)) from None
+  if pct and method != "dynamic":
+    raise SettingsError(f"only dynamic thresholding takes a percentile, got {value!r}")
+  try:
+    return method, (float(pct) if pct else None)
+  except ValueError:
+    raise SettingsError(f"bad thresholding percentile in {value!r}") from None
+
+
+def _as_list(v) -> list:
+  return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def expand(base: StageSettings, sweep: Dict[str, Sequence]) -> List[StageSettings]:
+  """The settings of a sweep: `base` with each combination of the listed values (fields of SWEEP_FIELDS plus
+  'sampler'; thresholding values may be 'dynamic:P')."""
+  unknown = set(sweep) - set(SWEEP_FIELDS) - {"sampler"}
+  if unknown:
+    raise SettingsError(f"cannot sweep {sorted(unknown)}; sweepable: {SWEEP_FIELDS + ('sampler',)}")
+  fields = [f for f in ("sampler",) + SWEEP_FIELDS if f in sweep]
+  out = []
+  for combo in itertools.product(*(_as_list(sweep[f]) for f in fields)):
+    values = {}
+    for f, v in zip(fields, combo):
+      if f == "thresholding":
+        method, pct = parse_thresholding(v)
+        values["thresholding"] = method
+        if pct is not None:
+          values["percentile"] = pct
+      else:
+        values[f] = v
+    out.append(dataclasses.replace(base, **values))
+  return out or [base]
+
+
+# ------------------------------------------------------------------------------------ command line
+
+FLAG_FIELDS = {"sampler": "sampler", "steps": "num_steps", "guidance": "guidance_scale",
+               "thresholding": "thresholding", "aug_level": "aug_level", "ddim_eta": "ddim_eta"}
+_CASTS = {"sampler": str, "num_steps": int, "guidance_scale": float, "thresholding": str, "aug_level": float,
+          "ddim_eta": float}
+
+
+def parse_flag(flag: str, values: Sequence[str], stage_names: Sequence[str]) -> Dict[str, list]:
+  """`--FLAG [STAGE=]V1,V2 ...` -> {stage: [values]} (every stage when no STAGE= is given)."""
+  field = FLAG_FIELDS[flag]
+  out: Dict[str, list] = {}
+  for item in values:
+    stage, sep, rest = item.partition("=")
+    if not sep:
+      stage, rest = None, item
+    elif stage not in stage_names:
+      raise SettingsError(f"--{flag} {item}: no stage {stage!r} (stages: {', '.join(stage_names)})")
+    try:
+      parsed = [_CASTS[field](v) for v in rest.split(",") if v != ""]
+    except ValueError:
+      raise SettingsError(f"--{flag} {item}: not a list of {_CASTS[field].__name__} values") from None
+    if not parsed:
+      raise SettingsError(f"--{flag} {item}: no value")
+    if field == "num_steps" and any(v < 1 for v in parsed):
+      raise SettingsError(f"--{flag} {item}: the number of sampling steps must be >= 1")
+    for name in ([stage] if stage else stage_names):
+      out[name] = parsed
+  return out
+
+
+def stage_sweeps(args_values: Dict[str, Sequence[str]], stage_names: Sequence[str]) -> Dict[str, Dict[str, list]]:
+  """{flag: [raw values]} from argparse -> {stage: {field: [values]}}."""
+  out: Dict[str, Dict[str, list]] = {name: {} for name in stage_names}
+  for flag, values in args_values.items():
+    if not values:
+      continue
+    for stage, parsed in parse_flag(flag, values, stage_names).items():
+      out[stage][FLAG_FIELDS[flag]] = parsed
+  return out
+
+
+def apply_sweep(base: StageSettings, sweep: Dict[str, list]) -> List[StageSettings]:
+  """Single values replace the stage's setting; lists of several values become the sweep."""
+  if len(sweep.get("ddim_eta", ())) > 1:
+    raise SettingsError("ddim_eta takes one value, not a sweep")
+  single = {f: v[0] for f, v in sweep.items() if len(v) == 1 and f != "thresholding"}
+  base = dataclasses.replace(base, **single) if single else base
+  return expand(base, {f: v for f, v in sweep.items() if len(v) > 1 or f == "thresholding"})
