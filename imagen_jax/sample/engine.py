@@ -118,9 +118,9 @@ class StageSampler:
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     b = min(self.batch_size, -(-max(n, 1) // shards) * shards)      # no bigger than the work needs
     scalars = self._scalars(settings, strength if has_init else 1.0)
-    data = {"text_emb": np.asarray(text_emb, np.float32), "text_mask": np.asarray(text_mask, bool),
+    data = {K.TEXT_EMB: np.asarray(text_emb, np.float32), K.TEXT_MASK: np.asarray(text_mask, bool),
             "keys": np.asarray(keys, np.uint32)}
-    data["lowres"] = np.asarray(lowres, np.float32) if lowres is not None else np.zeros((n, 1, 1, 1), np.float32)
+    data[K.LOWRES] = np.asarray(lowres, np.float32) if lowres is not None else np.zeros((n, 1, 1, 1), np.float32)
     data["x_init"] = np.asarray(x_init, np.float32) if has_init else np.zeros((n, 1, 1, 1), np.float32)
     out = []
     total = -(-n // b)
@@ -131,8 +131,7 @@ class StageSampler:
       fn = self._compile(params, batch, scalars, guided, settings.sampler, has_init, stats)
       t0 = time.perf_counter()
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
-        x = fn(params, batch["text_emb"], batch["text_mask"], batch["keys"], batch["lowres"], batch["x_init"],
-               scalars)
+        x = fn(params, batch[K.TEXT_EMB], batch[K.TEXT_MASK], batch["keys"], batch[K.LOWRES], batch["x_init"], scalars)
       x = jax.block_until_ready(x)
       if not x.is_fully_addressable:         # a multi-host mesh (the trainer's sample hook)
         from jax.experimental import multihost_utils
@@ -156,7 +155,7 @@ class StageSampler:
       t0 = time.perf_counter()
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
         self._compiled[key] = self._jitted.lower(
-            params, batch["text_emb"], batch["text_mask"], batch["keys"], batch["lowres"], batch["x_init"], scalars,
+            params, batch[K.TEXT_EMB], batch[K.TEXT_MASK], batch["keys"], batch[K.LOWRES], batch["x_init"], scalars,
             guided=guided, sampler=sampler, has_init=has_init).compile()
       if stats is not None:
         stats.compile_seconds += time.perf_counter() - t0
