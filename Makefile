@@ -55,7 +55,7 @@ demo: $(STAMP)
 	@echo "   The base stage's guidance sweep (w = 1, 3, 5; same seeds per row): $(DEMO_DIR)/guidance_sweep.png"
 	@echo "   TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)"
 
-# Longer training (about an hour on 2 cores) in its own folder: shapes, not only colours.
+# Longer training (about 1.5 hours on 2 cores) in its own folder: shapes, not only colours.
 demo-long:
 	$(MAKE) demo DEMO_DIR=out/demo-long DEMO_BASE_STEPS=5000 DEMO_SR_STEPS=1500
 
