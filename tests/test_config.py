@@ -70,3 +70,22 @@ def _is_bound(key):
     return True
   except ValueError:
     return False
+
+
+@pytest.mark.parametrize("run,macros,names", [
+    ("runs/sample_cascade.gin", ["BASE_DIR", "SR256_DIR", "SR1024_DIR"], ["base", "sr256", "sr1024"]),
+    ("runs/sample_demo.gin", ["BASE_DIR", "SR_DIR"], ["base", "sr"])])
+def test_sampling_configs_name_their_required_values_and_build_their_stages(run, macros, names):
+  import gin
+
+  from imagen_jax.gin_utils import GinConfigError, parse_gin
+  from imagen_jax.sample import cascade  # noqa: F401  (registers the configurables)
+  with pytest.raises(GinConfigError, match="required gin value"):
+    parse_gin([run], [], finalize=True)
+  parse_gin([run], [f"{m} = '/runs/{m.lower()}'" for m in macros + ["VOCAB", "ENCODER"]], finalize=True)
+  stages = gin.query_parameter("sample.stages")
+  specs = [ref.scoped_configurable_fn() for ref in stages]
+  assert [s.name for s in specs] == names
+  assert [s.run_dir for s in specs] == [f"/runs/{m.lower()}" for m in macros]
+  if run.endswith("cascade.gin"):     # the paper's COCO guidance weights (docs/paper.md §2), sizes 64/256/1024
+    assert [(s.image_size, s.settings[0].guidance_scale) for s in specs] == [(64, 1.35), (256, 8.0), (1024, 8.0)]
