@@ -26,6 +26,13 @@ class UsageError(Exception):
   """Bad input from the user: reported in one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with the CLI's one-line errors (argparse prints the whole usage block first)."""
+
+  def error(self, message):
+    self.exit(2, f"imagen-jax: error: {message} (see {self.prog} --help)\n")
+
+
 def _t5_config_arg(args, **overrides):
   from imagen_jax.text import t5
   return None if args.size is None else t5.t5_config(args.size, **overrides)
@@ -124,7 +131,6 @@ def _read_prompts(args) -> List[str]:
 
 def cmd_sample(args) -> int:
   from imagen_jax.sample import cascade, settings
-  from imagen_jax.train.checkpoints import RunDirError
   prompts = _read_prompts(args)
   flags = {f: getattr(args, f) for f in settings.FLAG_FIELDS}
   only = [x for x in (args.stages or "").split(",") if x] or None
@@ -139,7 +145,7 @@ def cmd_sample(args) -> int:
                             batch_size=args.batch_size, only=only, setting_flags=flags, checkpoint_steps=steps,
                             lowres_images=args.lowres_images, init_images=args.init_images, strength=args.strength,
                             record_extra={"command": ["imagen-jax"] + list(sys.argv[1:])})
-  except (cascade.SampleError, settings.SettingsError, RunDirError, ValueError) as e:
+  except ValueError as e:     # SampleError, SettingsError, RunDirError, ImageError and configs' own checks
     raise UsageError(_one_line(e)) from None
   print(f"sample: wrote {len(result.jobs)} image(s) per stage setting to {result.out_dir}; grid "
         f"{Path(result.out_dir) / 'grid.png'}; settings {Path(result.out_dir) / 'settings.json'}")
@@ -150,7 +156,7 @@ def cmd_sample(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="imagen-jax", description=__doc__.split("\n\n")[0])
+  parser = _Parser(prog="imagen-jax", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
 
   t5p = sub.add_parser("t5", help="the frozen T5 text encoder")
@@ -191,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
   sp.add_argument("--prompts_file", help="a text file, one prompt per line")
   sp.add_argument("--out", required=True, help="output directory (new or empty)")
   sp.add_argument("--stages", help="comma-separated contiguous stages to run (default: the whole cascade)")
-  sp.add_argument("--seed", type=int, default=0)
-  sp.add_argument("--samples_per_prompt", type=int, default=1)
+  sp.add_argument("--seed", type=int, default=0, help="image (prompt k, sample j) gets seed + k * "
+                  "samples_per_prompt + j (settings.json lists every image's seed)")
+  sp.add_argument("--samples_per_prompt", type=int, default=1, help="images per prompt (or per input image)")
   sp.add_argument("--batch_size", type=int, default=8, help="images per device batch call (rounded up to a "
                   "multiple of the local device count)")
   for flag, what in (("guidance", "guidance weight(s) w"), ("steps", "sampling step count(s)"),

@@ -128,7 +128,8 @@ def test_cascade_writes_each_stage_at_its_resolution_and_sr_reproduces_its_input
   noisy = np.stack([_png(out / f) for f in res.stages[1].files[1]])          # aug 0.3
   assert clean.shape == (6, 16, 16, 3)
   assert res.stages[1].files[1][0].startswith("sr/w1_dynamic99.5_ddpm4_aug0.3/")
-  down = imio.box_downsample(clean.astype(np.float64), 2)
+  from imagen_jax.data.pipeline import box_downsample      # the data pipeline's own low-res rule
+  down = box_downsample(clean.astype(np.float64), 2)
   assert np.abs(down - base_px).max() <= 0.5 + 1e-9           # equal up to the 8-bit rounding of the SR output
   assert np.abs(noisy - clean).mean() > 5                       # the aug 0.3 row really is augmented
   for name in ("grid.png", "base/grid.png", "sr/grid.png", "sr/sweep.png"):
@@ -193,6 +194,27 @@ def test_core_sampler_per_example_keys_and_t_start():
   batch = samplers.sample(fn, keys, (3, 4, 4, 3), **kw)
   alone = samplers.sample(fn, keys[1:2], (1, 4, 4, 3), **kw)
   np.testing.assert_allclose(batch[1], alone[0], atol=1e-6)
+
+
+def test_thresholding_by_traced_index_is_thresholding_by_name():
+  """The sampler passes the method as a traced index (lax.switch): each index is its named method."""
+  from imagen_jax.diffusion import process
+  from imagen_jax.diffusion import thresholding as T
+  rng = np.random.default_rng(0)
+  x0 = jnp.asarray(3.0 * rng.standard_normal((2, 4, 4, 3)), jnp.float32)
+  eps = jnp.asarray(rng.standard_normal((2, 4, 4, 3)), jnp.float32)
+  alpha, sigma = jnp.array([0.6, 0.8]), jnp.array([0.8, 0.6])
+  z = process.diffuse(x0, eps, alpha, sigma)
+  by_index = jax.jit(lambda i: T.threshold_x0_eps(x0, eps, z, alpha, sigma, i, 90.0))
+  outs = []
+  for name in T.THRESHOLDING:
+    x_name, e_name = T.threshold_x0_eps(x0, eps, z, alpha, sigma, name, 90.0)
+    np.testing.assert_allclose(x_name, T.threshold(x0, name, 90.0), atol=1e-6)
+    x_idx, e_idx = by_index(T.thresholding_index(name))
+    np.testing.assert_allclose(x_idx, x_name, atol=1e-6)
+    np.testing.assert_allclose(e_idx, e_name, atol=1e-5)
+    outs.append(np.asarray(x_idx))
+  assert all(np.abs(a - b).max() > 0.1 for i, a in enumerate(outs) for b in outs[i + 1:])
 
 
 # ------------------------------------------------------------------------------ settings and errors

@@ -33,6 +33,7 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from imagen_jax import models
 from imagen_jax.diffusion import DiffusionConfig
@@ -60,9 +61,10 @@ class StageSpec:
 
 @gin.configurable
 def stage(name: str = gin.REQUIRED, run_dir: str = gin.REQUIRED, image_size: int = gin.REQUIRED,
-          step: Optional[int] = None, expect: Optional[Dict[str, Any]] = None, sampler="ddpm", num_steps=256,
-          guidance_scale=1.35, thresholding="dynamic", percentile: float = 99.5, aug_level=0.0,
-          ddim_eta: float = 0.0) -> StageSpec:
+          step: Optional[int] = None, expect: Optional[Dict[str, Any]] = None, sampler=StageSettings.sampler,
+          num_steps=StageSettings.num_steps, guidance_scale=StageSettings.guidance_scale,
+          thresholding=StageSettings.thresholding, percentile: float = StageSettings.percentile,
+          aug_level=StageSettings.aug_level, ddim_eta: float = StageSettings.ddim_eta) -> StageSpec:
   """A cascade stage, bound per stage with a gin scope (`base/stage.run_dir = %BASE_DIR`). image_size: the
   stage's output resolution. guidance_scale, thresholding ('dynamic:99.9' allowed), aug_level and num_steps
   may be lists: a sweep (their cartesian product; the first setting is passed on)."""
@@ -303,7 +305,6 @@ def run_cascade(stages: Sequence[LoadedStage], text: EncodedPrompts, out_dir, *,
     traces0 = st.sampler.trace_count
     files: List[List[str]] = []
     passed = None
-    from tqdm import tqdm
     bar = tqdm(total=len(settings) * -(-len(mine) // st.sampler.batch_size), desc=f"sample {st.spec.name}",
                unit="batch", disable=not (progress and lead), leave=False, file=sys.stdout)
     for r, setting in enumerate(settings):
@@ -326,7 +327,7 @@ def run_cascade(stages: Sequence[LoadedStage], text: EncodedPrompts, out_dir, *,
       log(f"stage {st.spec.name}: {stats.images} images {st.spec.image_size}x{st.spec.image_size} "
           f"in {stats.seconds:.2f}s = {stats.images_per_second:.2f} images/s, {1000 * stats.seconds_per_step:.1f} ms "
           f"per sampler step (batch {st.sampler.batch_size}, {st.sampler.mesh.size} device(s)); "
-          f"compiled {len(st.sampler._compiled)} program(s) in {stats.compile_seconds:.1f}s")
+          f"compiled {st.sampler.programs} program(s) in {stats.compile_seconds:.1f}s")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("imagen_jax.sample: images written")

@@ -73,6 +73,11 @@ class StageSampler:
     self._jitted = jax.jit(self._run, static_argnames=("guided", "sampler", "has_init"))
     self._compiled: Dict[Any, Any] = {}
 
+  @property
+  def programs(self) -> int:
+    """How many programs (batch shape x guided x sampler x img2img) this stage has compiled."""
+    return len(self._compiled)
+
   def place_params(self, params):
     """Parameters replicated on the mesh (use as they are when they already live on it, e.g. in training)."""
     return jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))

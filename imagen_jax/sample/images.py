@@ -76,12 +76,6 @@ def read_folder(folder, size: int, what: str) -> "tuple[np.ndarray, List[Path]]"
   return np.stack(out), files
 
 
-def box_downsample(x: np.ndarray, factor: int) -> np.ndarray:
-  """(B, H, W, C) -> (B, H/f, W/f, C) by averaging f x f blocks (the data pipeline's low-res rule)."""
-  b, h, w, c = x.shape
-  return x.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
-
-
 def _font():
   from PIL import ImageFont
   try:

@@ -16,41 +16,40 @@ import dataclasses
 import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from imagen_jax.diffusion import samplers, thresholding
+from imagen_jax.diffusion import DiffusionConfig, thresholding
 
 
 class SettingsError(ValueError):
   """A bad setting (unknown sampler or thresholding name, a step count below 1, ...): one line, exit code 2."""
 
 
+# The defaults and the checks are DiffusionConfig's (the paper's, docs/paper.md §2): one source for each.
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DiffusionConfig)}
+
+
 @dataclasses.dataclass(frozen=True)
 class StageSettings:
-  """One sampling setting of one stage; defaults are the paper's (docs/paper.md §2)."""
-  sampler: str = "ddpm"              # ddpm (ancestral) | ddim
-  num_steps: int = 256
-  guidance_scale: float = 1.35       # w; 1 = unguided
-  thresholding: str = "dynamic"      # none | static | dynamic
-  percentile: float = 99.5           # dynamic thresholding's percentile
-  aug_level: float = 0.0             # SR stages: noise-conditioning augmentation level at sampling
-  ddim_eta: float = 0.0
+  """One sampling setting of one stage; defaults and validation are those of `DiffusionConfig`."""
+  sampler: str = _DEFAULTS["sampler"]                      # ddpm (ancestral) | ddim
+  num_steps: int = _DEFAULTS["num_sampling_steps"]
+  guidance_scale: float = _DEFAULTS["guidance_scale"]      # w; 1 = unguided
+  thresholding: str = _DEFAULTS["thresholding"]            # none | static | dynamic
+  percentile: float = _DEFAULTS["dynamic_percentile"]      # dynamic thresholding's percentile
+  aug_level: float = _DEFAULTS["sample_aug_level"]         # SR stages: noise-conditioning augmentation level
+  ddim_eta: float = _DEFAULTS["ddim_eta"]
 
   def __post_init__(self):
-    try:
-      samplers.check_sampler(self.sampler)
-      thresholding.check_thresholding(self.thresholding)
-    except ValueError as e:
-      raise SettingsError(str(e)) from None
     if isinstance(self.num_steps, bool) or int(self.num_steps) != self.num_steps or self.num_steps < 1:
-      raise SettingsError(f"the number of sampling steps must be an integer >= 1, got {self.num_steps}")
+      raise SettingsError(f"the number of sampling steps must be >= 1, got {self.num_steps}")
     object.__setattr__(self, "num_steps", int(self.num_steps))
     for name in ("guidance_scale", "percentile", "aug_level", "ddim_eta"):
       object.__setattr__(self, name, float(getattr(self, name)))
-    if not 0.0 < self.percentile <= 100.0:
-      raise SettingsError(f"the thresholding percentile must be in (0, 100], got {self.percentile}")
-    if not 0.0 <= self.aug_level <= 1.0:
-      raise SettingsError(f"the augmentation level must be in [0, 1], got {self.aug_level}")
-    if not 0.0 <= self.ddim_eta <= 1.0:
-      raise SettingsError(f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
+    try:
+      DiffusionConfig(sampler=self.sampler, num_sampling_steps=self.num_steps, guidance_scale=self.guidance_scale,
+                      thresholding=self.thresholding, dynamic_percentile=self.percentile,
+                      sample_aug_level=self.aug_level, ddim_eta=self.ddim_eta)
+    except ValueError as e:
+      raise SettingsError(str(e)) from None
 
   def label(self, super_resolution: bool = False) -> str:
     thr = f"dynamic {self.percentile:g}" if self.thresholding == "dynamic" else self.thresholding
@@ -132,8 +131,6 @@ def parse_flag(flag: str, values: Sequence[str], stage_names: Sequence[str]) -> 
       raise SettingsError(f"--{flag} {item}: not a list of {_CASTS[field].__name__} values") from None
     if not parsed:
       raise SettingsError(f"--{flag} {item}: no value")
-    if field == "num_steps" and any(v < 1 for v in parsed):
-      raise SettingsError(f"--{flag} {item}: the number of sampling steps must be >= 1")
     for name in ([stage] if stage else stage_names):
       out[name] = parsed
   return out
