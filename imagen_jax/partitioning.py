@@ -44,6 +44,7 @@ AXIS_RULES: Tuple[Tuple[str, object], ...] = (
     ("vocab", "tensor"),          # token-embedding rows
     ("norm", None),               # normalisation scales and biases
     ("relpos_buckets", None),
+    ("layers", None),             # the stacking axis of scanned layers (nn.scan): never sharded
 )
 
 

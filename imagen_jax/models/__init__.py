@@ -6,6 +6,7 @@ into the diffusion core as `model_fn(z, log_snr, cond)`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Union
 
@@ -86,3 +87,25 @@ def abstract_params(config: ModelConfig):
 
 def count_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(params))))
+
+
+def convert_layout(params, config: ModelConfig, scanned: bool):
+  """The (unboxed) parameters of the model of `config` in the scanned layout (`scanned=True`: each level's
+  repeated blocks stacked on a leading axis under `<path>_<level>_layers/{res,attn}`) or the unscanned
+  one (`<path>_<level>_res_<i>`, `<path>_<level>_attn_<i>`), whichever they are in now. The mapping comes
+  from the config's `scan_runs()`, the one the networks are built from; values are not changed."""
+  runs = dataclasses.replace(config, scan_layers=True).scan_runs()
+  out = dict(params)
+  for name, blocks in runs.items():
+    if scanned and name not in out:
+      entry = {"res": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[out.pop(r) for r, _ in blocks])}
+      if blocks[0][1] is not None:
+        entry["attn"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[out.pop(a) for _, a in blocks])
+      out[name] = entry
+    elif not scanned and name in out:
+      entry = out.pop(name)
+      for i, (r, a) in enumerate(blocks):
+        out[r] = jax.tree_util.tree_map(lambda x: x[i], entry["res"])
+        if a is not None:
+          out[a] = jax.tree_util.tree_map(lambda x: x[i], entry["attn"])
+  return out

@@ -55,6 +55,7 @@ class EfficientUNetConfig:
   dtype: str = "float32"
   remat: str = "none"
   attention_impl: Optional[str] = None
+  scan_layers: bool = False           # nn.scan over each level's residual blocks (all have the same shapes)
 
   def __post_init__(self):
     for name in ("channels", "num_res_blocks", "strides", "self_attention", "cross_attention"):
@@ -74,6 +75,15 @@ class EfficientUNetConfig:
   @property
   def total_stride(self) -> int:
     return math.prod(self.strides)
+
+  def scan_runs(self):
+    """{scanned module name: [(residual block name, None), ...]} of the unscanned layout it replaces: every
+    residual block of a level, down and up (attention follows the level's blocks, outside the scan); empty
+    when scan_layers is off."""
+    if not self.scan_layers:
+      return {}
+    return {f"{path}_{level}_layers": [(f"{path}_{level}_res_{i}", None) for i in range(n)]
+            for path in ("down", "up") for level, n in enumerate(self.num_res_blocks)}
 
 
 class EfficientUNet(nn.Module):
@@ -103,26 +113,43 @@ class EfficientUNet(nn.Module):
                       dt, cfg.attention_impl, name=name)(h, text, mask)
 
     h = layers.constrain_image(layers.Conv(cfg.init_channels, 3, dtype=dt, name="conv_in")(x))
+    runs = cfg.scan_runs()
+
+    def scan(path, level, h, skip):
+      cls = layers.scanned(layers.LevelLayer, cfg.remat, cfg.num_res_blocks[level])
+      return cls(cfg.channels[level], cfg.dropout, cfg.norm_groups, dt, deterministic, skip_scale=cfg.skip_scale,
+                 name=f"{path}_{level}_layers")(h, skip, emb, text, mask)
+
     skips = []
     for level, features in enumerate(cfg.channels):
       # DBlock: down-sample first, then the level's residual blocks at the lower resolution; a skip
       # connection leaves after every block (the last one after the attention).
       if cfg.strides[level] > 1:
         h = layers.Conv(features, 3, strides=cfg.strides[level], dtype=dt, name=f"down_{level}_conv")(h)
-      for i in range(cfg.num_res_blocks[level]):
-        h = res(features, f"down_{level}_res_{i}")(h, emb, deterministic)
-        if i == cfg.num_res_blocks[level] - 1:
-          h = attend(level, h, f"down_{level}_attn")
+      if f"down_{level}_layers" in runs:
+        h, ys = scan("down", level, h, None)
+        skips.extend(ys[i] for i in range(ys.shape[0] - 1))
+        h = attend(level, h, f"down_{level}_attn")
         skips.append(h)
-        self.sow("intermediates", f"skip_{level}_{i}", h)
+      else:
+        for i in range(cfg.num_res_blocks[level]):
+          h = res(features, f"down_{level}_res_{i}")(h, emb, deterministic)
+          if i == cfg.num_res_blocks[level] - 1:
+            h = attend(level, h, f"down_{level}_attn")
+          skips.append(h)
+          self.sow("intermediates", f"skip_{level}_{i}", h)
 
     for level in reversed(range(len(cfg.channels))):
       features = cfg.channels[level]
       # UBlock: each residual block takes a skip connection scaled by skip_scale; up-sampling last.
-      for i in range(cfg.num_res_blocks[level]):
-        h = jnp.concatenate([h, skips.pop().astype(h.dtype) * jnp.asarray(cfg.skip_scale, h.dtype)], axis=-1)
-        self.sow("intermediates", f"up_{level}_input_{i}", h)
-        h = res(features, f"up_{level}_res_{i}")(h, emb, deterministic)
+      if f"up_{level}_layers" in runs:
+        xs = jnp.stack([skips.pop() for _ in range(cfg.num_res_blocks[level])])
+        h, _ = scan("up", level, h, xs)
+      else:
+        for i in range(cfg.num_res_blocks[level]):
+          h = jnp.concatenate([h, skips.pop().astype(h.dtype) * jnp.asarray(cfg.skip_scale, h.dtype)], axis=-1)
+          self.sow("intermediates", f"up_{level}_input_{i}", h)
+          h = res(features, f"up_{level}_res_{i}")(h, emb, deterministic)
       h = attend(level, h, f"up_{level}_attn")
       if cfg.strides[level] > 1:
         out_features = cfg.channels[level - 1] if level else cfg.init_channels

@@ -57,6 +57,21 @@ def maybe_remat(module_cls, remat: str, static_argnums=()):
   return nn.remat(module_cls, static_argnums=static_argnums, policy=None if policy == "full" else policy)
 
 
+def scanned(module_cls, remat: str, length: int):
+  """`nn.scan` of a layer class over `length` repetitions (maxtext's scan_layers): one traced body instead
+  of `length` copies, so the compiler sees a program that does not grow with depth. Parameters are stacked
+  on a leading axis named 'layers' (left unsharded by AXIS_RULES); the remat policy applies inside the
+  scan (each repetition saves only what the policy keeps); every repetition draws its own dropout key.
+  The scanned class is called (carry, xs, *broadcast) -> (carry, ys)."""
+  policy = REMAT_POLICIES[check_remat(remat)]
+  body = module_cls
+  if policy is not None:
+    body = nn.remat(module_cls, prevent_cse=False, policy=None if policy == "full" else policy)
+  return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=length,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+
+
 def noise_level_to_unit(log_snr):
   """Maps log-SNR in [-inf, inf] to the cosine-equivalent time (2/pi) atan(exp(-log_snr / 2)) in [0, 1].
 
@@ -343,3 +358,36 @@ class TextConditioning(nn.Module):
     emb = emb + TextPooling(self.embed_dim, self.pool_heads, self.dtype, self.attention_impl,
                             name="text_pool")(text, text_mask)
     return emb, text, text_mask
+
+
+class LevelLayer(nn.Module):
+  """One repeated unit of a U-Net level, the body of a scan over its homogeneous residual blocks:
+  [concatenate the scaled skip connection] -> ResBlock -> [attention]. Called (h, skip, emb, text, mask)
+  -> (h, h): the carry is the activation, the output the skip connection the unit leaves. `skip` is None
+  on the way down. Children are named 'res' and 'attn' (`imagen_jax.models.scan_layout` maps them to the
+  unscanned names)."""
+  features: int
+  dropout: float = 0.0
+  norm_groups: int = 32
+  dtype: Dtype = jnp.float32
+  deterministic: bool = True
+  skip_scale: float = 1.0
+  self_attention: bool = False
+  text_attention: bool = False
+  num_heads: Optional[int] = None
+  head_dim: Optional[int] = None
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, h, skip, emb, text, mask):
+    if skip is not None:
+      s = skip.astype(h.dtype)
+      if self.skip_scale != 1.0:
+        s = s * jnp.asarray(self.skip_scale, h.dtype)
+      h = jnp.concatenate([h, s], axis=-1)
+    h = ResBlock(self.features, None, self.dropout, self.norm_groups, self.dtype, name="res")(h, emb,
+                                                                                             self.deterministic)
+    if self.self_attention or self.text_attention:
+      h = AttentionBlock(self.num_heads, self.head_dim, self.self_attention, self.text_attention, self.norm_groups,
+                         self.dtype, self.attention_impl, name="attn")(h, text, mask)
+    return h, h

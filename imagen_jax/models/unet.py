@@ -40,6 +40,7 @@ class UNetConfig:
   dtype: str = "float32"              # compute dtype; parameters are always float32
   remat: str = "none"                 # none | full | dots | dots_no_batch
   attention_impl: Optional[str] = None  # None (cuDNN where it applies) | 'xla' | 'cudnn'
+  scan_layers: bool = False           # nn.scan over each level's repeated blocks (1 .. num_res_blocks-1)
 
   def __post_init__(self):
     for name in ("channel_mult", "attention_resolutions"):
@@ -54,6 +55,22 @@ class UNetConfig:
 
   def attention_levels(self):
     return {l for l in range(len(self.channel_mult)) if self.image_size // 2 ** l in self.attention_resolutions}
+
+  def scan_runs(self):
+    """{scanned module name: [(residual block name, attention block name or None), ...]} of the unscanned
+    layout it replaces. A level's blocks 1 .. num_res_blocks-1 have the same shapes on the way down and
+    on the way up (block 0 changes width, the last up block takes the lower level's skip); empty when
+    scan_layers is off."""
+    if not self.scan_layers or self.num_res_blocks < 2:
+      return {}
+    attn = self.attention_levels()
+    runs = {}
+    for path in ("down", "up"):
+      for level in range(len(self.channel_mult)):
+        runs[f"{path}_{level}_layers"] = [
+            (f"{path}_{level}_res_{i}", f"{path}_{level}_attn_{i}" if level in attn else None)
+            for i in range(1, self.num_res_blocks)]
+    return runs
 
 
 class UNet(nn.Module):
@@ -75,10 +92,26 @@ class UNet(nn.Module):
     attn_levels = cfg.attention_levels()
     last = len(cfg.channel_mult) - 1
 
+    runs = cfg.scan_runs()
+
+    def scan(path, level, h, skip):
+      """Blocks 1 .. n-1 of a level as one scan: (h, their skips stacked) on the way down."""
+      n = cfg.num_res_blocks - 1
+      cls = layers.scanned(layers.LevelLayer, cfg.remat, n)
+      has_attn = level in attn_levels
+      return cls(cfg.channel_mult[level] * ch, cfg.dropout, cfg.norm_groups, dt, deterministic,
+                 self_attention=has_attn, text_attention=has_attn, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                 attention_impl=cfg.attention_impl, name=f"{path}_{level}_layers")(h, skip, emb, text, mask)
+
     h = layers.constrain_image(layers.Conv(ch, 3, dtype=dt, name="conv_in")(z.astype(dt)))
     skips = [h]
     for level, mult in enumerate(cfg.channel_mult):
       for i in range(cfg.num_res_blocks):
+        if f"down_{level}_layers" in runs and i >= 1:
+          if i == 1:
+            h, ys = scan("down", level, h, None)
+            skips.extend(ys[j] for j in range(ys.shape[0]))
+          continue
         h = res(mult * ch, None, f"down_{level}_res_{i}")(h, emb, deterministic)
         if level in attn_levels:
           h = attn(f"down_{level}_attn_{i}")(h, text, mask)
@@ -94,6 +127,11 @@ class UNet(nn.Module):
     for level in reversed(range(len(cfg.channel_mult))):
       mult = cfg.channel_mult[level]
       for i in range(cfg.num_res_blocks + 1):
+        if f"up_{level}_layers" in runs and 1 <= i < cfg.num_res_blocks:
+          if i == 1:
+            xs = jnp.stack([skips.pop() for _ in range(1, cfg.num_res_blocks)])
+            h, _ = scan("up", level, h, xs)
+          continue
         h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
         h = res(mult * ch, None, f"up_{level}_res_{i}")(h, emb, deterministic)
         if level in attn_levels:
