@@ -1,6 +1,7 @@
 # The README's two commands: `make demo` (train a tiny cascade on the built-in synthetic shapes, CPU,
 # no download) and `make test`. Both build .venv when missing, install the package with its test extra
-# (again whenever pyproject.toml changes), and share that venv.
+# (again whenever pyproject.toml changes) and its tpu extra (libtpu: TPU ahead-of-time compilation on this CPU),
+# and share that venv.
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -18,7 +19,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,tpu]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +31,8 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
 # Each step resumes or reuses what is done: re-running `make demo` continues where it stopped.
+# The demo runs on the CPU: the venv holds libtpu (for compile-check), which would otherwise look for a TPU.
+demo: export JAX_PLATFORMS ?= cpu
 demo: $(STAMP)
 	@echo "== demo 1/5: vocabulary and a tiny T5 encoder with random weights (untrained; real runs load T5-XXL)"
 	$(PY) -m imagen_jax.demo prepare --out $(DEMO_DIR)

@@ -8,9 +8,13 @@
       [--seed S] [--samples_per_prompt N] [--batch_size B] [--guidance [STAGE=]W1,W2 ...] [--steps ...]
       [--thresholding [STAGE=]none|static|dynamic[:P]] [--aug_level ...] [--sampler ...] [--checkpoint_step STAGE=N]
       [--lowres_images DIR] [--init_images DIR --strength S]
+  imagen-jax compile-check --gin_file FILE --topology v4:4x4x8 [--num_slices N] [--per_chip_equivalent [SLICE]]
+      [--what train|encoder] [--encoder_size xxl] [--mfu 0.5] [--json FILE] [--max_host_ram_gb G] [--gin.KEY=VALUE ...]
+  imagen-jax bench --gin_file FILE [--what train|sample] [--batch_size B] [--repeats N] [--json FILE] [--gin.KEY=VALUE ...]
 
 Bad input (missing files, mismatched checkpoints, bad arguments) ends with a one-line error on stderr
-and exit code 2; a training run stopped by too many non-finite steps in a row exits with code 3.
+and exit code 2; a training run stopped by too many non-finite steps in a row exits with code 3;
+compile-check exits 0 when the step fits, 1 when it does not, 3 when it stopped before exhausting host RAM.
 """
 
 from __future__ import annotations
@@ -155,6 +159,100 @@ def cmd_sample(args) -> int:
   return 0
 
 
+CHILD_ENV = "IMAGEN_COMPILE_CHECK_CHILD"
+
+
+def cmd_compile_check(args) -> int:
+  """Compiles in a child process watched for host RAM (unless --max_host_ram_gb 0, or this is the child)."""
+  import os
+  if args.max_host_ram_gb != 0 and not os.environ.get(CHILD_ENV):
+    return _watch_compile_check(args)
+  import json
+  from imagen_jax.train import compile_check as cc
+  try:
+    if args.what == "encoder":
+      run = cc.train_run_from_gin() if _has_network() else None
+      batch = run.global_batch if run else 2048
+      mesh = run.mesh_shape if run else (-1, 1, 1)
+      report = cc.check_encoder(args.encoder_size, args.topology, global_batch=batch, mesh_shape=mesh,
+                                num_slices=args.num_slices, mfu=args.mfu)
+    else:
+      pce = args.per_chip_equivalent
+      if pce == "auto":
+        pce = cc.SMALL_SLICES[cc.generation(args.topology)]
+      report = cc.check_train(cc.train_run_from_gin(), args.topology, num_slices=args.num_slices, mfu=args.mfu,
+                              per_chip_equivalent=pce, count_flops=not args.no_flops)
+  except cc.CompileCheckError as e:
+    raise UsageError(str(e)) from None
+  print(cc.format_report(report), flush=True)
+  if args.json:
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report.to_json(), indent=1))
+  return 0 if report.fits else 1
+
+
+def _has_network() -> bool:
+  from imagen_jax import models
+  try:
+    models.model_config()
+    return True
+  except Exception:
+    return False
+
+
+def _watch_compile_check(args) -> int:
+  """Runs this command again in a child process and polls its resident memory; stops it, with one line,
+  before the machine runs out (the kernel's OOM killer would end it with no word)."""
+  import json
+  import os
+  import subprocess
+  from imagen_jax.train import compile_check as cc
+  avail = cc.available_bytes() or 0.0
+  limit = args.max_host_ram_gb * 2 ** 30 if args.max_host_ram_gb and args.max_host_ram_gb > 0 else avail - 0.75 * 2 ** 30
+  env = dict(os.environ, **{CHILD_ENV: "1"})
+  child = subprocess.Popen([sys.executable, "-m", "imagen_jax.cli"] + args.argv, env=env)
+  peak = 0.0
+  while child.poll() is None:
+    rss = cc.rss_bytes(child.pid) or 0.0
+    peak = max(peak, rss)
+    left = cc.available_bytes()
+    if rss > limit or (left is not None and left < 0.5 * 2 ** 30):
+      child.kill()
+      child.wait()
+      print(f"imagen-jax: {cc.out_of_host_ram_line(peak, limit)}", file=sys.stderr)
+      return 3
+    time.sleep(0.25)
+  print(f"  peak host RAM of the compile: {peak / 2 ** 30:.2f} GiB", flush=True)
+  if args.json and child.returncode in (0, 1) and Path(args.json).exists():
+    record = json.loads(Path(args.json).read_text())
+    record["peak_host_rss"] = peak
+    Path(args.json).write_text(json.dumps(record, indent=1))
+  return child.returncode
+
+
+def cmd_bench(args) -> int:
+  from imagen_jax import bench
+  from imagen_jax.train import compile_check as cc
+  try:
+    run = cc.train_run_from_gin()
+  except cc.CompileCheckError as e:
+    raise UsageError(str(e)) from None
+  try:
+    if args.what == "train":
+      result = bench.bench_train(run, repeats=args.repeats, warmup=args.warmup)
+    else:
+      result = bench.bench_sample(run, batch_size=args.batch_size, num_steps=args.num_steps, guidance=args.guidance,
+                                  repeats=args.repeats, warmup=args.warmup)
+  except ValueError as e:
+    raise UsageError(_one_line(e)) from None
+  print(f"bench {args.what}:")
+  print(bench.format_table(result))
+  if args.json:
+    bench.write_json(result, args.json)
+    print(f"bench: wrote {args.json}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="imagen-jax", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +311,34 @@ def build_parser() -> argparse.ArgumentParser:
   sp.add_argument("--init_images", help="img2img: folder of images the first stage starts from")
   sp.add_argument("--strength", type=float, default=0.8, help="img2img: start at t = strength (0: the image, "
                   "1: pure noise)")
+
+  cc = sub.add_parser("compile-check", help="compile a run's train step (or the T5 encoder) for a TPU topology on "
+                      "this host (libtpu, no TPU): memory per chip, FLOPs, projected step time")
+  _gin_command(cc, cmd_compile_check, TRAIN_GIN_MODULES, example="runs/train_base_64.gin",
+               optional_macros=RUN_ONLY_MACROS)
+  cc.add_argument("--topology", required=True, help="e.g. v4:4x4x8 (128 v4 chips), v5p:4x4x4, v6e:16x16, v5e:2x2")
+  cc.add_argument("--num_slices", type=int, default=1, help="multi-slice: number of such slices")
+  cc.add_argument("--per_chip_equivalent", nargs="?", const="auto", default=None, metavar="SLICE",
+                  help="compile the same per-chip program on a small slice (default the generation's smallest) "
+                  "and derive the full topology's figures")
+  cc.add_argument("--what", choices=["train", "encoder"], default="train")
+  cc.add_argument("--encoder_size", default="xxl", help="T5 size for --what encoder (bf16 parameters)")
+  cc.add_argument("--mfu", type=float, default=0.5, help="the MFU the projected step time is stated at")
+  cc.add_argument("--json", help="write the report as JSON here")
+  cc.add_argument("--no_flops", action="store_true", help="skip the unscanned lowering that counts FLOPs")
+  cc.add_argument("--max_host_ram_gb", type=float, default=-1, help="stop the compile at this much host RAM "
+                  "(default: what the machine has free, less 0.75 GiB; 0: no watch)")
+
+  bp = sub.add_parser("bench", help="throughput of a stage's train step or sampling on the local devices: step "
+                      "time, images/s, TFLOP/s, MFU (synthetic in-memory batches)")
+  _gin_command(bp, cmd_bench, TRAIN_GIN_MODULES, example="runs/demo_base.gin", optional_macros=RUN_ONLY_MACROS)
+  bp.add_argument("--what", choices=["train", "sample"], default="train")
+  bp.add_argument("--repeats", type=int, default=10, help="timed calls (the median is reported)")
+  bp.add_argument("--warmup", type=int, default=2, help="untimed calls after the compiling one")
+  bp.add_argument("--batch_size", type=int, default=8, help="sample: images per batch (train: BATCH_SIZE in gin)")
+  bp.add_argument("--num_steps", type=int, default=16, help="sample: sampling steps per run")
+  bp.add_argument("--guidance", type=float, default=5.0, help="sample: guidance weight (the guided program)")
+  bp.add_argument("--json", help="write the result as JSON here")
   return parser
 
 
@@ -222,16 +348,21 @@ TRAIN_GIN_MODULES = ("imagen_jax.models", "imagen_jax.diffusion", "imagen_jax.tr
                      "imagen_jax.sample.hook")
 
 
+# What a training run's gin needs only to run (compile-check and bench build the step without them).
+RUN_ONLY_MACROS = ("MODEL_DIR", "TRAIN_DATA")
+
+
 # The modules whose configurables a sampling config binds.
 SAMPLE_GIN_MODULES = ("imagen_jax.sample.cascade",)
 
 
-def _gin_command(parser: argparse.ArgumentParser, fn, modules, example: str) -> None:
+def _gin_command(parser: argparse.ArgumentParser, fn, modules, example: str, optional_macros=()) -> None:
   """A gin-configured command: `--gin_file` (repeatable) plus `--gin.KEY=VALUE`; `main` imports `modules`
-  (which register the configurables), parses and finalizes the config before calling `fn`."""
+  (which register the configurables), parses and finalizes the config before calling `fn`. Required
+  macros in `optional_macros` may stay unset (the command does not use them)."""
   parser.add_argument("--gin_file", action="append", default=[],
                       help="gin file, relative to gin_configs/ or a path (repeatable)")
-  parser.set_defaults(fn=fn, gin_modules=tuple(modules), gin_example=example)
+  parser.set_defaults(fn=fn, gin_modules=tuple(modules), gin_example=example, gin_optional=tuple(optional_macros))
 
 
 def _setup_gin(args) -> None:
@@ -246,7 +377,7 @@ def _setup_gin(args) -> None:
     raise UsageError(f"{args.command} needs at least one --gin_file (e.g. {args.gin_example})")
   for module in args.gin_modules:
     importlib.import_module(module)
-  gin_utils.parse_gin(args.gin_file, args.gin_bindings, finalize=True)
+  gin_utils.parse_gin(args.gin_file, args.gin_bindings, finalize=True, optional_macros=args.gin_optional)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -259,8 +390,10 @@ def main(argv: Optional[List[str]] = None) -> int:
   except GinConfigError as e:
     print(f"imagen-jax: error: {_one_line(e)}", file=sys.stderr)
     return 2
+  full_argv = list(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(argv)
   args.gin_bindings = bindings
+  args.argv = full_argv
   try:
     try:
       _setup_gin(args)

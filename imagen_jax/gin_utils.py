@@ -81,11 +81,11 @@ def _file_error(gin_file: str, e: BaseException) -> GinConfigError:
 
 
 def parse_gin(gin_files: Iterable[str] = (), bindings: Iterable[str] = (), extra_search_paths: Iterable[str] = (),
-              finalize: bool = False, clear: bool = True) -> None:
+              finalize: bool = False, clear: bool = True, optional_macros: Iterable[str] = ()) -> None:
   """Parses gin files (found in the search paths), then each binding in order; clears previous config.
 
   Raises `GinConfigError` (one line, naming the file or the `--gin.KEY=VALUE` at fault) for anything the
-  user has to fix.
+  user has to fix. optional_macros: required macros the caller does not use (compile-check needs no MODEL_DIR).
   """
   if clear:
     gin.clear_config()
@@ -106,6 +106,9 @@ def parse_gin(gin_files: Iterable[str] = (), bindings: Iterable[str] = (), extra
       except (SyntaxError, tokenize.TokenError, ValueError) as e:
         raise _binding_error(binding, e) from None
     if finalize:
+      for m in required_macros_left():
+        if m in set(optional_macros):
+          gin.parse_config(f"{m} = None")
       unset = required_macros_left()
       if unset:
         raise GinConfigError(f"required gin value(s) not set: {', '.join(unset)} (set them in a gin file or with "

@@ -1,0 +1,199 @@
+"""Throughput of a stage on the local devices: `imagen-jax bench --gin_file=... [--what train|sample]`.
+
+train: the trainer's own step (`train.step.step_signature`, same shardings and donation) on a synthetic
+in-memory batch (no data pipeline, no TensorFlow: runs on GPU machines), state created sharded on the run's
+mesh over the local devices. sample: the cascade sampler's jitted batch loop (`sample.engine.StageSampler`)
+with random parameters, guided, for a number of steps.
+
+Timings are device-synchronised (block_until_ready on each call's outputs), the median of `repeats` calls
+after `warmup` calls (the first call also compiles and is never timed). FLOPs per device come from XLA's
+cost analysis of the compiled program; where the program holds a loop (scanned layers, the sampler's step
+loop), whose body XLA counts once, from the lowered HLO of the unrolled equivalent (the unscanned network;
+one network evaluation per sampling step). MFU = FLOPs / time / the device's peak (`perf.PEAK_FLOPS`; on a
+CPU a measured matmul rate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class BenchResult:
+  what: str
+  name: str
+  device_kind: str
+  devices: int
+  mesh: Dict[str, int]
+  batch: int
+  seconds: List[float]
+  seconds_median: float
+  images_per_second: float
+  flops_per_device: Optional[float]
+  flops_source: str
+  tflops_per_device: Optional[float]
+  peak_flops: float
+  peak_source: str
+  mfu: Optional[float]
+  compile_seconds: float
+  unit: str = "step"                    # what one timed call is: a train step, or a sampling step
+  extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def timed_calls(call: Callable[[], Any], repeats: int, warmup: int) -> List[float]:
+  """Seconds of `repeats` device-synchronised calls after `warmup` untimed ones."""
+  import jax
+  for _ in range(warmup):
+    jax.block_until_ready(call())
+  out = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    out.append(time.perf_counter() - t0)
+  return out
+
+
+def summarise(what: str, name: str, *, seconds: Sequence[float], batch: int, flops: Optional[float], flops_source: str,
+              mesh, compile_seconds: float, unit: str = "step", per_call_units: int = 1, extra=None) -> BenchResult:
+  """A result from per-call timings; a call may hold several units (a sampling run of N steps)."""
+  import jax
+  from imagen_jax import perf
+  device = jax.local_devices()[0]
+  peak, source = perf.device_peak_flops(device)
+  per_unit = [s / per_call_units for s in seconds]
+  med = float(np.median(per_unit))
+  tflops = flops / med / 1e12 if flops else None
+  util = perf.mfu(flops, med, peak) if flops else None
+  return BenchResult(what=what, name=name, device_kind=device.device_kind, devices=jax.device_count(),
+                     mesh=dict(mesh.shape), batch=batch, seconds=per_unit, seconds_median=med,
+                     images_per_second=batch / med / (per_call_units if unit == "sampling step" else 1),
+                     flops_per_device=flops, flops_source=flops_source, tflops_per_device=tflops, peak_flops=peak,
+                     peak_source=source, mfu=util, compile_seconds=compile_seconds, unit=unit, extra=extra or {})
+
+
+def synthetic_batch(model_config, global_batch: int, seed: int = 0) -> Dict[str, np.ndarray]:
+  """Random in-memory training batch of the shapes and dtypes the trainer feeds (half the text masked)."""
+  from imagen_jax.train.compile_check import _batch_shapes
+  rng = np.random.default_rng(seed)
+  out = {}
+  for k, s in _batch_shapes(model_config, global_batch).items():
+    if s.dtype == np.bool_:
+      out[k] = np.arange(s.shape[1])[None, :] < rng.integers(1, s.shape[1] + 1, (s.shape[0], 1))
+    else:
+      out[k] = np.clip(rng.standard_normal(s.shape), -1, 1).astype(s.dtype)
+  return out
+
+
+def bench_train(run, *, repeats: int = 10, warmup: int = 2, seed: int = 0) -> BenchResult:
+  """The train step of `run` (compile_check.TrainRun) on the local devices."""
+  import flax.linen as nn
+  import jax
+  from imagen_jax import models, partitioning, perf
+  from imagen_jax.train import compile_check
+  from imagen_jax.train import optimizer as optim
+  from imagen_jax.train import state as state_lib
+  from imagen_jax.train import step as step_lib
+  mesh = partitioning.create_mesh(*run.mesh_shape, devices=jax.local_devices())
+  if run.global_batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise ValueError(f"batch {run.global_batch} does not split over data x fsdp = "
+                     f"{mesh.shape['data'] * mesh.shape['fsdp']} devices")
+  tx = optim.make_optimizer(run.optimizer)
+  state, shardings, _ = state_lib.create_state(run.model_config, tx, jax.random.PRNGKey(seed), mesh)
+  host = synthetic_batch(run.model_config, run.global_batch, seed)
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()}
+  sig = step_lib.step_signature(model_config=run.model_config, diffusion=run.diffusion, tx=tx, state_shardings=shardings,
+                                batch_shapes=shapes, mesh=mesh, ema_decay=run.ema_decay)
+  batch = {k: jax.device_put(v, sig.in_shardings[1][k]) for k, v in host.items()}
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
+    compiled = sig.jit().lower(state, batch, None).compile()
+  compile_seconds = time.perf_counter() - t0
+  flops, source = perf.compiled_flops(compiled), "XLA cost analysis of the compiled step"
+  if run.model_config.scan_layers:
+    unrolled = compile_check.unrolled_flops_per_chip(run, mesh.size, run.global_batch)
+    if unrolled:
+      flops, source = unrolled, "the unscanned step's lowered HLO over the devices (a scan body counts once in XLA)"
+  holder = {"state": state}
+
+  def call():
+    holder["state"], metrics = compiled(holder["state"], batch, None)
+    return metrics
+
+  seconds = timed_calls(call, repeats, warmup)
+  cfg = run.model_config
+  name = f"{type(cfg).__name__} {cfg.image_size}px, {models.count_params(models.abstract_params(cfg)) / 1e6:.1f}M params"
+  return summarise("train", name, seconds=seconds, batch=run.global_batch, flops=flops, flops_source=source, mesh=mesh,
+                   compile_seconds=compile_seconds, extra={"dtype": cfg.dtype, "remat": cfg.remat,
+                                                           "scan_layers": cfg.scan_layers})
+
+
+def bench_sample(run, *, batch_size: int = 8, num_steps: int = 16, guidance: float = 5.0, repeats: int = 3,
+                 warmup: int = 1, seed: int = 0) -> BenchResult:
+  """The stage's sampling loop (guided, `num_steps` steps) with random parameters on the local devices."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from imagen_jax import models, partitioning, perf
+  from imagen_jax.sample.engine import StageSampler, image_keys, model_apply_fn
+  from imagen_jax.sample.settings import StageSettings
+  cfg = run.model_config
+  sr = models.is_super_resolution(cfg)
+  sampler = StageSampler(model_apply_fn(models.build_model(cfg)), run.diffusion, cfg.image_size, super_resolution=sr,
+                         batch_size=batch_size)
+  n = sampler.batch_size
+  params = sampler.place_params(nn.unbox(models.init_boxed_params(cfg, jax.random.PRNGKey(seed))))
+  host = synthetic_batch(cfg, n, seed)
+  from imagen_jax import batch_keys as K
+  keys = image_keys(np.arange(n), 0)
+  settings = StageSettings(num_steps=num_steps, guidance_scale=guidance)
+  run_once = lambda: sampler.run(params, host[K.TEXT_EMB], host[K.TEXT_MASK], keys, settings,
+                                 lowres=host.get(K.LOWRES), guided=True)
+  t0 = time.perf_counter()
+  run_once()                                   # compiles
+  compile_seconds = time.perf_counter() - t0
+  seconds = timed_calls(run_once, repeats, warmup - 1 if warmup > 0 else 0)
+  # One sampling step = one network evaluation on the doubled (conditional + unconditional) batch.
+  unscanned = dataclasses.replace(cfg, scan_layers=False)
+  model = models.build_model(unscanned)
+  z, log_snr, cond = models.example_inputs(unscanned, 2 * n)
+  apply = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+  lowered = apply.lower(nn.unbox(models.abstract_params(unscanned)), z, log_snr, cond)
+  flops = perf.compiled_flops(lowered)
+  flops = flops / sampler.mesh.size if flops else None
+  name = f"{type(cfg).__name__} {cfg.image_size}px, {models.count_params(models.abstract_params(cfg)) / 1e6:.1f}M params"
+  return summarise("sample", name, seconds=seconds, batch=n, flops=flops,
+                   flops_source="one guided network evaluation (unscanned lowered HLO) per step",
+                   mesh=sampler.mesh, compile_seconds=compile_seconds, unit="sampling step", per_call_units=num_steps,
+                   extra={"num_steps": num_steps, "guidance": guidance, "images_per_second_full_run":
+                          n / float(np.median(seconds))})
+
+
+def format_table(r: BenchResult) -> str:
+  rows = [("what", f"{r.what} ({r.name})"), ("device", f"{r.devices} x {r.device_kind}, mesh {r.mesh}"),
+          ("batch", str(r.batch)),
+          (f"{r.unit} time", f"{1e3 * r.seconds_median:.2f} ms median of {len(r.seconds)} "
+                             f"(min {1e3 * min(r.seconds):.2f}, max {1e3 * max(r.seconds):.2f})"),
+          ("images/s", f"{r.images_per_second:,.2f}" + (" (per sampling step; whole runs: "
+                                                        f"{r.extra['images_per_second_full_run']:.2f})"
+                                                        if r.unit == "sampling step" else "")),
+          ("FLOPs/device", f"{r.flops_per_device:.4g} ({r.flops_source})" if r.flops_per_device else "n/a"),
+          ("TFLOP/s/device", f"{r.tflops_per_device:.3f}" if r.tflops_per_device else "n/a"),
+          ("peak", f"{r.peak_flops / 1e12:.2f} TFLOP/s ({r.peak_source})"),
+          ("MFU", f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"),
+          ("compile", f"{r.compile_seconds:.1f} s")]
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def write_json(result: BenchResult, path: str) -> None:
+  from pathlib import Path
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  Path(path).write_text(json.dumps(result.to_json(), indent=1))

@@ -1,0 +1,199 @@
+"""Scale tools: the TPU ahead-of-time compile check (libtpu, no TPU), its host-RAM watch, and the benchmark.
+
+The compile checks use the micro U-Net (the trainer tests' network) so that XLA's TPU compiler finishes in
+seconds; the paper-size results are in docs/scale.md and the slow set.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagen_jax import bench, cli
+from imagen_jax.gin_utils import parse_gin
+from imagen_jax.train import compile_check as cc
+from tests.conftest import MICRO_BASE
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("libtpu", reason="compile-check needs the tpu extra (make test installs it)")
+
+
+def _cli(*argv):
+  return cli.main([a for a in argv])
+
+
+def _gin_args(files, *bindings):
+  out = []
+  for f in files:
+    out += ["--gin_file", f]
+  return out + [f"--gin.{b}" for b in bindings]
+
+
+def _micro_args(*bindings):
+  return _gin_args(["runs/demo_base.gin", "models/tiny_base.gin"],
+                   *[b.replace(" = ", "=") for b in MICRO_BASE[1:]], *bindings)
+
+
+@pytest.fixture(scope="module")
+def micro_report(tmp_path_factory):
+  out = tmp_path_factory.mktemp("cc") / "report.json"
+  code = _cli("compile-check", *_micro_args("BATCH_SIZE=8", "MESH=(-1,1,1)"), "--topology", "v5e:2x2",
+              "--max_host_ram_gb", "0", "--json", str(out))
+  return code, json.loads(out.read_text())
+
+
+def test_compile_check_of_the_micro_step_on_v5e(micro_report):
+  code, r = micro_report
+  assert code == 0 and r["fits"] and r["chips"] == 4 and r["device_kind"] == "TPU v5 lite"
+  assert r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and r["per_chip_batch"] == 2
+  m = r["memory"]
+  # Plausible: the (replicated) state is an argument of every chip and is donated (aliased to the output).
+  assert m["arguments"] >= r["state_bytes_per_chip"] > 0
+  assert m["alias"] >= 0.9 * r["state_bytes_per_chip"]
+  assert 0 < m["total"] < r["hbm_limit"] and r["headroom"] > 0.9
+  # FLOPs per chip: the same step compiled for this CPU on one device with a quarter of the batch.
+  parse_gin(["runs/demo_base.gin", "models/tiny_base.gin"], list(MICRO_BASE[1:]) + ["BATCH_SIZE = 2",
+                                                                                      "MESH = (-1, 1, 1)"])
+  run = cc.train_run_from_gin()
+  from imagen_jax import partitioning, perf
+  mesh = partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1])
+  lowered, _, _ = cc._lower_train(run, mesh, 2)
+  cpu_flops = perf.compiled_flops(lowered.compile())
+  assert abs(r["flops_per_chip"] - cpu_flops) / cpu_flops < 0.15, (r["flops_per_chip"], cpu_flops)
+  # Projection: time = FLOPs / peak; images/s = batch / time.
+  assert r["step_seconds_at_100pct"] == pytest.approx(r["flops_per_chip"] / 197e12)
+  assert r["images_per_second_at_mfu"] == pytest.approx(8 / (r["flops_per_chip"] / (197e12 * 0.5)))
+
+
+def test_compile_check_reports_an_oversized_batch_as_not_fitting(tmp_path, capsys):
+  out = tmp_path / "r.json"
+  # 2^14 micro-U-Net images per chip: about 30 GiB of activations against v5e's 15.75 GiB.
+  code = _cli("compile-check", *_micro_args("BATCH_SIZE=65536", "MESH=(-1,1,1)"), "--topology", "v5e:2x2",
+              "--max_host_ram_gb", "0", "--no_flops", "--json", str(out))
+  text = capsys.readouterr().out
+  assert code == 1
+  r = json.loads(out.read_text())
+  assert not r["fits"] and r["memory"] is None
+  assert "memory" in r["error"].lower() and "hbm" in r["error"].lower(), r["error"]
+  assert "fits: NO" in text and any("micro-batch" in a for a in r["advice"])
+  assert any("remat" in a for a in r["advice"])
+
+
+def test_host_ram_watch_stops_the_compile_with_one_line(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop(cli.CHILD_ENV, None)
+  p = subprocess.run([sys.executable, "-m", "imagen_jax.cli", "compile-check", *_micro_args("BATCH_SIZE=8"),
+                      "--topology", "v5e:2x2", "--max_host_ram_gb", "0.15"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 3, p.stderr[-2000:]
+  lines = [l for l in p.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and "host RAM" in lines[0] and "--per_chip_equivalent" in lines[0], p.stderr
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--topology", "v9:2x2"], "generation one of"),
+    (["--topology", "v5e:2x2", "--gin.MESH=(-1,3,1)"], "does not fit 4 chips"),
+    (["--topology", "v5e:2x2", "--gin.BATCH_SIZE=6"], "does not split"),
+])
+def test_compile_check_bad_input_is_one_line(argv, fragment, capsys):
+  assert _cli("compile-check", *_micro_args(), "--max_host_ram_gb", "0", *argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and fragment in err[0], err
+
+
+def test_per_chip_slice_keeps_per_chip_batch_and_tensor_ways():
+  assert cc.per_chip_slice((-1, 8, 1), 128, 4) == (1, 4, 1)
+  assert cc.per_chip_slice((-1, 128, 1), 128, 8) == (1, 8, 1)
+  assert cc.per_chip_slice((-1, 4, 2), 64, 8) == (1, 4, 2)
+  assert cc.per_chip_slice((16, 1, 1), 16, 4) == (4, 1, 1)
+
+
+def test_state_bytes_per_chip_is_exact_from_the_shardings():
+  from imagen_jax import partitioning
+  mesh = partitioning.create_mesh(2, 2, 2)
+  spec = jax.sharding.PartitionSpec
+  tree = {"a": jax.ShapeDtypeStruct((8, 6), jnp.float32), "b": jax.ShapeDtypeStruct((5,), jnp.bfloat16)}
+  shardings = {"a": jax.sharding.NamedSharding(mesh, spec("fsdp", "tensor")),
+               "b": jax.sharding.NamedSharding(mesh, spec())}
+  assert cc.state_bytes_per_chip(tree, shardings) == 4 * 3 * 4 + 5 * 2
+
+
+# ------------------------------------------------------------------------------------------ bench
+
+def _conv_stack(channels=(8, 16, 16, 8), size=16, batch=4):
+  """A plain stack of 3x3 SAME convolutions with ReLU, and its analytic forward FLOPs (2 per MAC)."""
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for c in channels[1:]:
+        x = nn.relu(nn.Conv(c, (3, 3), padding="SAME", use_bias=False)(x))
+      return x
+  model = Stack()
+  x = jnp.ones((batch, size, size, channels[0]))
+  params = model.init(jax.random.PRNGKey(0), x)
+  fwd = sum(2 * 9 * cin * cout * size * size * batch for cin, cout in zip(channels[:-1], channels[1:]))
+  return model, params, x, fwd
+
+
+def test_bench_flops_agree_with_an_analytic_count_for_a_conv_stack():
+  """The FLOP accounting the benchmark uses (XLA cost analysis of the compiled program) against 2*K*K*Cin*Cout*H*W*B
+  per convolution: forward alone, and forward+backward (the input gradient of every layer but the first, and
+  every kernel gradient: 3x the forward less the first layer's input gradient)."""
+  from imagen_jax import perf
+  model, params, x, fwd = _conv_stack()
+  f = jax.jit(lambda p, x: model.apply(p, x))
+  flops_fwd = perf.compiled_flops(f.lower(params, x).compile())
+  assert abs(flops_fwd - fwd) / fwd < 0.10, (flops_fwd, fwd)
+  g = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply(p, x))))
+  first = 2 * 9 * 8 * 16 * 16 * 16 * 4
+  flops_train = perf.compiled_flops(g.lower(params, x).compile())
+  expect = 3 * fwd - first
+  assert abs(flops_train - expect) / expect < 0.10, (flops_train, expect)
+  # And the benchmark's own summary turns them into TFLOP/s and MFU consistently.
+  r = bench.summarise("train", "conv stack", seconds=[0.5, 0.4, 0.6], batch=4, flops=flops_train, flops_source="x",
+                      mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)), compile_seconds=0.0)
+  assert r.seconds_median == 0.5 and r.images_per_second == 8.0
+  assert r.tflops_per_device == pytest.approx(flops_train / 0.5 / 1e12)
+  assert r.mfu == pytest.approx(flops_train / 0.5 / r.peak_flops)
+
+
+def test_bench_cli_train_on_cpu_writes_json(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  code = _cli("bench", *_micro_args("BATCH_SIZE=8", "MESH=(-1,1,1)"), "--repeats", "3", "--warmup", "1",
+              "--json", str(out))
+  assert code == 0
+  r = json.loads(out.read_text())
+  text = capsys.readouterr().out
+  assert "MFU" in text and "images/s" in text
+  assert r["what"] == "train" and r["batch"] == 8 and len(r["seconds"]) == 3 and r["devices"] == 8
+  assert r["seconds_median"] > 0 and r["images_per_second"] == pytest.approx(8 / r["seconds_median"])
+  assert r["flops_per_device"] > 0 and 0 < r["mfu"] < 1.5
+  # The step is the trainer's: FLOPs per device are the one-device step's over 8 devices (batch split 8 ways).
+  assert r["flops_source"].startswith("XLA cost analysis")
+
+
+def test_flops_of_a_scanned_step_count_every_block():
+  """XLA's cost analysis counts a scan body once: the scanned step's compiled FLOPs fall short of the unscanned
+  step's; the compile check's figure (the unscanned step's HLO) equals the unscanned compiled figure."""
+  from imagen_jax import partitioning, perf
+  parse_gin(["runs/demo_base.gin", "models/tiny_base.gin"], ["UNetConfig.num_res_blocks = 3", "BATCH_SIZE = 2",
+                                                             "MESH = (1, 1, 1)", "SCAN_LAYERS = True"])
+  run = cc.train_run_from_gin()
+  assert run.model_config.scan_layers
+  mesh = partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1])
+  import dataclasses
+  unscanned = dataclasses.replace(run, model_config=dataclasses.replace(run.model_config, scan_layers=False))
+  compiled = {s: perf.compiled_flops(cc._lower_train(r, mesh, 2)[0].compile()) for s, r in ((True, run),
+                                                                                            (False, unscanned))}
+  assert compiled[True] < 0.9 * compiled[False], compiled
+  counted = cc.unrolled_flops_per_chip(run, 1, 2)
+  assert abs(counted - compiled[False]) / compiled[False] < 0.05, (counted, compiled)
+  # Per chip: the same global program over 4 chips.
+  assert cc.unrolled_flops_per_chip(run, 4, 8) == pytest.approx(counted, rel=0.02)
