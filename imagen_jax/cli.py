@@ -209,7 +209,10 @@ def _watch_compile_check(args) -> int:
   from imagen_jax.train import compile_check as cc
   avail = cc.available_bytes() or 0.0
   limit = args.max_host_ram_gb * 2 ** 30 if args.max_host_ram_gb and args.max_host_ram_gb > 0 else avail - 0.75 * 2 ** 30
+  import imagen_jax
   env = dict(os.environ, **{CHILD_ENV: "1"})
+  if imagen_jax.USER_TF_CPP_MIN_LOG_LEVEL is None:      # `import jax` set it here; the child decides afresh
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
   child = subprocess.Popen([sys.executable, "-m", "imagen_jax.cli"] + args.argv, env=env)
   peak = 0.0
   while child.poll() is None:
@@ -385,12 +388,12 @@ def main(argv: Optional[List[str]] = None) -> int:
   checkpoints, data) ends as one line `imagen-jax: error: ...` on stderr and exit code 2."""
   from imagen_jax.gin_utils import GinConfigError, bindings_from_flags, from_gin_runtime_error
   from imagen_jax.text.checkpoints import CheckpointError
+  full_argv = list(sys.argv[1:] if argv is None else argv)      # as given: a watched child runs it again
   try:
-    argv, bindings = bindings_from_flags(list(sys.argv[1:] if argv is None else argv))
+    argv, bindings = bindings_from_flags(full_argv)
   except GinConfigError as e:
     print(f"imagen-jax: error: {_one_line(e)}", file=sys.stderr)
     return 2
-  full_argv = list(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(argv)
   args.gin_bindings = bindings
   args.argv = full_argv

@@ -86,15 +86,30 @@ def test_compile_check_reports_an_oversized_batch_as_not_fitting(tmp_path, capsy
   assert any("remat" in a for a in r["advice"])
 
 
-def test_host_ram_watch_stops_the_compile_with_one_line(tmp_path):
+def _user_env():
+  """The environment of a user's shell: no TF_CPP_MIN_LOG_LEVEL (`import jax` set it in this process)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop(cli.CHILD_ENV, None)
+  for k in (cli.CHILD_ENV, "TF_CPP_MIN_LOG_LEVEL"):
+    env.pop(k, None)
+  return env
+
+
+def test_host_ram_watch_stops_the_compile_with_one_line(tmp_path):
+  env = _user_env()
   p = subprocess.run([sys.executable, "-m", "imagen_jax.cli", "compile-check", *_micro_args("BATCH_SIZE=8"),
                       "--topology", "v5e:2x2", "--max_host_ram_gb", "0.15"], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=300)
   assert p.returncode == 3, p.stderr[-2000:]
   lines = [l for l in p.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and "host RAM" in lines[0] and "--per_chip_equivalent" in lines[0], p.stderr
+
+
+def test_watched_compile_check_passes_gin_bindings_to_its_child():
+  """The watched child runs the command as given, bindings included (here one it must refuse)."""
+  env = _user_env()
+  p = subprocess.run([sys.executable, "-m", "imagen_jax.cli", "compile-check", *_micro_args("BATCH_SIZE=6"),
+                      "--topology", "v5e:2x2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2 and "global batch 6 does not split" in p.stderr, p.stderr[-2000:]
 
 
 @pytest.mark.parametrize("argv,fragment", [
@@ -197,3 +212,42 @@ def test_flops_of_a_scanned_step_count_every_block():
   assert abs(counted - compiled[False]) / compiled[False] < 0.05, (counted, compiled)
   # Per chip: the same global program over 4 chips.
   assert cc.unrolled_flops_per_chip(run, 4, 8) == pytest.approx(counted, rel=0.02)
+
+
+def test_per_chip_equivalent_derivation_matches_a_full_compile():
+  """A wide micro U-Net whose state (Adam: params, EMA, two moments) dominates its memory, on v5e:2x4 with
+  fsdp 8: compiled for real, and derived from a per-chip-equivalent compile on v5e:2x2 (fsdp 4). The derived
+  total, arguments and temporaries agree with the real ones within 5%."""
+  bindings = [b for b in MICRO_BASE[1:] if not b.startswith("MODEL_CHANNELS")] + [
+      "MODEL_CHANNELS = 192", "UNetConfig.norm_groups = 8", "BATCH_SIZE = 8", "MESH = (-1, 8, 1)"]
+  parse_gin(["runs/demo_base.gin", "models/tiny_base.gin"], bindings)
+  run = cc.train_run_from_gin()
+  real = cc.check_train(run, "v5e:2x4")
+  derived = cc.check_train(run, "v5e:2x4", per_chip_equivalent="v5e:2x2")
+  assert real.fits and derived.fits and derived.measured_on["mesh"]["fsdp"] == 4 and real.mesh["fsdp"] == 8
+  # The state is most of the memory, so the derivation is what is tested.
+  assert real.state_bytes_per_chip > 0.3 * real.memory.total
+  assert derived.state_bytes_per_chip == real.state_bytes_per_chip
+  measured_slice = derived.measured_on["memory"]["total"]
+  assert measured_slice > 1.2 * real.memory.total          # the slice really differs from the pod
+  for field in ("arguments", "total"):
+    a, b = getattr(derived.memory, field), getattr(real.memory, field)
+    assert abs(a - b) / b < 0.05, (field, a, b)
+  assert derived.flops_per_chip == pytest.approx(real.flops_per_chip, rel=0.05)
+
+
+def test_compile_check_of_the_text_encoder(tmp_path):
+  """--what encoder: the frozen T5 encoder's batch embedding, parameters sharded by the same axis rules."""
+  out = tmp_path / "enc.json"
+  code = _cli("compile-check", *_micro_args("BATCH_SIZE=8", "MESH=(-1,2,2)"), "--what", "encoder",
+              "--encoder_size", "tiny", "--topology", "v5e:2x2", "--max_host_ram_gb", "0", "--json", str(out))
+  r = json.loads(out.read_text())
+  assert code == 0 and r["fits"] and r["what"] == "encoder" and r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+  from imagen_jax.text.t5 import T5_SIZES
+  d_model, heads, d_kv, d_ff, layers = T5_SIZES["tiny"]
+  # FLOPs: at least the matmuls of every layer (q, k, v, o projections and the gated-GELU MLP) over 8 x 128
+  # tokens, per chip.
+  tokens = 8 * 128
+  matmuls = 2 * tokens * layers * (4 * d_model * heads * d_kv + 3 * d_model * d_ff) / 4
+  assert matmuls <= r["flops_per_chip"] < 4 * matmuls, (r["flops_per_chip"], matmuls)
+  assert r["memory"]["arguments"] >= r["state_bytes_per_chip"] > 0

@@ -71,6 +71,8 @@ def topology_devices(topology: str, num_slices: int = 1):
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # Compile-only use needs no exclusive TPU access: let several processes (tests, parallel checks) load libtpu.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     import libtpu  # noqa: F401
   except ImportError:
@@ -200,14 +202,14 @@ def _out_of_memory_line(message: str) -> str:
 
 
 def advise(*, fits: bool, headroom: Optional[float], remat: str, mesh: Dict[str, int], chips: int,
-           per_chip_batch: float, what: str = "train") -> Tuple[str, ...]:
+           per_chip_batch: float, what: str = "train", config_name: str = "UNetConfig") -> Tuple[str, ...]:
   """What to change when a step does not fit, or fits with less than the goal's headroom."""
   if fits and headroom is not None and headroom >= GOAL_HEADROOM:
     return ()
   out = []
   if what == "train" and remat == "none":
-    out.append("rematerialise: --gin.UNetConfig.remat=\"'full'\" (or EfficientUNetConfig; 'dots' keeps matmul "
-               "outputs) trades ~30% more FLOPs for most activation memory")
+    out.append(f"rematerialise: --gin.{config_name}.remat=\"'full'\" recomputes each block's activations in the "
+               "backward pass (about a third more FLOPs) instead of keeping them")
   if mesh.get("fsdp", 1) * mesh.get("tensor", 1) < chips:
     out.append(f"shard the state wider: MESH with more fsdp ways (now {mesh.get('fsdp', 1)} of {chips} chips), e.g. "
                f"--gin.MESH=\"(-1, {min(chips, 2 * mesh.get('fsdp', 1))}, {mesh.get('tensor', 1)})\"")
@@ -426,7 +428,7 @@ def check_train(run: TrainRun, topology: str, *, num_slices: int = 1, mfu: float
         report.flops_source = "the unscanned step's HLO / chips (XLA counts a scan body once)"
     report.flops_per_chip = flops
   report.advice = advise(fits=report.fits, headroom=report.headroom, remat=cfg.remat, mesh=dict(full_mesh.shape),
-                         chips=chips, per_chip_batch=per_chip_batch)
+                         chips=chips, per_chip_batch=per_chip_batch, config_name=type(cfg).__name__)
   return report
 
 
