@@ -67,6 +67,8 @@ def test_compile_check_of_the_micro_step_on_v5e(micro_report):
   lowered, _, _ = cc._lower_train(run, mesh, 2)
   cpu_flops = perf.compiled_flops(lowered.compile())
   assert abs(r["flops_per_chip"] - cpu_flops) / cpu_flops < 0.15, (r["flops_per_chip"], cpu_flops)
+  # The TPU executable's own count is of the same order (its compiler pads and rewrites the tiny convolutions).
+  assert 0.5 < r["compiled_flops_per_chip"] / r["flops_per_chip"] < 2.0, r
   # Projection: time = FLOPs / peak; images/s = batch / time.
   assert r["step_seconds_at_100pct"] == pytest.approx(r["flops_per_chip"] / 197e12)
   assert r["images_per_second_at_mfu"] == pytest.approx(8 / (r["flops_per_chip"] / (197e12 * 0.5)))
@@ -74,8 +76,8 @@ def test_compile_check_of_the_micro_step_on_v5e(micro_report):
 
 def test_compile_check_reports_an_oversized_batch_as_not_fitting(tmp_path, capsys):
   out = tmp_path / "r.json"
-  # 2^14 micro-U-Net images per chip: about 30 GiB of activations against v5e's 15.75 GiB.
-  code = _cli("compile-check", *_micro_args("BATCH_SIZE=65536", "MESH=(-1,1,1)"), "--topology", "v5e:2x2",
+  # 2^18 micro-U-Net images per chip: about 200 GiB of temporaries against v5e's 15.75 GiB (fails in seconds).
+  code = _cli("compile-check", *_micro_args("BATCH_SIZE=1048576", "MESH=(-1,1,1)"), "--topology", "v5e:2x2",
               "--max_host_ram_gb", "0", "--no_flops", "--json", str(out))
   text = capsys.readouterr().out
   assert code == 1
@@ -214,19 +216,21 @@ def test_flops_of_a_scanned_step_count_every_block():
   assert cc.unrolled_flops_per_chip(run, 4, 8) == pytest.approx(counted, rel=0.02)
 
 
+@pytest.mark.slow
 def test_per_chip_equivalent_derivation_matches_a_full_compile():
-  """A wide micro U-Net whose state (Adam: params, EMA, two moments) dominates its memory, on v5e:2x4 with
-  fsdp 8: compiled for real, and derived from a per-chip-equivalent compile on v5e:2x2 (fsdp 4). The derived
-  total, arguments and temporaries agree with the real ones within 5%."""
+  """A wide micro U-Net (36M parameters) whose state (Adam: params, EMA, two moments) is half its memory, on
+  v5e:2x4 with fsdp 8: compiled for real, and derived from a per-chip-equivalent compile on v5e:2x2 (fsdp 4).
+  The derived total and arguments agree with the real ones within 5% (measured 2026-11-23: total 162.6 MB
+  derived vs 161.2 MB real; the slice itself measured 253.4 MB). About 2 minutes on 2 cores."""
   bindings = [b for b in MICRO_BASE[1:] if not b.startswith("MODEL_CHANNELS")] + [
-      "MODEL_CHANNELS = 192", "UNetConfig.norm_groups = 8", "BATCH_SIZE = 8", "MESH = (-1, 8, 1)"]
+      "MODEL_CHANNELS = 384", "UNetConfig.norm_groups = 8", "BATCH_SIZE = 8", "MESH = (-1, 8, 1)"]
   parse_gin(["runs/demo_base.gin", "models/tiny_base.gin"], bindings)
   run = cc.train_run_from_gin()
   real = cc.check_train(run, "v5e:2x4")
   derived = cc.check_train(run, "v5e:2x4", per_chip_equivalent="v5e:2x2")
   assert real.fits and derived.fits and derived.measured_on["mesh"]["fsdp"] == 4 and real.mesh["fsdp"] == 8
   # The state is most of the memory, so the derivation is what is tested.
-  assert real.state_bytes_per_chip > 0.3 * real.memory.total
+  assert real.state_bytes_per_chip > 0.4 * real.memory.total
   assert derived.state_bytes_per_chip == real.state_bytes_per_chip
   measured_slice = derived.measured_on["memory"]["total"]
   assert measured_slice > 1.2 * real.memory.total          # the slice really differs from the pod

@@ -9,8 +9,10 @@ array is allocated) and compiled by XLA's TPU compiler. The report gives:
 - per-chip memory from the executable's memory analysis: arguments, outputs, aliased (donated) bytes,
   temporaries and their total, against the chip's HBM (the compiler's limit, a little under nominal), and
   the headroom;
-- FLOPs per chip per step: XLA's cost analysis counts a loop body once, so with scanned layers the figure
-  is taken from the *unscanned* network's lowered step (global FLOPs / chips), which counts every block;
+- FLOPs per chip per step: the *unscanned* network's step lowered for one CPU device at the global batch,
+  its HLO's FLOPs over the chips (every block counted, remat recomputation included: hardware FLOPs). The
+  TPU executable's own cost analysis is reported beside it: it counts a scan body once, and the TPU
+  compiler's rewrites (padding, convolution algorithms) change small-channel counts;
 - the step time and images/s the chip's peak would give at 100% and at a stated MFU;
 - when it does not fit, the compiler's RESOURCE_EXHAUSTED line and what to change.
 
@@ -127,6 +129,7 @@ class Report:
   memory: Optional[Memory] = None
   flops_per_chip: Optional[float] = None
   flops_source: str = ""
+  compiled_flops_per_chip: Optional[float] = None   # the TPU executable's cost analysis (a loop body once)
   peak_flops: float = float("nan")
   mfu: float = 0.5
   compile_seconds: float = 0.0
@@ -170,7 +173,11 @@ def format_report(r: Report) -> str:
            f"  topology {r.topology} x{r.num_slices} slice(s): {r.chips} chips ({r.device_kind}); mesh {r.mesh}; "
            f"global batch {r.global_batch} ({r.per_chip_batch:g} per chip); remat {r.remat}; "
            f"scan_layers {r.scan_layers}"]
-  if r.measured_on:
+  if r.measured_on and r.measured_on["memory"] is None:
+    m = r.measured_on
+    lines.append(f"  per-chip-equivalent compile on {m['topology']} (mesh {m['mesh']}, batch {m['global_batch']}) "
+                 "ran out of memory (where the pod has more fsdp ways its chips hold less state, so it may still fit)")
+  elif r.measured_on:
     m = r.measured_on
     lines.append(f"  DERIVED from a per-chip-equivalent compile on {m['topology']} (mesh {m['mesh']}, batch "
                  f"{m['global_batch']}): measured total {_gib(m['memory']['total'])} per chip there; state bytes "
@@ -183,7 +190,10 @@ def format_report(r: Report) -> str:
   lines.append("  fits: " + ("YES" if r.fits else "NO") + (f" — {r.error}" if r.error else ""))
   if r.flops_per_chip:
     t100, tm = r.step_seconds(1.0), r.step_seconds(r.mfu)
-    lines.append(f"  FLOPs per chip per step: {r.flops_per_chip:.3e} ({r.flops_source}); peak "
+    compiled = (f"; the TPU executable's own cost analysis, which counts a loop body once: "
+                f"{r.compiled_flops_per_chip:.3e}" if r.compiled_flops_per_chip and r.compiled_flops_per_chip != r.flops_per_chip
+                else "")
+    lines.append(f"  FLOPs per chip per step: {r.flops_per_chip:.3e} ({r.flops_source}{compiled}); peak "
                  f"{r.peak_flops / 1e12:.0f} TFLOP/s bf16")
     lines.append(f"  projected step: {1e3 * t100:.1f} ms at 100% MFU ({r.global_batch / t100:,.0f} img/s), "
                  f"{1e3 * tm:.1f} ms at {100 * r.mfu:.0f}% MFU ({r.global_batch / tm:,.0f} img/s)")
@@ -394,6 +404,10 @@ def check_train(run: TrainRun, topology: str, *, num_slices: int = 1, mfu: float
                   per_chip_batch=per_chip_batch, remat=cfg.remat, scan_layers=cfg.scan_layers, fits=compiled is not None,
                   hbm_limit=hbm_limit, peak_flops=peak, mfu=mfu, compile_seconds=compile_seconds,
                   lower_seconds=lower_seconds, error=oom)
+  if per_chip_equivalent and compiled is None:
+    report.measured_on = {"topology": per_chip_equivalent, "mesh": dict(compile_mesh.shape),
+                          "global_batch": compile_batch, "memory": None, "compile_seconds": compile_seconds}
+    report.error = f"on the {per_chip_equivalent} slice: {oom}"
   if compiled is not None:
     memory = Memory.of(compiled)
     from imagen_jax import perf
@@ -421,11 +435,12 @@ def check_train(run: TrainRun, topology: str, *, num_slices: int = 1, mfu: float
     else:
       report.state_bytes_per_chip = state_bytes_per_chip(abstract, shardings)
     report.memory = memory
-    if cfg.scan_layers and count_flops:
+    report.compiled_flops_per_chip = flops
+    if count_flops:
       unrolled = unrolled_flops_per_chip(run, chips, run.global_batch)
       if unrolled:
         flops = unrolled
-        report.flops_source = "the unscanned step's HLO / chips (XLA counts a scan body once)"
+        report.flops_source = "the unscanned step's HLO over the chips"
     report.flops_per_chip = flops
   report.advice = advise(fits=report.fits, headroom=report.headroom, remat=cfg.remat, mesh=dict(full_mesh.shape),
                          chips=chips, per_chip_batch=per_chip_batch, config_name=type(cfg).__name__)
