@@ -255,3 +255,14 @@ def test_compile_check_of_the_text_encoder(tmp_path):
   matmuls = 2 * tokens * layers * (4 * d_model * heads * d_kv + 3 * d_model * d_ff) / 4
   assert matmuls <= r["flops_per_chip"] < 4 * matmuls, (r["flops_per_chip"], matmuls)
   assert r["memory"]["arguments"] >= r["state_bytes_per_chip"] > 0
+
+
+def test_bench_cli_sample_on_cpu(tmp_path):
+  out = tmp_path / "bench.json"
+  assert _cli("bench", *_micro_args("MESH=(-1,1,1)"), "--what", "sample", "--batch_size", "8", "--num_steps", "3",
+              "--repeats", "2", "--warmup", "1", "--json", str(out)) == 0
+  r = json.loads(out.read_text())
+  assert r["what"] == "sample" and r["unit"] == "sampling step" and r["batch"] == 8 and len(r["seconds"]) == 2
+  # images/s counts whole runs of num_steps steps.
+  assert r["images_per_second"] == pytest.approx(8 / (3 * r["seconds_median"]))
+  assert r["flops_per_device"] > 0 and r["mfu"] > 0
