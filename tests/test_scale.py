@@ -200,8 +200,8 @@ def test_flops_of_a_scanned_step_count_every_block():
   """XLA's cost analysis counts a scan body once: the scanned step's compiled FLOPs fall short of the unscanned
   step's; the compile check's figure (the unscanned step's HLO) equals the unscanned compiled figure."""
   from imagen_jax import partitioning, perf
-  parse_gin(["runs/demo_base.gin", "models/tiny_base.gin"], ["UNetConfig.num_res_blocks = 3", "BATCH_SIZE = 2",
-                                                             "MESH = (1, 1, 1)", "SCAN_LAYERS = True"])
+  parse_gin(["runs/demo_sr.gin"], ["BATCH_SIZE = 2", "MESH = (1, 1, 1)", "SCAN_LAYERS = True",
+                                    "EfficientUNetConfig.num_res_blocks = (1, 3)"])
   run = cc.train_run_from_gin()
   assert run.model_config.scan_layers
   mesh = partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1])

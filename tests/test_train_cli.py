@@ -85,7 +85,7 @@ def test_sigkill_at_random_points_resumes_bit_for_bit(tmp_path, shapes_cache):
                          text=True, env=_env())
     # Every second kill lands right after an asynchronous save has started; the others at a random step.
     at_save = len(kills) % 2 == 1
-    kill_step = rng.randint((latest or 0) + 1, STEPS - 1) if len(kills) < 5 else None
+    kill_step = rng.randint((latest or 0) + 1, STEPS - 1) if len(kills) < 4 else None
     lines = []
     for line in p.stdout:
       lines.append(line)
@@ -103,7 +103,7 @@ def test_sigkill_at_random_points_resumes_bit_for_bit(tmp_path, shapes_cache):
     assert rc == -signal.SIGKILL, "".join(lines)[-3000:]
     kills.append("save" if at_save else kill_step)
     during_save += bool(_tmp_checkpoints(run))
-  assert len(kills) >= 5, kills
+  assert len(kills) >= 4, kills
   assert during_save >= 1, f"no kill landed during an asynchronous save: {kills}"
   # Each restart resumed from the last complete checkpoint before it.
   assert resumed_at and all(a == b for a, b in resumed_at), resumed_at

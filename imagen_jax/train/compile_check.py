@@ -39,7 +39,7 @@ import numpy as np
 
 GiB = 2 ** 30
 # Per chip. The memory limit is the one XLA's TPU compiler enforces, read from its RESOURCE_EXHAUSTED
-# messages ("Used X of Y hbm"; DESIGN.md §4), a little under the nominal HBM.
+# messages (docs/scale.md), a little under the nominal HBM.
 # name prefix -> (device kind, nominal HBM GiB, compiler limit bytes, chip config, peak bf16 FLOP/s)
 GENERATIONS = {
     "v4": ("TPU v4", 32, 30.75 * GiB, "megacore", 275e12),
