@@ -11,6 +11,11 @@
   imagen-jax compile-check --gin_file FILE --topology v4:4x4x8 [--num_slices N] [--per_chip_equivalent [SLICE]]
       [--what train|encoder] [--encoder_size xxl] [--mfu 0.5] [--json FILE] [--max_host_ram_gb G] [--gin.KEY=VALUE ...]
   imagen-jax bench --gin_file FILE [--what train|sample] [--batch_size B] [--repeats N] [--json FILE] [--gin.KEY=VALUE ...]
+  imagen-jax eval shapes --gin_file FILE --out DIR [--checkpoints STAGE=RUN_DIR[@STEP] ...] [--num_prompts N]
+      [--guidance 1,2,3,5,8] [--thresholding none,static,dynamic] [--baseline SHAPES_JSON] [--label NAME]
+  imagen-jax eval drawbench --gin_file FILE --csv DRAWBENCH.csv --out DIR [--samples_per_prompt 8]
+  imagen-jax eval drawbench-page --a DIR --b DIR --out PAGE_DIR [--key KEY.json]
+  imagen-jax eval drawbench-tally ANSWERS.json ... --key KEY.json [--out DIR]
 
 Bad input (missing files, mismatched checkpoints, bad arguments) ends with a one-line error on stderr
 and exit code 2; a training run stopped by too many non-finite steps in a row exits with code 3;
@@ -256,6 +261,102 @@ def cmd_bench(args) -> int:
   return 0
 
 
+def _checkpoint_flags(items) -> dict:
+  """--checkpoints STAGE=RUN_DIR[@STEP] ... -> ({stage: run_dir}, {stage: step})."""
+  dirs, steps = {}, {}
+  for item in items or []:
+    for part in item.split(","):
+      name, eq, value = part.partition("=")
+      if not eq or not name or not value:
+        raise UsageError(f"--checkpoints {part}: write STAGE=RUN_DIR or STAGE=RUN_DIR@STEP, e.g. base=out/demo/base")
+      path, at, step = value.rpartition("@") if "@" in value else (value, "", "")
+      if at and not step.isdigit():
+        raise UsageError(f"--checkpoints {part}: the step after @ must be a number")
+      dirs[name] = path
+      if at:
+        steps[name] = int(step)
+  return {"run_dirs": dirs, "checkpoint_steps": steps}
+
+
+def _float_list(text: str, flag: str) -> List[float]:
+  try:
+    return [float(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise UsageError(f"{flag} {text}: not a comma-separated list of numbers") from None
+
+
+def _load_cascade(args):
+  from imagen_jax.sample import cascade
+  flags = {"steps": args.steps or []}
+  return cascade.configured(batch_size=args.batch_size, setting_flags=flags, **_checkpoint_flags(args.checkpoints))
+
+
+def cmd_eval_shapes(args) -> int:
+  from imagen_jax.eval import shapes_eval
+  try:
+    baselines = [shapes_eval.read_result(b) for b in args.baseline or []]
+    result = shapes_eval.evaluate(
+        _load_cascade(args), args.out, num_prompts=args.num_prompts, seed=args.seed, start=args.start,
+        guidance=_float_list(args.guidance, "--guidance"), thresholding=[t for t in args.thresholding.split(",") if t],
+        sweep_stage=args.sweep_stage, label=args.label, train_seed=args.train_seed,
+        train_examples=args.train_examples, baselines=baselines, save_images=not args.no_images,
+        command=["imagen-jax"] + list(args.argv))
+  except ValueError as e:
+    raise UsageError(_one_line(e)) from None
+  from imagen_jax.eval.shapes_eval import summary_table
+  print(summary_table(result, baselines))
+  for stage, b in result["best"].items():
+    print(f"eval shapes: {stage}: best all-correct {b['all']:.3f} at w={b['guidance']:g} {b['thresholding']}")
+  print(f"eval shapes: wrote {Path(args.out) / 'shapes.json'} and plots in {args.out} ({result['seconds']:.0f}s)")
+  return 0
+
+
+def cmd_eval_drawbench(args) -> int:
+  from imagen_jax.eval import drawbench
+  try:
+    prompts = drawbench.load_prompts(args.csv)
+    if args.limit:
+      prompts = prompts[: args.limit]
+    manifest = drawbench.sample_prompts(_load_cascade(args), prompts, args.out, samples_per_prompt=args.samples_per_prompt,
+                                        seed=args.seed, label=args.label, command=["imagen-jax"] + list(args.argv))
+  except ValueError as e:
+    raise UsageError(_one_line(e)) from None
+  print(f"eval drawbench: {len(manifest['prompts'])} prompts x {args.samples_per_prompt} samples in {args.out}")
+  return 0
+
+
+def cmd_eval_drawbench_page(args) -> int:
+  from imagen_jax.eval import drawbench
+  try:
+    key = drawbench.write_page(args.a, args.b, args.out, key_path=args.key, seed=args.seed)
+  except ValueError as e:
+    raise UsageError(_one_line(e)) from None
+  key_path = args.key or drawbench.default_key_path(args.out)
+  print(f"eval drawbench-page: {len(key['prompts'])} prompts; open {Path(args.out) / 'index.html'} in a browser "
+        f"(send raters the folder); the key (which side is which) is {key_path}: keep it away from raters")
+  return 0
+
+
+def cmd_eval_drawbench_tally(args) -> int:
+  import json
+
+  from imagen_jax.eval import drawbench
+  try:
+    key = drawbench._read_json(Path(args.key), "key")
+    if key.get("what") != "drawbench page key":
+      raise drawbench.DrawBenchError(f"{args.key}: not a key written by `imagen-jax eval drawbench-page`")
+    result = drawbench.tally(args.answers, key, resamples=args.resamples, seed=args.seed)
+  except ValueError as e:
+    raise UsageError(_one_line(e)) from None
+  print(drawbench.format_tally(result))
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "tally.json").write_text(json.dumps(result, indent=1))
+  drawbench.plot_tally(out / "tally.png", result)
+  print(f"eval drawbench-tally: wrote {out / 'tally.json'} and {out / 'tally.png'}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="imagen-jax", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -342,6 +443,53 @@ def build_parser() -> argparse.ArgumentParser:
   bp.add_argument("--num_steps", type=int, default=16, help="sample: sampling steps per run")
   bp.add_argument("--guidance", type=float, default=5.0, help="sample: guidance weight (the guided program)")
   bp.add_argument("--json", help="write the result as JSON here")
+
+  ev = sub.add_parser("eval", help="evaluations: shapes alignment sweeps, DrawBench sampling / rating page / tally")
+  evsub = ev.add_subparsers(dest="eval_command", required=True)
+  for name, fn, helptext in (("shapes", cmd_eval_shapes, "alignment of a cascade on held-out synthetic captions over "
+                              "a guidance x thresholding sweep: JSON and plots"),
+                             ("drawbench", cmd_eval_drawbench, "sample every DrawBench prompt with one cascade "
+                              "(resumable)")):
+    e = evsub.add_parser(name, help=helptext)
+    _gin_command(e, fn, SAMPLE_GIN_MODULES, example="runs/sample_demo.gin", optional_macros=RUN_DIR_MACROS)
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--checkpoints", action="append", metavar="STAGE=RUN_DIR[@STEP]",
+                   help="the run (and step) each stage samples from, replacing the gin config's")
+    e.add_argument("--steps", action="append", metavar="[STAGE=]N", help="sampling steps (per stage)")
+    e.add_argument("--batch_size", type=int, default=8, help="images per sampler call")
+    e.add_argument("--label", default=None if name == "drawbench" else "model", help="the model's name in outputs")
+  sh = evsub.choices["shapes"]
+  sh.add_argument("--num_prompts", type=int, default=64, help="held-out captions")
+  sh.add_argument("--seed", type=int, default=1000, help="scene seed of the held-out captions (training uses 0)")
+  sh.add_argument("--start", type=int, default=0, help="first scene index")
+  sh.add_argument("--guidance", default="1,2,3,5,8", help="guidance weights of the swept stage")
+  sh.add_argument("--thresholding", default="none,static,dynamic", help="none, static, dynamic[:PERCENTILE]")
+  sh.add_argument("--sweep_stage", help="the stage swept (default the first)")
+  sh.add_argument("--train_seed", type=int, default=0, help="the training data's scene seed")
+  sh.add_argument("--train_examples", type=int, default=0, help="training scenes, to count unseen captions (0: skip)")
+  sh.add_argument("--baseline", action="append", metavar="SHAPES_JSON", help="another run's shapes.json (or its "
+                  "folder), drawn dashed in the plots")
+  sh.add_argument("--no_images", action="store_true", help="do not write every image")
+  db = evsub.choices["drawbench"]
+  db.add_argument("--csv", required=True, help="DrawBench CSV (header Prompts,Category)")
+  db.add_argument("--samples_per_prompt", type=int, default=8)
+  db.add_argument("--seed", type=int, default=0, help="image j of prompt k has seed + k * samples_per_prompt + j")
+  db.add_argument("--limit", type=int, default=0, help="only the first N prompts (0: all)")
+  pg = evsub.add_parser("drawbench-page", help="a static side-by-side rating page for two sample folders")
+  pg.add_argument("--a", required=True, help="model A's `eval drawbench` folder")
+  pg.add_argument("--b", required=True, help="model B's `eval drawbench` folder")
+  pg.add_argument("--out", required=True, help="new page folder (index.html + img/)")
+  pg.add_argument("--key", help="where to write the un-blinding key (default: OUT-key.json beside the folder)")
+  pg.add_argument("--seed", type=int, default=None, help="seed of the left/right draws (default: random)")
+  pg.set_defaults(fn=cmd_eval_drawbench_page)
+  ta = evsub.add_parser("drawbench-tally", help="un-blind raters' answers: preference rates per category with "
+                        "bootstrap 95% intervals, table and bar chart")
+  ta.add_argument("answers", nargs="+", help="answer files downloaded from the page")
+  ta.add_argument("--key", required=True, help="the page's key file (drawbench-page wrote it)")
+  ta.add_argument("--out", default="drawbench_tally", help="folder for tally.json and tally.png")
+  ta.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+  ta.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+  ta.set_defaults(fn=cmd_eval_drawbench_tally)
   return parser
 
 
@@ -353,6 +501,10 @@ TRAIN_GIN_MODULES = ("imagen_jax.models", "imagen_jax.diffusion", "imagen_jax.tr
 
 # What a training run's gin needs only to run (compile-check and bench build the step without them).
 RUN_ONLY_MACROS = ("MODEL_DIR", "TRAIN_DATA")
+
+
+# The sampling configs' run directories: the evaluations may give them with --checkpoints instead.
+RUN_DIR_MACROS = ("BASE_DIR", "SR_DIR", "SR256_DIR", "SR1024_DIR")
 
 
 # The modules whose configurables a sampling config binds.

@@ -4,69 +4,16 @@ values of the right shapes: what is tested is reading runs, not their quality), 
 import json
 import shutil
 
-import jax
 import numpy as np
 import pytest
 
-from imagen_jax import cli, partitioning
-from imagen_jax.diffusion import DiffusionConfig
+from imagen_jax import cli
 from imagen_jax.sample import images as imio
-from imagen_jax.train import checkpoints as ckpt
-from imagen_jax.train import optimizer
-from imagen_jax.train import state as state_lib
-from tests.conftest import MICRO_BASE, load_config
-
-# 16 -> 32, one level: the smallest Efficient U-Net with cross-attention to the text.
-MICRO_SR = ("models/tiny_sr.gin", "EfficientUNetConfig.image_size = 32", "EfficientUNetConfig.lowres_size = 16",
-            "EfficientUNetConfig.init_channels = 16", "EfficientUNetConfig.channels = (16,)",
-            "EfficientUNetConfig.num_res_blocks = (1,)", "EfficientUNetConfig.strides = (2,)",
-            "EfficientUNetConfig.self_attention = (False,)", "EfficientUNetConfig.cross_attention = (True,)",
-            "EfficientUNetConfig.norm_groups = 4")
-
-
-def write_run(model_dir, config, steps=(1,), seed=0):
-  """A run directory as the trainer leaves it (run.json with the diffusion record, orbax checkpoints)."""
-  tx = optimizer.make_optimizer(optimizer.OptimizerConfig(name="sgd", warmup_steps=0, decay_steps=None))
-  abstract, boxed = state_lib.abstract_state(config, tx)
-  ckpt.check_run_dir(model_dir, ckpt.run_record(config, abstract.params, DiffusionConfig()))
-  mesh = partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1])
-  shardings = state_lib.state_shardings(abstract, boxed, mesh)
-  mgr = ckpt.manager(model_dir, async_save=False)
-  for step in steps:
-    rng = np.random.default_rng(seed + step)
-    host = jax.tree_util.tree_map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype)
-                                  if np.issubdtype(a.dtype, np.floating) else np.full(a.shape, step, a.dtype), abstract)
-    ckpt.save(mgr, step, jax.device_put(host, shardings))
-  mgr.wait_until_finished()
-  mgr.close()
-
+from tests.conftest import write_micro_cascade
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, spm_model, tiny_t5_checkpoint):
-  root = tmp_path_factory.mktemp("runs")
-  base_cfg, sr_cfg = load_config(*MICRO_BASE), load_config(*MICRO_SR)
-  write_run(root / "base", base_cfg, steps=(1, 2))
-  write_run(root / "sr", sr_cfg)
-  # A gin file for this cascade: the shipped sample_base.gin plus two scoped stages.
-  (root / "cascade.gin").write_text(f"""
-include 'runs/sample_base.gin'
-VOCAB = '{spm_model}'
-ENCODER = '{tiny_t5_checkpoint[0]}'
-MAX_TEXT_LENGTH = 8
-sample.stages = [@base/stage(), @sr/stage()]
-base/stage.name = 'base'
-base/stage.run_dir = '{root / "base"}'
-base/stage.image_size = 16
-base/stage.expect = {{'model_channels': 16}}
-base/stage.num_steps = 2
-base/stage.guidance_scale = 2.0
-sr/stage.name = 'sr'
-sr/stage.run_dir = '{root / "sr"}'
-sr/stage.image_size = 32
-sr/stage.num_steps = 2
-sr/stage.guidance_scale = 1.0
-""")
-  return root
+  return write_micro_cascade(tmp_path_factory.mktemp("runs"), spm_model, tiny_t5_checkpoint[0])
 
 
 def _run(capsys, *args):

@@ -74,7 +74,7 @@ def stage(name: str = gin.REQUIRED, run_dir: str = gin.REQUIRED, image_size: int
   scalar = {k: v for k, v in fields.items() if not isinstance(v, (list, tuple)) and k != "thresholding"}
   base = StageSettings(percentile=percentile, ddim_eta=ddim_eta, **scalar)
   sweep = {k: v for k, v in fields.items() if isinstance(v, (list, tuple)) or k == "thresholding"}
-  return StageSpec(name=name, run_dir=str(run_dir), image_size=int(image_size), step=step,
+  return StageSpec(name=name, run_dir=None if run_dir is None else str(run_dir), image_size=int(image_size), step=step,
                    expect=dict(expect or {}), settings=tuple(expand(base, sweep)))
 
 
@@ -112,6 +112,9 @@ def _describe(record: dict) -> str:
 def load_stage(spec: StageSpec, index: int, *, batch_size: int = 8, mesh=None, warn=print) -> LoadedStage:
   """Reads a stage's run: checks it is what the spec says, restores the EMA parameters (read-only: a run that is
   still training is fine; a checkpoint being written is not listed)."""
+  if spec.run_dir is None:
+    raise SampleError(f"stage {spec.name}: no run directory (bind its macro, e.g. --gin.BASE_DIR=\"'DIR'\", or give "
+                      f"--checkpoints {spec.name}=DIR)")
   if not Path(spec.run_dir).is_dir() and "://" not in spec.run_dir:
     raise SampleError(f"stage {spec.name}: run directory not found: {spec.run_dir}")
   try:
@@ -389,17 +392,33 @@ def _write_record(out_dir: Path, stages, results, jobs, text: EncodedPrompts, *,
 # --------------------------------------------------------------------------------- the gin entry point
 
 
-@gin.configurable
-def sample(*, prompts: Sequence[str], out_dir: str, stages: Sequence[StageSpec] = gin.REQUIRED,
-           vocab: str = gin.REQUIRED, encoder: str = gin.REQUIRED, max_text_length: int = 128, seed: int = 0,
-           samples_per_prompt: int = 1, batch_size: int = 8, only: Optional[Sequence[str]] = None,
-           setting_flags: Optional[Dict[str, Sequence[str]]] = None, checkpoint_steps: Optional[Dict[str, int]] = None,
-           lowres_images: Optional[str] = None, init_images: Optional[str] = None, strength: float = 0.8,
-           progress: bool = True, record_extra: Optional[dict] = None) -> CascadeResult:
-  """`imagen-jax sample`: loads, checks and samples the configured cascade (or the stages named in `only`,
-  contiguous). setting_flags: the command line's per-stage setting flags ({'guidance': ['base=1,3'], ...}, see
-  `settings`); checkpoint_steps: {stage: step}."""
-  require("sample", stages=stages, vocab=vocab, encoder=encoder)
+@dataclasses.dataclass
+class Cascade:
+  """Loaded, checked stages plus the text encoder they take: what `sample` and the evaluations share."""
+  stages: List[LoadedStage]
+  vocab: str
+  encoder: str
+  max_text_length: int
+
+  def encode(self, prompts: Sequence[str], warn=print) -> EncodedPrompts:
+    text = encode_prompts(prompts, self.vocab, self.encoder, self.max_text_length, warn=warn)
+    for st in self.stages:
+      if st.model_config.text_embed_dim != text.emb.shape[-1]:
+        raise SampleError(f"stage {st.spec.name}: the network takes {st.model_config.text_embed_dim}-d text "
+                          f"embeddings, the text encoder gives {text.emb.shape[-1]}-d")
+    return text
+
+
+def _warn(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def prepare(*, stages: Sequence[StageSpec], vocab: str, encoder: str, max_text_length: int = 128, batch_size: int = 8,
+            only: Optional[Sequence[str]] = None, setting_flags: Optional[Dict[str, Sequence[str]]] = None,
+            checkpoint_steps: Optional[Dict[str, int]] = None, run_dirs: Optional[Dict[str, str]] = None,
+            has_lowres_input: bool = False, progress: bool = True, warn=_warn) -> Cascade:
+  """Chooses, configures (sweeps, checkpoint steps, run directories), loads and checks the stages named in `only`
+  (contiguous; default all). run_dirs: {stage: run directory} replacing the configured ones."""
   specs = list(stages)
   names = [s.name for s in specs]
   if len(set(names)) != len(names):
@@ -411,16 +430,12 @@ def sample(*, prompts: Sequence[str], out_dir: str, stages: Sequence[StageSpec] 
   pos = sorted(names.index(n) for n in chosen)
   if pos != list(range(pos[0], pos[-1] + 1)):
     raise SampleError(f"--stages must be contiguous in the cascade ({' -> '.join(names)}), got {', '.join(chosen)}")
-  if not prompts:
-    raise SampleError("no prompts: give --prompts or --prompts_file")
-  for name, step in (checkpoint_steps or {}).items():
-    if name not in names:
-      raise SampleError(f"--checkpoint_step {name}={step}: no stage {name!r} (stages: {', '.join(names)})")
-  out = Path(out_dir)
-  if out.exists() and any(out.iterdir()):
-    raise SampleError(f"--out {out} is not empty; choose a new directory")
+  for what, given in (("--checkpoint_step", checkpoint_steps), ("--checkpoints", run_dirs)):
+    for name, value in (given or {}).items():
+      if name not in names:
+        raise SampleError(f"{what} {name}={value}: no stage {name!r} (stages: {', '.join(names)})")
   sweeps = stage_sweeps(setting_flags or {}, names)
-  specs_run = []
+  loaded = []
   for i in pos:
     spec = specs[i]
     sweep = (sweeps or {}).get(spec.name)
@@ -428,22 +443,51 @@ def sample(*, prompts: Sequence[str], out_dir: str, stages: Sequence[StageSpec] 
       spec = dataclasses.replace(spec, settings=tuple(apply_sweep(spec.settings[0], sweep)))
     if checkpoint_steps and spec.name in checkpoint_steps:
       spec = dataclasses.replace(spec, step=int(checkpoint_steps[spec.name]))
-    specs_run.append((i, spec))
-  warn = lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)  # noqa: E731
-  loaded = []
-  for i, spec in specs_run:
+    if run_dirs and spec.name in run_dirs:
+      spec = dataclasses.replace(spec, run_dir=str(run_dirs[spec.name]))
     st = load_stage(spec, i, batch_size=batch_size, warn=warn)
     loaded.append(st)
     if progress and jax.process_index() == 0:
       print(f"stage {spec.name}: {st.description}, checkpoint {st.checkpoint['path']} (step {st.checkpoint['step']}); "
             f"{len(spec.settings)} setting(s): {'; '.join(x.label(st.super_resolution) for x in spec.settings)}",
             flush=True)
-  check_chain(loaded, lowres_images is not None)
-  text = encode_prompts(prompts, vocab, encoder, max_text_length, warn=warn)
-  for st in loaded:
-    if st.model_config.text_embed_dim != text.emb.shape[-1]:
-      raise SampleError(f"stage {st.spec.name}: the network takes {st.model_config.text_embed_dim}-d text "
-                        f"embeddings, the text encoder gives {text.emb.shape[-1]}-d")
+  check_chain(loaded, has_lowres_input)
+  return Cascade(stages=loaded, vocab=vocab, encoder=encoder, max_text_length=max_text_length)
+
+
+def configured(**overrides) -> Cascade:
+  """`prepare` with the cascade a sampling gin config binds to `sample` (stages, vocab, encoder, text length,
+  batch size), `overrides` replacing any of them: how the evaluations load the cascade they are given."""
+  bound = gin.get_bindings(sample)
+  keys = ("stages", "vocab", "encoder", "max_text_length", "batch_size")
+  kwargs = {k: bound[k] for k in keys if k in bound}
+  kwargs.update(overrides)
+  require("sample", stages=kwargs.get("stages", gin.REQUIRED), vocab=kwargs.get("vocab", gin.REQUIRED),
+          encoder=kwargs.get("encoder", gin.REQUIRED))
+  return prepare(**kwargs)
+
+
+@gin.configurable
+def sample(*, prompts: Sequence[str], out_dir: str, stages: Sequence[StageSpec] = gin.REQUIRED,
+           vocab: str = gin.REQUIRED, encoder: str = gin.REQUIRED, max_text_length: int = 128, seed: int = 0,
+           samples_per_prompt: int = 1, batch_size: int = 8, only: Optional[Sequence[str]] = None,
+           setting_flags: Optional[Dict[str, Sequence[str]]] = None, checkpoint_steps: Optional[Dict[str, int]] = None,
+           lowres_images: Optional[str] = None, init_images: Optional[str] = None, strength: float = 0.8,
+           progress: bool = True, record_extra: Optional[dict] = None) -> CascadeResult:
+  """`imagen-jax sample`: loads, checks and samples the configured cascade (or the stages named in `only`,
+  contiguous). setting_flags: the command line's per-stage setting flags ({'guidance': ['base=1,3'], ...}, see
+  `settings`); checkpoint_steps: {stage: step}."""
+  require("sample", stages=stages, vocab=vocab, encoder=encoder)
+  if not prompts:
+    raise SampleError("no prompts: give --prompts or --prompts_file")
+  out = Path(out_dir)
+  if out.exists() and any(out.iterdir()):
+    raise SampleError(f"--out {out} is not empty; choose a new directory")
+  cascade = prepare(stages=stages, vocab=vocab, encoder=encoder, max_text_length=max_text_length,
+                    batch_size=batch_size, only=only, setting_flags=setting_flags, checkpoint_steps=checkpoint_steps,
+                    has_lowres_input=lowres_images is not None, progress=progress)
+  loaded = cascade.stages
+  text = cascade.encode(prompts, warn=_warn)
   low = init = None
   try:
     if lowres_images is not None:
