@@ -227,7 +227,7 @@ def _watch_compile_check(args) -> int:
     if rss > limit or (left is not None and left < 0.5 * 2 ** 30):
       child.kill()
       child.wait()
-      print(f"imagen-jax: {cc.out_of_host_ram_line(peak, limit)}", file=sys.stderr)
+      print(f"imagen-jax: {cc.out_of_host_ram_line(peak, limit, args.per_chip_equivalent is not None)}", file=sys.stderr)
       return 3
     time.sleep(0.25)
   print(f"  peak host RAM of the compile: {peak / 2 ** 30:.2f} GiB", flush=True)

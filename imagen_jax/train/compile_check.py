@@ -526,10 +526,13 @@ def available_bytes() -> Optional[float]:
   return None
 
 
-def out_of_host_ram_line(used: float, limit: float) -> str:
-  return (f"compile-check stopped: the compile needed {used / 2 ** 30:.1f} GiB of host RAM so far, over the "
-          f"{limit / 2 ** 30:.1f} GiB this machine can give it; compile on a smaller slice and derive the pod's "
-          "figures (--per_chip_equivalent), or shrink the program (SCAN_LAYERS = True), or run on a host with "
-          "more RAM (a TPU VM)")
+def out_of_host_ram_line(used: float, limit: float, per_chip_equivalent: bool = False) -> str:
+  head = (f"compile-check stopped: the compile needed {used / 2 ** 30:.1f} GiB of host RAM so far, over the "
+          f"{limit / 2 ** 30:.1f} GiB this machine can give it; ")
+  if per_chip_equivalent:     # already the smallest program of this per-chip batch
+    return head + ("shrink the per-chip program (SCAN_LAYERS = True, a smaller per-chip batch) or run on a host "
+                   "with more RAM (a TPU VM)")
+  return head + ("compile on a smaller slice and derive the pod's figures (--per_chip_equivalent), or shrink the "
+                 "program (SCAN_LAYERS = True), or run on a host with more RAM (a TPU VM)")
 
 
