@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+METRIC_TITLES = {"all": "all correct", "color": "colours", "count": "count", "shape": "shapes",
+                 "relation": "left/right (left/right captions)"}
 THRESHOLDING_STYLE = {"none": ("tab:red", "o"), "static": ("tab:orange", "s"), "dynamic": ("tab:blue", "^")}
 
 
@@ -35,7 +37,7 @@ def alignment_vs_guidance(path: Path, result: dict, stage: str, metrics: Sequenc
       for thr, pts in _series(base["rows"], stage, metric, lambda r: r["guidance"]).items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], ls="--", color="0.55", marker=THRESHOLDING_STYLE.get(
             thr, ("k", "o"))[1], ms=3, label=f"{base['label']}: {thr}")
-    ax.set_title({"all": "all correct"}.get(metric, metric))
+    ax.set_title(METRIC_TITLES.get(metric, metric))
     ax.set_xlabel("guidance weight w")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
@@ -61,7 +63,7 @@ def alignment_vs_fidelity(path: Path, result: dict, stage: str, alignment: str =
         for x, y, w in pts:
           ax.annotate(f"{w:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
   ax.set_xlabel(fidelity_label)
-  ax.set_ylabel({"all": "all correct"}.get(alignment, alignment))
+  ax.set_ylabel(METRIC_TITLES.get(alignment, alignment))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=6)
   ax.set_title(title or f"{stage}: alignment against fidelity (labels: w)", fontsize=10)
