@@ -20,6 +20,9 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test,tpu]'
+	# The FID test's PyTorch reference (torch-fidelity's self-contained Inception): --no-deps, because its other
+	# modules need torchvision, which has no CPU build on the registry (tests/test_fid.py loads only the one it needs).
+	$(PY) -m pip install -q --no-deps torch-fidelity==0.4.0
 	touch $(STAMP)
 
 install: $(STAMP)

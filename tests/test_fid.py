@@ -1,0 +1,195 @@
+"""FID: the Fréchet distance against closed forms and SciPy, and our Flax FID Inception against torch-fidelity's
+self-contained PyTorch port (random weights made here, passed through our converter; no download).
+
+torch-fidelity is the reference because it installs and imports here: pytorch-fid builds its network from
+torchvision, which has no CPU build on the registry. torch-fidelity's package __init__ imports torchvision too,
+so the test loads its Inception module alone (`_torch_fidelity_inception`); `make` installs it with --no-deps,
+pinned (torch-fidelity==0.4.0)."""
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from imagen_jax.eval import frechet
+from imagen_jax.eval.frechet import Stats, frechet_distance
+
+# ------------------------------------------------------------------------------------ Fréchet distance
+
+
+def _random_cov(rng, d, rank=None):
+  a = rng.standard_normal((d, rank or d))
+  return a @ a.T / d
+
+
+def test_identical_gaussians_give_zero():
+  rng = np.random.default_rng(0)
+  s = _random_cov(rng, 32)
+  mu = rng.standard_normal(32)
+  assert frechet_distance(Stats(mu, s, 0), Stats(mu, s, 0)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_shifted_means_give_the_squared_distance():
+  rng = np.random.default_rng(1)
+  s = _random_cov(rng, 16)
+  mu = rng.standard_normal(16)
+  shift = rng.standard_normal(16)
+  assert frechet_distance(Stats(mu, s, 0), Stats(mu + shift, s, 0)) == pytest.approx(float(shift @ shift), rel=1e-9)
+
+
+def test_agrees_with_scipy_sqrtm_and_the_diagonal_closed_form():
+  rng = np.random.default_rng(2)
+  for d in (4, 64):
+    s1, s2 = _random_cov(rng, d), _random_cov(rng, d)
+    m1, m2 = rng.standard_normal(d), rng.standard_normal(d)
+    ref = float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2)).real)
+    assert frechet_distance(Stats(m1, s1, 0), Stats(m2, s2, 0)) == pytest.approx(ref, rel=1e-8)
+  # Diagonal covariances: the 2-Wasserstein distance is sum (sqrt(a) - sqrt(b))^2 per dimension.
+  a, b = rng.uniform(0.1, 2, 10), rng.uniform(0.1, 2, 10)
+  got = frechet_distance(Stats(np.zeros(10), np.diag(a), 0), Stats(np.zeros(10), np.diag(b), 0))
+  assert got == pytest.approx(float(((np.sqrt(a) - np.sqrt(b)) ** 2).sum()), rel=1e-9)
+
+
+def test_stable_on_rank_deficient_covariances():
+  """Fewer samples than dimensions (every FID on < 2048 images): finite, 0 against itself, and equal to an exact
+  small-matrix form: with centred features X (n1 x d), Y (n2 x d), tr((S1 S2)^(1/2)) is the nuclear norm of
+  X Y^T over sqrt((n1 - 1)(n2 - 1))."""
+  rng = np.random.default_rng(3)
+  d = 128
+  f1, f2 = rng.standard_normal((20, d)), rng.standard_normal((30, d)) @ rng.standard_normal((d, d)) * 0.2 + 0.5
+  a, b = Stats.of(f1), Stats.of(f2)
+  assert np.linalg.matrix_rank(a.sigma) == 19 and np.linalg.matrix_rank(b.sigma) == 29
+  x, y = f1 - f1.mean(0), f2 - f2.mean(0)
+  nuclear = np.linalg.svd(x @ y.T, compute_uv=False).sum() / np.sqrt(19 * 29)
+  exact = float(((a.mu - b.mu) ** 2).sum() + np.trace(a.sigma) + np.trace(b.sigma) - 2 * nuclear)
+  assert frechet_distance(a, b) == pytest.approx(exact, rel=1e-9)
+  assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_not_a_covariance_is_an_error():
+  rng = np.random.default_rng(4)
+  s = _random_cov(rng, 8)
+  bad = s.copy()
+  bad[0, 1] += 5.0                                  # not symmetric
+  with pytest.raises(frechet.StatsError):
+    frechet_distance(Stats(np.zeros(8), -np.eye(8) * 3, 0), Stats(np.zeros(8), s, 0))
+  with pytest.raises(frechet.StatsError, match="dimensions"):
+    frechet_distance(Stats(np.zeros(8), s, 0), Stats(np.zeros(4), np.eye(4), 0))
+
+
+def test_stats_round_trip(tmp_path):
+  rng = np.random.default_rng(5)
+  st = Stats.of(rng.standard_normal((50, 6)))
+  st.save(tmp_path / "s.npz")
+  back = Stats.load(tmp_path / "s.npz")
+  assert np.array_equal(back.mu, st.mu) and np.array_equal(back.sigma, st.sigma) and back.count == 50
+  np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+  (tmp_path / "obj.npz").write_bytes((tmp_path / "obj.npy").read_bytes())
+  with pytest.raises(frechet.StatsError):
+    Stats.load(tmp_path / "obj.npz")
+
+
+# ------------------------------------------------------------------------------------------- Inception
+
+
+def _torch_fidelity_inception():
+  """torch-fidelity's InceptionV3 module without running the package's __init__ (which imports torchvision)."""
+  spec = importlib.util.find_spec("torch_fidelity")
+  if spec is None:
+    pytest.fail("torch-fidelity is not installed: `make test` installs torch-fidelity==0.4.0 with --no-deps")
+  if "torch_fidelity" not in sys.modules or not hasattr(sys.modules["torch_fidelity"], "FeatureExtractorInceptionV3"):
+    pkg = types.ModuleType("torch_fidelity")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["torch_fidelity"] = pkg
+  return importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+
+
+@pytest.fixture(scope="module")
+def inception_pair(tmp_path_factory):
+  """(torch-fidelity's extractor, ours) with the same random weights, ours through the converter."""
+  import torch
+
+  from imagen_jax.eval import inception
+  tmp = tmp_path_factory.mktemp("inception")
+  rng = np.random.default_rng(0)
+  state = {}
+  for key, leaf in inception.param_shapes().items():
+    module, name = key.rsplit("/", 1)
+    tname = module.replace("/", ".")
+    if name == "conv_kernel":
+      kh, kw, cin, cout = leaf
+      w = rng.standard_normal((cout, cin, kh, kw)) * np.sqrt(2.0 / (cin * kh * kw))
+      state[f"{tname}.conv.weight"] = torch.tensor(w, dtype=torch.float32)
+    else:
+      torch_name = {"bn_scale": "weight", "bn_bias": "bias", "bn_mean": "running_mean", "bn_var": "running_var"}[name]
+      value = {"bn_scale": lambda n: rng.normal(1, 0.1, n), "bn_bias": lambda n: rng.normal(0, 0.1, n),
+               "bn_mean": lambda n: rng.normal(0, 0.1, n), "bn_var": lambda n: rng.uniform(0.5, 1.5, n)}[name](leaf[0])
+      state[f"{tname}.bn.{torch_name}"] = torch.tensor(value, dtype=torch.float32)
+      if name == "bn_var":
+        state[f"{tname}.bn.num_batches_tracked"] = torch.tensor(0)
+  state["fc.weight"] = torch.tensor(rng.standard_normal((1008, 2048)) * 0.01, dtype=torch.float32)
+  state["fc.bias"] = torch.zeros(1008)
+  pth = tmp / "pt_inception-random.pth"
+  torch.save(state, pth)
+
+  module = _torch_fidelity_inception()
+  original_load = torch.load
+  module.torch.load = lambda f, **kw: original_load(f, **{**kw, "weights_only": True})   # no pickle, even here
+  try:
+    reference = module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(pth))
+  finally:
+    module.torch.load = original_load
+  converted = inception.convert(pth, tmp / "converted")
+  ours = inception.FeatureExtractor(inception.load(converted), batch_size=4)
+  return reference, ours, tmp
+
+
+def test_inception_matches_torch_fidelity_through_the_converter(inception_pair):
+  import torch
+  reference, ours, _ = inception_pair
+  rng = np.random.default_rng(1)
+  for size in ((32, 32), (64, 64), (299, 299), (250, 333)):
+    images = rng.integers(0, 256, (3, *size, 3), dtype=np.uint8)
+    with torch.no_grad():
+      want = reference(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())[0].numpy().astype(np.float64)
+    got = ours(images)
+    assert got.shape == (3, 2048)
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    assert rel < 1e-4, (size, rel)
+    assert np.abs(want).mean() > 1e-3                # the features are not vanishing
+
+
+def test_pytorch_resize_equals_f_interpolate():
+  import torch
+  import torch.nn.functional as F
+
+  from imagen_jax.eval import inception
+  rng = np.random.default_rng(2)
+  for h, w in ((32, 32), (64, 48), (400, 320)):
+    x = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+    want = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2).float(), size=(299, 299), mode="bilinear",
+                         align_corners=False).permute(0, 2, 3, 1).numpy()
+    got = np.asarray(inception.preprocess(x, "pytorch")) * 128.0 + 128.0
+    # torch computes source coordinates in float32, we in float64: 1e-4 of the 0..255 range
+    assert np.abs(got - want).max() < 0.0255, (h, w)
+
+
+@pytest.mark.parametrize("what, message", [
+    ("not_safetensors", "not a safetensors file"),
+    ("missing", "no Inception weights"),
+    ("wrong_shapes", "missing"),
+])
+def test_bad_weights_are_one_line(inception_pair, tmp_path, what, message):
+  from safetensors.numpy import save_file
+
+  from imagen_jax.eval import inception
+  if what == "not_safetensors":
+    (tmp_path / inception.WEIGHTS_FILE).write_bytes(b"\x80\x04pickle-ish")
+  elif what == "wrong_shapes":
+    save_file({"Conv2d_1a_3x3/conv_kernel": np.zeros((3, 3, 3, 32), np.float32)}, str(tmp_path / inception.WEIGHTS_FILE))
+  with pytest.raises(inception.WeightsError, match=message):
+    inception.load(tmp_path)
