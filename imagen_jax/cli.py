@@ -16,6 +16,8 @@
   imagen-jax eval drawbench --gin_file FILE --csv DRAWBENCH.csv --out DIR [--samples_per_prompt 8]
   imagen-jax eval drawbench-page --a DIR --b DIR --out PAGE_DIR [--key KEY.json]
   imagen-jax eval drawbench-tally ANSWERS.json ... --key KEY.json [--out DIR]
+  imagen-jax eval convert-inception --from pt_inception-2015-12-05-6726825d.pth --to DIR
+  imagen-jax eval fid --samples DIR --ref STATS.npz|DIR --weights DIR [--center_crop S] [--save_stats F] [--json F]
 
 Bad input (missing files, mismatched checkpoints, bad arguments) ends with a one-line error on stderr
 and exit code 2; a training run stopped by too many non-finite steps in a row exits with code 3;
@@ -357,6 +359,42 @@ def cmd_eval_drawbench_tally(args) -> int:
   return 0
 
 
+def cmd_eval_convert_inception(args) -> int:
+  from imagen_jax.eval import inception
+  try:
+    out = inception.convert(args.src, args.dst)
+  except ValueError as e:
+    raise UsageError(_one_line(e)) from None
+  print(f"eval convert-inception: wrote {out} (safetensors; the only file `imagen-jax eval fid` reads)")
+  return 0
+
+
+def cmd_eval_fid(args) -> int:
+  import json
+
+  from imagen_jax.eval import fid, frechet, inception
+  try:
+    extractor = inception.FeatureExtractor(inception.load(args.weights), batch_size=args.batch_size,
+                                           resize=args.resize)
+    t0 = time.perf_counter()
+    sample_feats = fid.folder_features(args.samples, extractor, image_size=args.image_size, what="samples")
+    seconds = time.perf_counter() - t0
+    samples = frechet.Stats.of(sample_feats)
+    ref = fid.reference_stats(args.ref, extractor, center_crop=args.center_crop)
+    value = frechet.frechet_distance(samples, ref)
+  except ValueError as e:
+    raise UsageError(_one_line(e)) from None
+  if args.save_stats:
+    samples.save(args.save_stats)
+  result = {"fid": value, "samples": str(args.samples), "num_samples": samples.count, "ref": str(args.ref),
+            "num_ref": ref.count, "resize": args.resize, "sample_images_per_second": samples.count / seconds}
+  print(f"FID {value:.4f} ({samples.count} samples from {args.samples} against {ref.count if ref.count >= 0 else '?'} "
+        f"reference images, {args.ref}); features at {result['sample_images_per_second']:.1f} images/s")
+  if args.json:
+    Path(args.json).write_text(json.dumps(result, indent=1))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="imagen-jax", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -490,6 +528,23 @@ def build_parser() -> argparse.ArgumentParser:
   ta.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
   ta.add_argument("--seed", type=int, default=0, help="bootstrap seed")
   ta.set_defaults(fn=cmd_eval_drawbench_tally)
+  ci = evsub.add_parser("convert-inception", help="the published FID Inception weights (pytorch-fid's "
+                        ".pth) -> safetensors, once (needs PyTorch)")
+  ci.add_argument("--from", dest="src", required=True, help="pt_inception-2015-12-05-6726825d.pth")
+  ci.add_argument("--to", dest="dst", required=True, help="output folder")
+  ci.set_defaults(fn=cmd_eval_convert_inception)
+  fi = evsub.add_parser("fid", help="FID of a folder of samples against reference statistics or images")
+  fi.add_argument("--samples", required=True, help="folder of generated images (one size)")
+  fi.add_argument("--ref", required=True, help="reference statistics (.npz with mu, sigma) or a folder of images")
+  fi.add_argument("--weights", required=True, help="folder (or file) written by convert-inception")
+  fi.add_argument("--image_size", type=int, help="check that the samples are this size")
+  fi.add_argument("--center_crop", type=int, help="reference images: central square resized to this size (bicubic)")
+  fi.add_argument("--resize", choices=["tf1", "pytorch"], default="tf1", help="299x299 bilinear resize: TensorFlow "
+                  "1's (original FID, torch-fidelity) or PyTorch's (pytorch-fid)")
+  fi.add_argument("--batch_size", type=int, default=64)
+  fi.add_argument("--save_stats", help="write the samples' statistics (.npz) here")
+  fi.add_argument("--json", help="write the result as JSON here")
+  fi.set_defaults(fn=cmd_eval_fid)
   return parser
 
 

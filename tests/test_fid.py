@@ -193,3 +193,91 @@ def test_bad_weights_are_one_line(inception_pair, tmp_path, what, message):
     save_file({"Conv2d_1a_3x3/conv_kernel": np.zeros((3, 3, 3, 32), np.float32)}, str(tmp_path / inception.WEIGHTS_FILE))
   with pytest.raises(inception.WeightsError, match=message):
     inception.load(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def _write_folder(folder, images):
+  from imagen_jax.sample import images as imio
+  folder.mkdir(parents=True, exist_ok=True)
+  for k, im in enumerate(images):
+    imio.save_png(folder / f"{k:03d}.png", im)
+  return folder
+
+
+def test_fid_command_end_to_end(inception_pair, tmp_path, capsys):
+  from imagen_jax import cli
+  from imagen_jax.eval import inception
+  _, ours, tmp = inception_pair
+  rng = np.random.default_rng(7)
+  a = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+  b = np.clip(a.astype(int) + rng.integers(-60, 60, a.shape), 0, 255).astype(np.uint8)
+  sa, sb = _write_folder(tmp_path / "a", a), _write_folder(tmp_path / "b", b)
+  weights = tmp / "converted"
+  out = tmp_path / "fid.json"
+  args = ["eval", "fid", "--samples", str(sa), "--ref", str(sb), "--weights", str(weights), "--batch_size", "4",
+          "--save_stats", str(tmp_path / "a.npz"), "--json", str(out)]
+  assert cli.main(args) == 0, capsys.readouterr().err
+  import json
+  got = json.loads(out.read_text())
+  want = frechet_distance(Stats.of(ours(a)), Stats.of(ours(b)))
+  assert got["fid"] == pytest.approx(want, rel=1e-6) and got["num_samples"] == 6 and got["num_ref"] == 6
+  # Against saved statistics: the same number; against itself: 0.
+  assert cli.main(args[:4] + ["--ref", str(tmp_path / "a.npz"), "--weights", str(weights), "--json", str(out)]) == 0
+  assert json.loads(out.read_text())["fid"] == pytest.approx(0.0, abs=1e-6)
+  assert "FID" in capsys.readouterr().out
+  assert inception.WEIGHTS_FILE in {p.name for p in weights.iterdir()}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_weights", "no Inception weights"),
+    ("pickle_weights", "not a safetensors file"),
+    ("empty_samples", "no images"),
+    ("mixed_sizes", "one size"),
+    ("wrong_size", "expected 64x64"),
+    ("one_image", "at least 2"),
+])
+def test_fid_bad_input_is_one_line(inception_pair, tmp_path, capsys, case, message):
+  from imagen_jax import cli
+  from imagen_jax.eval import inception
+  _, _, tmp = inception_pair
+  rng = np.random.default_rng(8)
+  weights = tmp / "converted"
+  samples = _write_folder(tmp_path / "s", rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+  extra = []
+  if case == "missing_weights":
+    weights = tmp_path / "nothing"
+  elif case == "pickle_weights":
+    weights = tmp_path / "w"
+    weights.mkdir()
+    (weights / inception.WEIGHTS_FILE).write_bytes(b"\x80\x04\x95pickled")
+  elif case == "empty_samples":
+    samples = tmp_path / "empty"
+    samples.mkdir()
+  elif case == "mixed_sizes":
+    _write_folder(samples, [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)] * 1)
+    (samples / "000.png").rename(samples / "zzz.png")
+  elif case == "wrong_size":
+    extra = ["--image_size", "64"]
+  elif case == "one_image":
+    samples = _write_folder(tmp_path / "one", rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8))
+  code = cli.main(["eval", "fid", "--samples", str(samples), "--ref", str(samples), "--weights", str(weights), *extra])
+  err = capsys.readouterr().err
+  assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_converter_refuses_what_is_not_a_plain_state_dict(tmp_path, capsys):
+  import torch
+
+  from imagen_jax import cli
+
+  class Evil:
+    def __reduce__(self):
+      return (print, ("this must never run",))
+  torch.save({"x": Evil()}, tmp_path / "evil.pth")
+  code = cli.main(["eval", "convert-inception", "--from", str(tmp_path / "evil.pth"), "--to", str(tmp_path / "o")])
+  captured = capsys.readouterr()
+  assert code == 2 and "weights_only" in captured.err and "this must never run" not in captured.out
+  torch.save({"conv.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+  assert cli.main(["eval", "convert-inception", "--from", str(tmp_path / "other.pth"), "--to", str(tmp_path / "o")]) == 2
