@@ -17,6 +17,7 @@
   imagen-jax eval drawbench-page --a DIR --b DIR --out PAGE_DIR [--key KEY.json]
   imagen-jax eval drawbench-tally ANSWERS.json ... --key KEY.json [--out DIR]
   imagen-jax eval convert-inception --from pt_inception-2015-12-05-6726825d.pth --to DIR
+  imagen-jax eval clip --samples DIR --prompts FILE --checkpoint HF_CLIP_DIR [--json F]
   imagen-jax eval fid --samples DIR --ref STATS.npz|DIR --weights DIR [--center_crop S] [--save_stats F] [--json F]
 
 Bad input (missing files, mismatched checkpoints, bad arguments) ends with a one-line error on stderr
@@ -395,6 +396,40 @@ def cmd_eval_fid(args) -> int:
   return 0
 
 
+def cmd_eval_clip(args) -> int:
+  import json
+
+  import numpy as np
+
+  from imagen_jax.eval import clip
+  from imagen_jax.sample import images as imio
+  try:
+    files = imio.image_files(args.samples) if Path(args.samples).is_dir() else []
+    if not files:
+      raise UsageError(f"--samples {args.samples}: no images (png, jpg, jpeg, webp)")
+    prompts = _read_prompts(argparse.Namespace(prompts=None, prompts_file=args.prompts))
+    if len(files) % len(prompts):
+      raise UsageError(f"{len(files)} images but {len(prompts)} prompts: give one prompt per image, or per "
+                       "equal group of consecutive images (sorted by name)")
+    per = len(files) // len(prompts)
+    pair_prompts = [prompts[k // per] for k in range(len(files))]
+    model = clip.load(args.checkpoint)
+    ims = [imio.read_image(f) for f in files]
+    t0 = time.perf_counter()
+    mean, scores = clip.clip_score(model, ims, pair_prompts, batch_size=args.batch_size)
+    seconds = time.perf_counter() - t0
+  except ValueError as e:         # ClipError, ImageError
+    raise UsageError(_one_line(e)) from None
+  per_prompt = {p: float(np.mean([s for s, q in zip(scores, pair_prompts) if q == p])) for p in dict.fromkeys(prompts)}
+  print(f"CLIP score {mean:.3f} over {len(files)} (image, prompt) pairs ({per} image(s) per prompt); "
+        f"{len(files) / seconds:.1f} pairs/s")
+  if args.json:
+    Path(args.json).write_text(json.dumps({"clip_score": mean, "pairs": len(files), "images_per_prompt": per,
+                                           "per_prompt": per_prompt, "checkpoint": str(args.checkpoint),
+                                           "samples": str(args.samples)}, indent=1))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="imagen-jax", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -545,6 +580,14 @@ def build_parser() -> argparse.ArgumentParser:
   fi.add_argument("--save_stats", help="write the samples' statistics (.npz) here")
   fi.add_argument("--json", help="write the result as JSON here")
   fi.set_defaults(fn=cmd_eval_fid)
+  cl = evsub.add_parser("clip", help="CLIP score (100 x cosine, clipped at 0) of images against their prompts")
+  cl.add_argument("--samples", required=True, help="folder of images (sorted by name)")
+  cl.add_argument("--prompts", required=True, help="text file, one prompt per image or per equal group of images")
+  cl.add_argument("--checkpoint", required=True, help="Hugging Face CLIP folder (config.json, model.safetensors, "
+                  "tokenizer.json)")
+  cl.add_argument("--batch_size", type=int, default=64)
+  cl.add_argument("--json", help="write the result as JSON here")
+  cl.set_defaults(fn=cmd_eval_clip)
   return parser
 
 
