@@ -17,6 +17,8 @@
   imagen-jax eval drawbench-page --a DIR --b DIR --out PAGE_DIR [--key KEY.json]
   imagen-jax eval drawbench-tally ANSWERS.json ... --key KEY.json [--out DIR]
   imagen-jax eval convert-inception --from pt_inception-2015-12-05-6726825d.pth --to DIR
+  imagen-jax eval fid-clip --gin_file FILE --prompts_file F --ref STATS --inception DIR --clip DIR --out DIR
+      [--guidance 1,2,3,5,8] [--thresholding dynamic]
   imagen-jax eval clip --samples DIR --prompts FILE --checkpoint HF_CLIP_DIR [--json F]
   imagen-jax eval fid --samples DIR --ref STATS.npz|DIR --weights DIR [--center_crop S] [--save_stats F] [--json F]
 
@@ -430,6 +432,27 @@ def cmd_eval_clip(args) -> int:
   return 0
 
 
+def cmd_eval_fid_clip(args) -> int:
+  from imagen_jax.eval import clip, fid, inception, quality
+  try:
+    prompts = _read_prompts(argparse.Namespace(prompts=None, prompts_file=args.prompts_file))
+    extractor = inception.FeatureExtractor(inception.load(args.inception), batch_size=args.batch_size)
+    ref = fid.reference_stats(args.ref, extractor)
+    clip_model = clip.load(args.clip)
+    result = quality.evaluate(_load_cascade(args), prompts, args.out, ref=ref, extractor=extractor,
+                              clip_model=clip_model, guidance=_float_list(args.guidance, "--guidance"),
+                              thresholding=[t for t in args.thresholding.split(",") if t], seed=args.seed,
+                              sweep_stage=args.sweep_stage, label=args.label, save_images=args.save_images,
+                              command=["imagen-jax"] + list(args.argv))
+  except ValueError as e:
+    raise UsageError(_one_line(e)) from None
+  for r in result["rows"]:
+    m = r["metrics"]["overall"]
+    print(f"w={r['guidance']:g} {r['thresholding']}: FID {m['fid']:.3f}  CLIP score {m['clip']:.3f}")
+  print(f"eval fid-clip: wrote {Path(args.out) / 'fid_clip.json'} and {Path(args.out) / 'fid_vs_clip.png'}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="imagen-jax", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -521,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
   evsub = ev.add_subparsers(dest="eval_command", required=True)
   for name, fn, helptext in (("shapes", cmd_eval_shapes, "alignment of a cascade on held-out synthetic captions over "
                               "a guidance x thresholding sweep: JSON and plots"),
+                             ("fid-clip", cmd_eval_fid_clip, "FID and CLIP score of a cascade over a guidance x "
+                              "thresholding sweep: JSON and the FID-against-CLIP plot"),
                              ("drawbench", cmd_eval_drawbench, "sample every DrawBench prompt with one cascade "
                               "(resumable)")):
     e = evsub.add_parser(name, help=helptext)
@@ -543,6 +568,16 @@ def build_parser() -> argparse.ArgumentParser:
   sh.add_argument("--baseline", action="append", metavar="SHAPES_JSON", help="another run's shapes.json (or its "
                   "folder), drawn dashed in the plots")
   sh.add_argument("--no_images", action="store_true", help="do not write every image")
+  fc = evsub.choices["fid-clip"]
+  fc.add_argument("--prompts_file", required=True, help="one prompt per line (e.g. COCO captions)")
+  fc.add_argument("--ref", required=True, help="reference statistics (.npz) or a folder of reference images")
+  fc.add_argument("--inception", required=True, help="converted FID Inception weights (convert-inception)")
+  fc.add_argument("--clip", required=True, help="Hugging Face CLIP checkpoint folder")
+  fc.add_argument("--guidance", default="1,2,3,5,8", help="guidance weights of the swept stage")
+  fc.add_argument("--thresholding", default="dynamic", help="none, static, dynamic[:PERCENTILE]")
+  fc.add_argument("--sweep_stage", help="the stage swept (default the first)")
+  fc.add_argument("--seed", type=int, default=0, help="image k has seed + k")
+  fc.add_argument("--save_images", action="store_true", help="write the last stage's images per setting")
   db = evsub.choices["drawbench"]
   db.add_argument("--csv", required=True, help="DrawBench CSV (header Prompts,Category)")
   db.add_argument("--samples_per_prompt", type=int, default=8)

@@ -281,3 +281,39 @@ def test_converter_refuses_what_is_not_a_plain_state_dict(tmp_path, capsys):
   assert code == 2 and "weights_only" in captured.err and "this must never run" not in captured.out
   torch.save({"conv.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
   assert cli.main(["eval", "convert-inception", "--from", str(tmp_path / "other.pth"), "--to", str(tmp_path / "o")]) == 2
+
+
+from tests.test_clip import checkpoint as clip_checkpoint  # noqa: E402,F401  (the tiny CLIP fixture)
+
+
+def test_fid_clip_sweep_end_to_end(inception_pair, clip_checkpoint, tmp_path, spm_model, tiny_t5_checkpoint, capsys):  # noqa: F811
+  """The sweep runner through a micro cascade: a row per setting, one program per stage, and FID / CLIP scores
+  that equal the metrics recomputed from the written images."""
+  import json
+
+  from imagen_jax import cli
+  from imagen_jax.eval import clip
+  from imagen_jax.sample import images as imio
+  from tests.conftest import write_micro_cascade
+  _, ours, tmp = inception_pair
+  runs = write_micro_cascade(tmp_path / "runs", spm_model, tiny_t5_checkpoint[0])
+  rng = np.random.default_rng(9)
+  ref = Stats.of(ours(rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)))
+  ref.save(tmp_path / "ref.npz")
+  prompts = ["a red circle", "blue circle", "red"]
+  (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+  out = tmp_path / "fc"
+  code = cli.main(["eval", "fid-clip", f"--gin_file={runs / 'cascade.gin'}", "--prompts_file", str(tmp_path / "p.txt"),
+                   "--ref", str(tmp_path / "ref.npz"), "--inception", str(tmp / "converted"), "--clip",
+                   str(clip_checkpoint[0]), "--guidance", "1,3", "--thresholding", "none,dynamic", "--out", str(out),
+                   "--save_images", "--batch_size", "4"])
+  assert code == 0, capsys.readouterr().err
+  result = json.loads((out / "fid_clip.json").read_text())
+  assert len(result["rows"]) == 4 and result["programs_compiled"] == {"base": 1, "sr": 1}
+  model = clip.load(clip_checkpoint[0])
+  for r in result["rows"]:
+    ims = [imio.read_image(out / "images" / r["setting"] / f"p{k:05d}.png") for k in range(3)]
+    m = r["metrics"]["overall"]
+    assert m["fid"] == pytest.approx(frechet_distance(Stats.of(ours(np.stack(ims))), ref), rel=1e-6)
+    assert m["clip"] == pytest.approx(clip.clip_score(model, ims, prompts)[0], rel=1e-5)
+  assert (out / "fid_vs_clip.png").read_bytes()[:4] == b"\x89PNG"

@@ -51,7 +51,8 @@ def alignment_vs_guidance(path: Path, result: dict, stage: str, metrics: Sequenc
 
 def alignment_vs_fidelity(path: Path, result: dict, stage: str, alignment: str = "all", fidelity: str = "fidelity",
                           baselines: Sequence[dict] = (), title: Optional[str] = None,
-                          fidelity_label: str = "fidelity proxy (fraction of palette pixels)") -> None:
+                          fidelity_label: str = "fidelity proxy (fraction of palette pixels)",
+                          alignment_label: Optional[str] = None) -> None:
   """The Pareto view: alignment against fidelity, each thresholding's points joined in order of w and labelled."""
   fig, ax = plt.subplots(figsize=(5.2, 4.0))
   for res, dashed in [(result, False)] + [(b, True) for b in baselines]:
@@ -63,7 +64,7 @@ def alignment_vs_fidelity(path: Path, result: dict, stage: str, alignment: str =
         for x, y, w in pts:
           ax.annotate(f"{w:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
   ax.set_xlabel(fidelity_label)
-  ax.set_ylabel(METRIC_TITLES.get(alignment, alignment))
+  ax.set_ylabel(alignment_label or METRIC_TITLES.get(alignment, alignment))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=6)
   ax.set_title(title or f"{stage}: alignment against fidelity (labels: w)", fontsize=10)

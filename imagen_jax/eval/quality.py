@@ -1,0 +1,70 @@
+"""`imagen-jax eval fid-clip`: a guidance x thresholding sweep of a cascade scored with FID (against reference
+statistics) and CLIP score (against the prompts), plotted as the paper's FID-against-CLIP Pareto curves.
+
+Each setting samples the same prompts with the same seeds through the whole cascade (the sweep runner of
+`eval shapes`: one compiled program per stage); the last stage's images are scored. With the paper's protocol
+(30k COCO captions, base w = 1.35 ... and SR w = 8, 256 px) this is the guidance sweep of its Fig. A.11 in
+small; see the README for the COCO FID-30K recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from imagen_jax.eval import clip, frechet, inception, plots
+from imagen_jax.eval.sweep import run_sweep, sweep_points
+from imagen_jax.sample import images as imio
+from imagen_jax.sample.cascade import Cascade, SampleError
+
+
+def evaluate(cascade: Cascade, prompts: Sequence[str], out_dir, *, ref: frechet.Stats,
+             extractor: inception.FeatureExtractor, clip_model: clip.Clip, guidance: Sequence[float],
+             thresholding: Sequence[str], seed: int = 0, sweep_stage: Optional[str] = None, label: str = "model",
+             save_images: bool = False, command: Optional[List[str]] = None, log=print) -> dict:
+  if len(prompts) < 2:
+    raise SampleError("FID needs at least 2 prompts (images)")
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  stages = cascade.stages
+  names = [s.spec.name for s in stages]
+  swept = stages[names.index(sweep_stage)] if sweep_stage in names else stages[0]
+  points = sweep_points(list(guidance), list(thresholding), swept.spec.settings[0].percentile)
+  text = cascade.encode(list(prompts))
+  text_emb = clip_model.embed_texts(list(prompts))
+  last = names[-1]
+
+  def score(stage: str, ims: np.ndarray) -> dict:
+    if stage != last:
+      return {}
+    feats = extractor(ims)
+    img_emb = clip_model.embed_images(list(ims))
+    clip_scores = clip.clip_scores(img_emb, text_emb)
+    return {"overall": {"fid": frechet.frechet_distance(frechet.Stats.of(feats), ref),
+                        "clip": float(clip_scores.mean()), "n": float(len(ims))}}
+
+  def on_images(point, stage, ims):
+    if save_images and stage == last:
+      for k, im in enumerate(ims):
+        imio.save_png(out / "images" / point.name / f"p{k:05d}.png", im)
+
+  t0 = time.perf_counter()
+  sweep = run_sweep(cascade, text, np.arange(len(prompts)), [seed + k for k in range(len(prompts))], points, score,
+                    sweep_stage=swept.spec.name, on_images=on_images, log=log)
+  rows = [r for r in sweep.rows if r["stage"] == last]
+  result = {"what": "fid-clip sweep", "label": label, "date": time.strftime("%Y-%m-%d"), "prompts": len(prompts),
+            "reference_count": ref.count, "swept_stage": swept.spec.name, "scored_stage": last,
+            "programs_compiled": sweep.programs, "rows": rows, "seconds": round(time.perf_counter() - t0, 2),
+            "command": command}
+  tmp = out / "fid_clip.json.tmp"
+  tmp.write_text(json.dumps(result, indent=1))
+  os.replace(tmp, out / "fid_clip.json")
+  plots.alignment_vs_fidelity(out / "fid_vs_clip.png", result, last, alignment="fid", fidelity="clip",
+                              title=f"{label}: FID against CLIP score over the guidance sweep (labels: w)",
+                              fidelity_label="CLIP score (100 x cosine)", alignment_label="FID (lower is better)")
+  return result
