@@ -19,6 +19,7 @@
   imagen-jax eval convert-inception --from pt_inception-2015-12-05-6726825d.pth --to DIR
   imagen-jax eval fid-clip --gin_file FILE --prompts_file F --ref STATS --inception DIR --clip DIR --out DIR
       [--guidance 1,2,3,5,8] [--thresholding dynamic]
+  imagen-jax eval coco-prompts --annotations captions_val2014.json --images val2014/ --out DIR [--num 30000]
   imagen-jax eval clip --samples DIR --prompts FILE --checkpoint HF_CLIP_DIR [--json F]
   imagen-jax eval fid --samples DIR --ref STATS.npz|DIR --weights DIR [--center_crop S] [--save_stats F] [--json F]
 
@@ -453,6 +454,18 @@ def cmd_eval_fid_clip(args) -> int:
   return 0
 
 
+def cmd_eval_coco_prompts(args) -> int:
+  from imagen_jax.eval import coco
+  try:
+    record = coco.make_prompts(args.annotations, args.images, args.out, num=args.num, seed=args.seed)
+  except ValueError as e:
+    raise UsageError(_one_line(e)) from None
+  out = Path(args.out)
+  print(f"eval coco-prompts: {record['num']} captions in {out / 'prompts.txt'}, their images linked in "
+        f"{out / 'ref_images'}, the pairs in {out / 'coco_fid.json'}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="imagen-jax", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -615,6 +628,14 @@ def build_parser() -> argparse.ArgumentParser:
   fi.add_argument("--save_stats", help="write the samples' statistics (.npz) here")
   fi.add_argument("--json", help="write the result as JSON here")
   fi.set_defaults(fn=cmd_eval_fid)
+  co = evsub.add_parser("coco-prompts", help="COCO FID-30K inputs: N random val2014 images, one caption each "
+                        "(prompts.txt) and links to the images (ref_images/)")
+  co.add_argument("--annotations", required=True, help="captions_val2014.json")
+  co.add_argument("--images", required=True, help="the val2014/ image folder")
+  co.add_argument("--out", required=True, help="output folder")
+  co.add_argument("--num", type=int, default=30000)
+  co.add_argument("--seed", type=int, default=0)
+  co.set_defaults(fn=cmd_eval_coco_prompts)
   cl = evsub.add_parser("clip", help="CLIP score (100 x cosine, clipped at 0) of images against their prompts")
   cl.add_argument("--samples", required=True, help="folder of images (sorted by name)")
   cl.add_argument("--prompts", required=True, help="text file, one prompt per image or per equal group of images")

@@ -317,3 +317,35 @@ def test_fid_clip_sweep_end_to_end(inception_pair, clip_checkpoint, tmp_path, sp
     assert m["fid"] == pytest.approx(frechet_distance(Stats.of(ours(np.stack(ims))), ref), rel=1e-6)
     assert m["clip"] == pytest.approx(clip.clip_score(model, ims, prompts)[0], rel=1e-5)
   assert (out / "fid_vs_clip.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_coco_prompts_draw_pairs_reproducibly(tmp_path, capsys):
+  import json
+
+  from imagen_jax import cli
+  from imagen_jax.sample import images as imio
+  img_dir = tmp_path / "val2014"
+  img_dir.mkdir()
+  images, anns = [], []
+  for i in range(10):
+    name = f"COCO_val2014_{i:012d}.jpg"
+    imio.save_png(img_dir / name, np.full((8, 8, 3), i * 20, np.uint8))
+    images.append({"id": 100 + i, "file_name": name})
+    anns += [{"image_id": 100 + i, "caption": f"image {i} caption {c}\n"} for c in range(3)]
+  anns.append({"image_id": 999, "caption": "an image that does not exist"})
+  ann = tmp_path / "captions_val2014.json"
+  ann.write_text(json.dumps({"images": images, "annotations": anns}))
+  for out in ("a", "b"):
+    assert cli.main(["eval", "coco-prompts", "--annotations", str(ann), "--images", str(img_dir), "--out",
+                     str(tmp_path / out), "--num", "6", "--seed", "3"]) == 0, capsys.readouterr().err
+  a, b = (json.loads((tmp_path / o / "coco_fid.json").read_text())["pairs"] for o in ("a", "b"))
+  assert a == b and len({p["image_id"] for p in a}) == 6                   # seeded, without replacement
+  lines = (tmp_path / "a" / "prompts.txt").read_text().splitlines()
+  links = sorted((tmp_path / "a" / "ref_images").iterdir())
+  for p, line, link in zip(a, lines, links):
+    k = p["image_id"] - 100
+    assert line == p["caption"] and line.startswith(f"image {k} caption ")      # the caption is the image's
+    assert link.resolve() == (img_dir / p["file_name"]).resolve()
+  assert cli.main(["eval", "coco-prompts", "--annotations", str(ann), "--images", str(img_dir), "--out",
+                   str(tmp_path / "c"), "--num", "11"]) == 2
+  assert "10 captioned images" in capsys.readouterr().err
