@@ -159,13 +159,15 @@ def cmd_sample(args) -> int:
     result = cascade.sample(prompts=prompts, out_dir=args.out, seed=args.seed, samples_per_prompt=args.samples_per_prompt,
                             batch_size=args.batch_size, only=only, setting_flags=flags, checkpoint_steps=steps,
                             lowres_images=args.lowres_images, init_images=args.init_images, strength=args.strength,
+                            grids=not args.no_grids,
                             record_extra={"command": ["imagen-jax"] + list(sys.argv[1:])})
   except ValueError as e:     # SampleError, SettingsError, RunDirError, ImageError and configs' own checks
     raise UsageError(_one_line(e)) from None
-  print(f"sample: wrote {len(result.jobs)} image(s) per stage setting to {result.out_dir}; grid "
-        f"{Path(result.out_dir) / 'grid.png'}; settings {Path(result.out_dir) / 'settings.json'}")
+  grid = "no grids" if args.no_grids else f"grid {Path(result.out_dir) / 'grid.png'}"
+  print(f"sample: wrote {len(result.jobs)} image(s) per stage setting to {result.out_dir}; {grid}; settings "
+        f"{Path(result.out_dir) / 'settings.json'}")
   for st in result.stages:
-    if len(st.settings) > 1:
+    if len(st.settings) > 1 and not args.no_grids:
       print(f"sample: sweep grid of stage {st.name}: {Path(result.out_dir) / st.name / 'sweep.png'}")
   return 0
 
@@ -522,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
   sp.add_argument("--checkpoint_step", action="append", metavar="STAGE=STEP", help="a checkpoint other than the latest")
   sp.add_argument("--lowres_images", help="folder of low-resolution inputs for a cascade that starts at an SR stage")
   sp.add_argument("--init_images", help="img2img: folder of images the first stage starts from")
+  sp.add_argument("--no_grids", action="store_true", help="write no grid images (large runs, e.g. COCO FID-30K: the "
+                  "stage folders then hold only samples)")
   sp.add_argument("--strength", type=float, default=0.8, help="img2img: start at t = strength (0: the image, "
                   "1: pure noise)")
 

@@ -48,6 +48,14 @@ def test_sample_command_runs_the_cascade_and_records_how_to_regenerate(runs, tmp
   rec2 = json.loads((tmp_path / "sr_only" / "settings.json").read_text())
   for a, b in zip(sr["files"][0], rec2["stages"][0]["files"][0]):
     np.testing.assert_array_equal(imio.read_image(out / a), imio.read_image(tmp_path / "sr_only" / b))
+  # --no_grids (e.g. 30k COCO prompts): the stage folder holds only the samples, the same images.
+  code, stdout, stderr = _run(capsys, "--gin_file", runs / "cascade.gin", "--stages", "sr", "--lowres_images",
+                              out / "base" / "w1_dynamic99.5_ddpm2", "--prompts", "a red circle", long_prompt,
+                              "two blue squares", "--seed", "5", "--no_grids", "--out", tmp_path / "no_grids")
+  assert code == 0, stderr
+  assert sorted(p.name for p in (tmp_path / "no_grids" / "sr").iterdir()) == sorted(
+      p.name for p in (tmp_path / "sr_only" / "sr").iterdir() if p.name != "grid.png")
+  assert not (tmp_path / "no_grids" / "grid.png").exists() and "no grids" in stdout
 
 
 def test_a_run_still_training_is_read_at_its_last_complete_checkpoint(runs, tmp_path, capsys):

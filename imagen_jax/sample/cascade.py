@@ -256,7 +256,7 @@ def _share(n: int) -> slice:
 def run_cascade(stages: Sequence[LoadedStage], text: EncodedPrompts, out_dir, *, seed: int = 0,
                 samples_per_prompt: int = 1, lowres_images: Optional[np.ndarray] = None,
                 init_images: Optional[np.ndarray] = None, strength: float = 0.8, progress: bool = True,
-                record_extra: Optional[dict] = None, log=print) -> CascadeResult:
+                record_extra: Optional[dict] = None, grids: bool = True, log=print) -> CascadeResult:
   """Samples the stages in order and writes everything (see the module docstring). lowres_images (N, s, s, 3)
   in [-1, 1] feed the first stage (SR); init_images (N, S, S, 3) start the first stage from the forward-noised
   image at t = strength (img2img)."""
@@ -335,7 +335,8 @@ def run_cascade(stages: Sequence[LoadedStage], text: EncodedPrompts, out_dir, *,
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("imagen_jax.sample: images written")
   if lead:
-    _write_grids(out_dir, stages, results, jobs, text)
+    if grids:
+      _write_grids(out_dir, stages, results, jobs, text)
     _write_record(out_dir, stages, results, jobs, text, seed=seed, samples_per_prompt=s, strength=strength,
                   init=init_images is not None, extra=record_extra)
   return CascadeResult(out_dir=str(out_dir), stages=results, jobs=jobs, final=prev)
@@ -473,7 +474,7 @@ def sample(*, prompts: Sequence[str], out_dir: str, stages: Sequence[StageSpec] 
            samples_per_prompt: int = 1, batch_size: int = 8, only: Optional[Sequence[str]] = None,
            setting_flags: Optional[Dict[str, Sequence[str]]] = None, checkpoint_steps: Optional[Dict[str, int]] = None,
            lowres_images: Optional[str] = None, init_images: Optional[str] = None, strength: float = 0.8,
-           progress: bool = True, record_extra: Optional[dict] = None) -> CascadeResult:
+           progress: bool = True, record_extra: Optional[dict] = None, grids: bool = True) -> CascadeResult:
   """`imagen-jax sample`: loads, checks and samples the configured cascade (or the stages named in `only`,
   contiguous). setting_flags: the command line's per-stage setting flags ({'guidance': ['base=1,3'], ...}, see
   `settings`); checkpoint_steps: {stage: step}."""
@@ -497,4 +498,4 @@ def sample(*, prompts: Sequence[str], out_dir: str, stages: Sequence[StageSpec] 
   except imio.ImageError as e:
     raise SampleError(str(e)) from None
   return run_cascade(loaded, text, out, seed=seed, samples_per_prompt=samples_per_prompt, lowres_images=low,
-                     init_images=init, strength=strength, progress=progress, record_extra=record_extra)
+                     init_images=init, strength=strength, progress=progress, record_extra=record_extra, grids=grids)
