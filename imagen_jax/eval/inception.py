@@ -296,14 +296,8 @@ def load(path) -> Dict:
   except (SafetensorError, OSError, ValueError) as e:
     raise WeightsError(f"{p}: not a safetensors file ({e})") from None
   check(flat)
-  tree: Dict = {}
-  for k, v in flat.items():
-    node = tree
-    *parents, leaf = k.split("/")
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = v
-  return {"params": tree}
+  from flax import traverse_util
+  return {"params": traverse_util.unflatten_dict(flat, sep="/")}
 
 
 # ---------------------------------------------------------------------------------------- extractor
