@@ -11,7 +11,8 @@ against what the caption asks for. No learned parts, so nothing to train or down
 3. Objects: 8-connected components of each colour's pixels, at least `min_area` of the image (half the
    smallest object the dataset draws), measured with the coverages (the component grown by one pixel so that
    its anti-aliased rim counts), and solid: a component whose area exceeds its widest row x its tallest column
-   by more than 10% is scattered pixels (noise), not a shape.
+   by more than 35% is scattered pixels (noise), not a shape (a sharp shape fills at most its extent; a
+   generated blob's soft rim reaches about 1.1; uniform noise's components reach 2).
 4. Shape, from the coverage-weighted moments (so it works at 32 px): a triangle (apex up) has its mass low, a
    vertical skewness of -0.57 against 0 for circles and squares; squares fill their extent (area / (widest
    row x tallest column) = 1) where circles fill pi/4.
@@ -155,7 +156,7 @@ def _shape_of(weights: np.ndarray) -> Tuple[str, float, float, float, float]:
 
 
 def detect(image: np.ndarray, *, tolerance: float = 64.0, min_area: float = SMALLEST_OBJECT / 2,
-           max_fill: float = 1.1) -> Tuple[List[Detection], float]:
+           max_fill: float = 1.35) -> Tuple[List[Detection], float]:
   """The objects in an RGB image (H, W, 3; uint8, or float in [0, 255]) and its fidelity (see the module doc)."""
   img = np.asarray(image, np.float64)
   if img.ndim != 3 or img.shape[-1] != 3:
