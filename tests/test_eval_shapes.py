@@ -118,6 +118,21 @@ def test_caption_grammar():
       shapes.parse(bad)
 
 
+def test_best_setting_is_all_correct_then_partial_alignment_then_fidelity():
+  from imagen_jax.eval import shapes_eval
+
+  def row(setting, w, all_, partial, fidelity, relation=float("nan")):
+    m = {"all": all_, "color": partial, "count": partial, "shape": partial, "relation": relation, "fidelity": fidelity}
+    return {"stage": "base", "setting": setting, "guidance": w, "thresholding": "static", "metrics": {"overall": m}}
+  rows = [row("a", 1, 0.0, 0.1, 0.99), row("b", 3, 0.0, 0.3, 0.90), row("c", 5, 0.0, 0.3, 0.95),
+          row("d", 8, 0.0, 0.3, 0.95)]
+  assert shapes_eval.best_settings({"rows": rows})["base"]["setting"] == "c"     # partial, fidelity, then lower w
+  rows.append(row("e", 8, 0.25, 0.2, 0.5, relation=0.0))
+  assert shapes_eval.best_settings({"rows": rows})["base"]["setting"] == "e"     # all-correct first
+  rows.append(row("f", 8, 0.25, 0.2, 0.5, relation=1.0))
+  assert shapes_eval.best_settings({"rows": rows})["base"]["setting"] == "f"     # a measured relation counts
+
+
 # ------------------------------------------------------------------------------------ eval shapes CLI
 
 
