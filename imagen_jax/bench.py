@@ -176,6 +176,41 @@ def bench_sample(run, *, batch_size: int = 8, num_steps: int = 16, guidance: flo
                    extra={"num_steps": num_steps, "guidance": guidance})
 
 
+def bench_fid(*, batch_size: int = 64, image_size: int = 256, resize: str = "tf1", weights=None, repeats: int = 5,
+              warmup: int = 1, seed: int = 0) -> BenchResult:
+  """FID feature extraction as `eval fid` runs it: uint8 host batches of `image_size` images through the jitted,
+  data-sharded Inception (resize to 299 inside), features back on the host. Weights: a converted file, or random
+  ones (the speed does not depend on them)."""
+  import jax
+  import jax.numpy as jnp
+
+  from imagen_jax import perf
+  from imagen_jax.eval import inception
+  if image_size < 1 or batch_size < 1:
+    raise ValueError(f"image_size and batch_size must be positive, got {image_size} and {batch_size}")
+  if weights:
+    variables = inception.load(weights)
+  else:
+    net = inception.FIDInceptionV3()
+    variables = jax.jit(lambda k: net.init(k, jnp.zeros((1, inception.INPUT_SIZE, inception.INPUT_SIZE, 3))))(
+        jax.random.PRNGKey(seed))
+  extractor = inception.FeatureExtractor(variables, batch_size=batch_size, resize=resize)
+  n = extractor.batch_size
+  images = np.random.default_rng(seed).integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
+  t0 = time.perf_counter()
+  extractor(images)                            # compiles
+  compile_seconds = time.perf_counter() - t0
+  seconds = timed_calls(lambda: extractor(images), repeats, max(warmup - 1, 0))
+  lowered = extractor._fn.lower(extractor.variables, jax.device_put(images, extractor._batch_sharding))
+  flops = perf.compiled_flops(lowered)
+  flops = flops / extractor.mesh.size if flops else None
+  return summarise("fid", f"FID Inception-v3, {image_size}px inputs resized to 299 ({resize})", seconds=seconds,
+                   batch=n, flops=flops, flops_source="XLA cost analysis of the lowered extractor over the devices",
+                   mesh=extractor.mesh, compile_seconds=compile_seconds, unit="batch",
+                   extra={"image_size": image_size, "resize": resize, "random_weights": not weights,
+                          "includes": "host-to-device copy of uint8 images and the features back to the host"})
+
+
 def format_table(r: BenchResult) -> str:
   rows = [("what", f"{r.what} ({r.name})"), ("device", f"{r.devices} x {r.device_kind}, mesh {r.mesh}"),
           ("batch", str(r.batch)),

@@ -22,6 +22,7 @@
   imagen-jax eval coco-prompts --annotations captions_val2014.json --images val2014/ --out DIR [--num 30000]
   imagen-jax eval clip --samples DIR --prompts FILE --checkpoint HF_CLIP_DIR [--json F]
   imagen-jax eval fid --samples DIR --ref STATS.npz|DIR --weights DIR [--center_crop S] [--save_stats F] [--json F]
+  imagen-jax eval fid-bench [--weights DIR] [--image_size 256] [--batch_size 64] [--json F]
 
 Bad input (missing files, mismatched checkpoints, bad arguments) ends with a one-line error on stderr
 and exit code 2; a training run stopped by too many non-finite steps in a row exits with code 3;
@@ -401,6 +402,21 @@ def cmd_eval_fid(args) -> int:
   return 0
 
 
+def cmd_eval_fid_bench(args) -> int:
+  from imagen_jax import bench
+  try:
+    result = bench.bench_fid(batch_size=args.batch_size, image_size=args.image_size, resize=args.resize,
+                             weights=args.weights, repeats=args.repeats, warmup=args.warmup)
+  except ValueError as e:
+    raise UsageError(_one_line(e)) from None
+  print("bench fid features:")
+  print(bench.format_table(result))
+  if args.json:
+    bench.write_json(result, args.json)
+    print(f"bench: wrote {args.json}")
+  return 0
+
+
 def cmd_eval_clip(args) -> int:
   import json
 
@@ -632,6 +648,16 @@ def build_parser() -> argparse.ArgumentParser:
   fi.add_argument("--save_stats", help="write the samples' statistics (.npz) here")
   fi.add_argument("--json", help="write the result as JSON here")
   fi.set_defaults(fn=cmd_eval_fid)
+  fb = evsub.add_parser("fid-bench", help="throughput of FID feature extraction on the local devices: images/s, "
+                        "TFLOP/s, MFU (random uint8 images; random weights unless --weights)")
+  fb.add_argument("--weights", help="converted Inception weights (default: random; the speed is the same)")
+  fb.add_argument("--image_size", type=int, default=256, help="input size (resized to 299 inside)")
+  fb.add_argument("--batch_size", type=int, default=64)
+  fb.add_argument("--resize", choices=["tf1", "pytorch"], default="tf1")
+  fb.add_argument("--repeats", type=int, default=5, help="timed calls (the median is reported)")
+  fb.add_argument("--warmup", type=int, default=1, help="untimed calls, the compiling one included")
+  fb.add_argument("--json", help="write the result as JSON here")
+  fb.set_defaults(fn=cmd_eval_fid_bench)
   co = evsub.add_parser("coco-prompts", help="COCO FID-30K inputs: N random val2014 images, one caption each "
                         "(prompts.txt) and links to the images (ref_images/)")
   co.add_argument("--annotations", required=True, help="captions_val2014.json")
@@ -716,6 +742,12 @@ def main(argv: Optional[List[str]] = None) -> int:
   except (UsageError, GinConfigError, CheckpointError, FileNotFoundError) as e:
     print(f"imagen-jax: error: {_one_line(e)}", file=sys.stderr)
     return 2
+  finally:
+    if getattr(args, "gin_modules", None) is not None:
+      # Leave gin as a fresh process has it (unlocked, empty): a second main() in the same process (a notebook,
+      # a test) may import modules that register configurables, which gin refuses while the config is locked.
+      import gin
+      gin.clear_config()
 
 
 def _one_line(e: BaseException) -> str:

@@ -142,3 +142,18 @@ def test_real_cli_error_path_prints_exactly_one_line(tmp_path):
   assert res.stderr.splitlines() == [
       "imagen-jax: error: required gin value(s) not set: CACHE_DIR, ENCODER, VOCAB (set them in a gin file or with "
       "--gin.CACHE_DIR=VALUE; strings in quotes)"], res.stderr
+
+
+def test_main_leaves_gin_unlocked_for_the_next_command(capsys, tmp_path):
+  """A gin command finalizes (locks) the config; after main() returns, the next command in the same process
+  may import modules that register configurables, which gin refuses while the config is locked."""
+  import gin
+  code = cli.main(["eval", "shapes", "--gin_file=runs/sample_demo.gin", "--gin.VOCAB='/nonexistent/spiece.model'",
+                   "--gin.ENCODER='/nonexistent/t5'", "--out", str(tmp_path / "o")])
+  assert code == 2 and "no run directory" in capsys.readouterr().err  # failed inside the command, once finalized
+  assert not gin.config_is_locked()
+
+  @gin.configurable
+  def registered_after_a_command(x=1):                                 # raised RuntimeError before the fix
+    return x
+  assert registered_after_a_command() == 1

@@ -349,3 +349,46 @@ def test_coco_prompts_draw_pairs_reproducibly(tmp_path, capsys):
   assert cli.main(["eval", "coco-prompts", "--annotations", str(ann), "--images", str(img_dir), "--out",
                    str(tmp_path / "c"), "--num", "11"]) == 2
   assert "10 captioned images" in capsys.readouterr().err
+
+
+def _analytic_inception_flops(batch: int) -> float:
+  """2 x multiply-adds of every convolution, from the shapes alone (jax.eval_shape: nothing runs)."""
+  import jax
+  import jax.numpy as jnp
+
+  from imagen_jax.eval import inception
+  net = inception.FIDInceptionV3()
+  x = jnp.zeros((batch, inception.INPUT_SIZE, inception.INPUT_SIZE, 3))
+  params = inception.abstract_params()
+  _, state = jax.eval_shape(lambda p: net.apply(p, x, capture_intermediates=lambda m, _: isinstance(
+      m, inception.BasicConv), mutable=["intermediates"]), params)
+  kernels = {k[:-1]: v.shape for k, v in inception._flatten(params["params"]).items() if k[-1] == "conv_kernel"}
+  total = 0.0
+  for path, out in inception._flatten(state["intermediates"]).items():
+    kh, kw, cin, cout = kernels[path[:-1]]
+    n, ho, wo, c = out[0].shape if isinstance(out, tuple) else out.shape
+    assert c == cout
+    total += 2.0 * n * ho * wo * kh * kw * cin * cout
+  assert len(kernels) == 94                                         # every convolution of the network counted once
+  return total
+
+
+def test_fid_bench_reports_throughput_and_flops_that_match_an_analytic_count(inception_pair, tmp_path, capsys):
+  import json
+
+  from imagen_jax import cli
+  _, _, tmp = inception_pair
+  out = tmp_path / "fid_bench.json"
+  code = cli.main(["eval", "fid-bench", "--weights", str(tmp / "converted"), "--image_size", "32", "--batch_size", "3",
+                   "--repeats", "2", "--json", str(out)])
+  assert code == 0, capsys.readouterr().err
+  r = json.loads(out.read_text())
+  n = r["batch"]                                   # 3 rounded up to a multiple of the devices (the data axis)
+  assert n >= 3 and n % r["devices"] == 0
+  assert r["what"] == "fid" and len(r["seconds"]) == 2 and not r["extra"]["random_weights"]
+  assert r["images_per_second"] == pytest.approx(n / r["seconds_median"])
+  analytic = _analytic_inception_flops(n) / r["devices"]
+  assert abs(r["flops_per_device"] - analytic) / analytic < 0.10, (r["flops_per_device"], analytic)
+  assert "images/s" in capsys.readouterr().out
+  assert cli.main(["eval", "fid-bench", "--image_size", "0"]) == 2
+  assert "positive" in capsys.readouterr().err
