@@ -224,7 +224,8 @@ def test_fid_command_end_to_end(inception_pair, tmp_path, capsys):
   want = frechet_distance(Stats.of(ours(a)), Stats.of(ours(b)))
   assert got["fid"] == pytest.approx(want, rel=1e-6) and got["num_samples"] == 6 and got["num_ref"] == 6
   # Against saved statistics: the same number; against itself: 0.
-  assert cli.main(args[:4] + ["--ref", str(tmp_path / "a.npz"), "--weights", str(weights), "--json", str(out)]) == 0
+  assert cli.main(args[:4] + ["--ref", str(tmp_path / "a.npz"), "--weights", str(weights), "--batch_size", "4",
+                               "--json", str(out)]) == 0
   assert json.loads(out.read_text())["fid"] == pytest.approx(0.0, abs=1e-6)
   assert "FID" in capsys.readouterr().out
   assert inception.WEIGHTS_FILE in {p.name for p in weights.iterdir()}
@@ -262,7 +263,8 @@ def test_fid_bad_input_is_one_line(inception_pair, tmp_path, capsys, case, messa
     extra = ["--image_size", "64"]
   elif case == "one_image":
     samples = _write_folder(tmp_path / "one", rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8))
-  code = cli.main(["eval", "fid", "--samples", str(samples), "--ref", str(samples), "--weights", str(weights), *extra])
+  code = cli.main(["eval", "fid", "--samples", str(samples), "--ref", str(samples), "--weights", str(weights),
+                   "--batch_size", "4", *extra])           # the extractor's compiled shape, shared with the fixture
   err = capsys.readouterr().err
   assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
@@ -286,6 +288,7 @@ def test_converter_refuses_what_is_not_a_plain_state_dict(tmp_path, capsys):
 from tests.test_clip import checkpoint as clip_checkpoint  # noqa: E402,F401  (the tiny CLIP fixture)
 
 
+@pytest.mark.slow   # 43 s on 2 cores; the sweep runner it reuses is tested by eval shapes, FID and CLIP by their own
 def test_fid_clip_sweep_end_to_end(inception_pair, clip_checkpoint, tmp_path, spm_model, tiny_t5_checkpoint, capsys):  # noqa: F811
   """The sweep runner through a micro cascade: a row per setting, one program per stage, and FID / CLIP scores
   that equal the metrics recomputed from the written images."""
