@@ -262,11 +262,16 @@ def cmd_bench(args) -> int:
                                   repeats=args.repeats, warmup=args.warmup)
   except ValueError as e:
     raise UsageError(_one_line(e)) from None
-  print(f"bench {args.what}:")
+  return _report_bench(f"bench {args.what}", result, args.json)
+
+
+def _report_bench(title: str, result, json_path: Optional[str]) -> int:
+  from imagen_jax import bench
+  print(f"{title}:")
   print(bench.format_table(result))
-  if args.json:
-    bench.write_json(result, args.json)
-    print(f"bench: wrote {args.json}")
+  if json_path:
+    bench.write_json(result, json_path)
+    print(f"bench: wrote {json_path}")
   return 0
 
 
@@ -409,12 +414,7 @@ def cmd_eval_fid_bench(args) -> int:
                              weights=args.weights, repeats=args.repeats, warmup=args.warmup)
   except ValueError as e:
     raise UsageError(_one_line(e)) from None
-  print("bench fid features:")
-  print(bench.format_table(result))
-  if args.json:
-    bench.write_json(result, args.json)
-    print(f"bench: wrote {args.json}")
-  return 0
+  return _report_bench("bench fid features", result, args.json)
 
 
 def cmd_eval_clip(args) -> int:
