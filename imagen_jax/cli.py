@@ -435,9 +435,8 @@ def cmd_eval_clip(args) -> int:
     per = len(files) // len(prompts)
     pair_prompts = [prompts[k // per] for k in range(len(files))]
     model = clip.load(args.checkpoint)
-    ims = [imio.read_image(f) for f in files]
     t0 = time.perf_counter()
-    mean, scores = clip.clip_score(model, ims, pair_prompts, batch_size=args.batch_size)
+    mean, scores = clip.clip_score(model, files, pair_prompts, batch_size=args.batch_size)   # read batch by batch
     seconds = time.perf_counter() - t0
   except ValueError as e:         # ClipError, ImageError
     raise UsageError(_one_line(e)) from None

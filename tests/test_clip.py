@@ -105,6 +105,27 @@ def test_clip_score_is_100_cosine_clipped_at_zero():
   assert np.allclose(clip.clip_scores(a, b), [100.0, 0.0, 100.0 / np.sqrt(2)])
 
 
+def test_batches_with_a_padded_last_one_equal_one_call_and_compile_once(checkpoint, tmp_path):
+  from imagen_jax.sample import images as imio
+  d, _, _ = checkpoint
+  model = clip.load(d)
+  rng = np.random.default_rng(3)
+  ims = [rng.integers(0, 256, (36, 44, 3), dtype=np.uint8) for _ in range(5)]
+  files = []
+  for k, im in enumerate(ims):
+    imio.save_png(tmp_path / f"{k}.png", im)
+    files.append(tmp_path / f"{k}.png")
+  got = model.embed_images(files, batch_size=2)                  # batches 2, 2, 1 (padded to 2), read from disk
+  assert model._image._cache_size() == 1                         # one compiled shape
+  want = model.image_embeddings(np.stack([model.preprocess(im) for im in ims]))
+  assert got.shape == want.shape and np.abs(got - want).max() / np.abs(want).max() < 1e-5
+  texts = TEXTS[:5]
+  got = model.embed_texts(texts, batch_size=2)
+  assert model._text._cache_size() == 1
+  want = model.text_embeddings(*model.tokenizer(texts))
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+
+
 def test_clip_command_end_to_end_and_bad_input(checkpoint, tmp_path, capsys):
   from imagen_jax import cli
   from imagen_jax.sample import images as imio
@@ -118,7 +139,7 @@ def test_clip_command_end_to_end_and_bad_input(checkpoint, tmp_path, capsys):
   prompts.write_text("a red circle\nblue\n")
   out = tmp_path / "clip.json"
   assert cli.main(["eval", "clip", "--samples", str(samples), "--prompts", str(prompts), "--checkpoint", str(d),
-                   "--json", str(out)]) == 0, capsys.readouterr().err
+                   "--batch_size", "3", "--json", str(out)]) == 0, capsys.readouterr().err
   result = json.loads(out.read_text())
   model = clip.load(d)
   ims = [imio.read_image(samples / f"{k}.png") for k in range(4)]

@@ -358,6 +358,7 @@ def _analytic_inception_flops(batch: int) -> float:
   """2 x multiply-adds of every convolution, from the shapes alone (jax.eval_shape: nothing runs)."""
   import jax
   import jax.numpy as jnp
+  from flax import traverse_util
 
   from imagen_jax.eval import inception
   net = inception.FIDInceptionV3()
@@ -365,9 +366,9 @@ def _analytic_inception_flops(batch: int) -> float:
   params = inception.abstract_params()
   _, state = jax.eval_shape(lambda p: net.apply(p, x, capture_intermediates=lambda m, _: isinstance(
       m, inception.BasicConv), mutable=["intermediates"]), params)
-  kernels = {k[:-1]: v.shape for k, v in inception._flatten(params["params"]).items() if k[-1] == "conv_kernel"}
+  kernels = {k[:-1]: v.shape for k, v in traverse_util.flatten_dict(params["params"]).items() if k[-1] == "conv_kernel"}
   total = 0.0
-  for path, out in inception._flatten(state["intermediates"]).items():
+  for path, out in traverse_util.flatten_dict(state["intermediates"]).items():
     kh, kw, cin, cout = kernels[path[:-1]]
     n, ho, wo, c = out[0].shape if isinstance(out, tuple) else out.shape
     assert c == cout

@@ -188,13 +188,11 @@ class VisionEncoder(nn.Module):
 
 def _hf_to_tree(state: Dict[str, np.ndarray], prefix: str, extra: Dict[str, str]) -> Dict:
   """HF names under `prefix` (plus the top-level names in `extra`: name -> our module) -> our Flax tree."""
-  tree: Dict = {}
+  from flax import traverse_util
+  flat: Dict[Tuple[str, ...], np.ndarray] = {}
 
   def put(path: List[str], value):
-    node = tree
-    for part in path[:-1]:
-      node = node.setdefault(part, {})
-    node[path[-1]] = value
+    flat[tuple(path)] = value
 
   for name, value in state.items():
     if name in extra:
@@ -224,7 +222,7 @@ def _hf_to_tree(state: Dict[str, np.ndarray], prefix: str, extra: Dict[str, str]
           np.ascontiguousarray(value.T) if leaf == "weight" else value)
     else:
       raise ClipError(f"unexpected tensor {name!r} in the CLIP checkpoint")
-  return tree
+  return traverse_util.unflatten_dict(flat)
 
 
 def _check(tree, abstract, what: str) -> None:
@@ -258,17 +256,32 @@ class Clip:
     return np.asarray(self._image(self.vision_params, jnp.asarray(pixels, jnp.float32)))
 
   def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    out = []
-    for i in range(0, len(texts), batch_size):
-      ids, mask = self.tokenizer(list(texts[i:i + batch_size]))
-      out.append(self.text_embeddings(ids, mask))
-    return np.concatenate(out)
+    def embed(chunk):
+      ids, mask = self.tokenizer(list(chunk))
+      return self.text_embeddings(ids, mask)
+    return _batched(embed, list(texts), batch_size)
 
-  def embed_images(self, images: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
-    out = []
-    for i in range(0, len(images), batch_size):
-      out.append(self.image_embeddings(np.stack([self.preprocess(im) for im in images[i:i + batch_size]])))
-    return np.concatenate(out)
+  def embed_images(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
+    """images: uint8 (H, W, 3) arrays, or image files read one batch at a time (30k need not fit in memory)."""
+    from imagen_jax.sample import images as imio
+
+    def pixels(im):
+      return self.preprocess(imio.read_image(im) if isinstance(im, (str, Path)) else im)
+    return _batched(lambda chunk: self.image_embeddings(np.stack([pixels(im) for im in chunk])), list(images),
+                    batch_size)
+
+
+def _batched(embed, items: list, batch_size: int) -> np.ndarray:
+  """embed() over batches of `batch_size`; a short last batch is padded with its first item (and the padding
+  dropped), so that every call has one shape and the encoder compiles once."""
+  out = []
+  for i in range(0, len(items), batch_size):
+    chunk = items[i:i + batch_size]
+    n = len(chunk)
+    if len(items) > batch_size and n < batch_size:
+      chunk = chunk + [chunk[0]] * (batch_size - n)
+    out.append(embed(chunk)[:n])
+  return np.concatenate(out)
 
 
 def load(directory) -> Clip:
@@ -372,9 +385,9 @@ def clip_scores(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
   return 100.0 * np.maximum((a * b).sum(-1), 0.0)
 
 
-def clip_score(model: Clip, images: Sequence[np.ndarray], prompts: Sequence[str], batch_size: int = 64,
+def clip_score(model: Clip, images: Sequence, prompts: Sequence[str], batch_size: int = 64,
                ) -> Tuple[float, np.ndarray]:
-  """Mean CLIP score over (image, prompt) pairs, and the per-pair scores."""
+  """Mean CLIP score over (image, prompt) pairs, and the per-pair scores; images as in `Clip.embed_images`."""
   if len(images) != len(prompts):
     raise ClipError(f"{len(images)} images but {len(prompts)} prompts")
   scores = clip_scores(model.embed_images(images, batch_size), model.embed_texts(prompts, batch_size))

@@ -204,16 +204,6 @@ def preprocess(images_uint8: jnp.ndarray, mode: str = "tf1") -> jnp.ndarray:
 _BN = {"weight": "bn_scale", "bias": "bn_bias", "running_mean": "bn_mean", "running_var": "bn_var"}
 
 
-def _flatten(tree, prefix=()) -> Dict[Tuple[str, ...], np.ndarray]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
 def abstract_params():
   return jax.eval_shape(lambda: FIDInceptionV3().init(jax.random.PRNGKey(0), jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3))))
 
@@ -240,7 +230,8 @@ def from_torch_state_dict(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]
 
 def param_shapes() -> Dict[str, Tuple[int, ...]]:
   """{'Mixed_5b/branch1x1/conv_kernel': shape, ...}: the safetensors layout of the network's weights."""
-  return {"/".join(k[1:]): tuple(v.shape) for k, v in _flatten(abstract_params()).items()}
+  from flax import traverse_util
+  return {"/".join(k[1:]): tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_params()).items()}
 
 
 def check(flat: Dict[str, np.ndarray]) -> None:
