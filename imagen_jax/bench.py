@@ -49,9 +49,15 @@ class BenchResult:
     return dataclasses.asdict(self)
 
 
+def check_counts(repeats: int, warmup: int) -> None:
+  if repeats < 1 or warmup < 0:
+    raise ValueError(f"--repeats must be at least 1 and --warmup at least 0, got {repeats} and {warmup}")
+
+
 def timed_calls(call: Callable[[], Any], repeats: int, warmup: int) -> List[float]:
   """Seconds of `repeats` device-synchronised calls after `warmup` untimed ones."""
   import jax
+  check_counts(repeats, warmup)
   for _ in range(warmup):
     jax.block_until_ready(call())
   out = []

@@ -251,9 +251,10 @@ def cmd_bench(args) -> int:
   from imagen_jax import bench
   from imagen_jax.train import compile_check as cc
   try:
+    bench.check_counts(args.repeats, args.warmup)      # before minutes of compiling
     run = cc.train_run_from_gin()
-  except cc.CompileCheckError as e:
-    raise UsageError(str(e)) from None
+  except ValueError as e:             # CompileCheckError, bad counts
+    raise UsageError(_one_line(e)) from None
   try:
     if args.what == "train":
       result = bench.bench_train(run, repeats=args.repeats, warmup=args.warmup)
@@ -410,6 +411,7 @@ def cmd_eval_fid(args) -> int:
 def cmd_eval_fid_bench(args) -> int:
   from imagen_jax import bench
   try:
+    bench.check_counts(args.repeats, args.warmup)
     result = bench.bench_fid(batch_size=args.batch_size, image_size=args.image_size, resize=args.resize,
                              weights=args.weights, repeats=args.repeats, warmup=args.warmup)
   except ValueError as e:

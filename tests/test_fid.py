@@ -396,3 +396,7 @@ def test_fid_bench_reports_throughput_and_flops_that_match_an_analytic_count(inc
   assert "images/s" in capsys.readouterr().out
   assert cli.main(["eval", "fid-bench", "--image_size", "0"]) == 2
   assert "positive" in capsys.readouterr().err
+  for bad in (["--repeats", "0"], ["--warmup", "-1"]):              # a one-line error, not min() of nothing
+    assert cli.main(["eval", "fid-bench", *bad]) == 2
+    err = capsys.readouterr().err
+    assert "--repeats must be at least 1" in err and len(err.strip().splitlines()) == 1, err

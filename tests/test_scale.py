@@ -266,3 +266,10 @@ def test_bench_cli_sample_on_cpu(tmp_path):
   # images/s counts whole runs of num_steps steps.
   assert r["images_per_second"] == pytest.approx(8 / (3 * r["seconds_median"]))
   assert r["flops_per_device"] > 0 and r["mfu"] > 0
+
+
+def test_bench_cli_refuses_no_timed_calls_before_compiling(capsys):
+  from imagen_jax import cli
+  assert cli.main(["bench", "--gin_file=runs/demo_base.gin", "--repeats", "0"]) == 2
+  err = capsys.readouterr().err
+  assert "--repeats must be at least 1" in err and len(err.strip().splitlines()) == 1, err
