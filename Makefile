@@ -12,7 +12,7 @@ DEMO_DIR        ?= out/demo
 DEMO_BASE_STEPS ?= 450
 DEMO_SR_STEPS   ?= 200
 
-.PHONY: test test-slow install browser demo demo-long eval-demo clean
+.PHONY: test test-unit test-slow lint format docs install browser demo demo-long eval-demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,19 @@ browser:
 	    echo "== installing Debian's chromium (the rating-page test drives it headless)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "warning: chromium is missing and cannot be installed here: the rating-page test will fail"; fi; }
+
+# The formatter and the linter (pinned in the test extra); CI runs `make lint` before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check imagen_jax tests docs launch
+	$(VENV)/bin/ruff check imagen_jax tests docs launch
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format imagen_jax tests docs launch
+	$(VENV)/bin/ruff check --fix imagen_jax tests docs launch
+
+# docs/cli.md is generated from the parser (a test checks it is current).
+docs: $(STAMP)
+	$(PY) -m imagen_jax.cli.reference > docs/cli.md
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import gin
+from imagen_jax.errors import UserError
 
 
-class GinConfigError(ValueError):
+class GinConfigError(UserError):
   """A gin file, binding or required value the user has to fix; the message is one line."""
 
 

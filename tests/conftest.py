@@ -125,12 +125,12 @@ def write_run(model_dir, config, steps=(1,), seed=0):
   from imagen_jax.diffusion import DiffusionConfig
   from imagen_jax.train import checkpoints as ckpt
   from imagen_jax.train import optimizer
-  from imagen_jax.train import state as state_lib
-  tx = optimizer.make_optimizer(optimizer.OptimizerConfig(name="sgd", warmup_steps=0, decay_steps=None))
-  abstract, boxed = state_lib.abstract_state(config, tx)
+  from imagen_jax.train.setup import RunSpec, TrainSetup
+  spec = RunSpec(config, DiffusionConfig(), optimizer.OptimizerConfig(name="sgd", warmup_steps=0, decay_steps=None),
+                 global_batch=1, mesh_shape=(1, 1, 1))
+  setup = TrainSetup(spec, partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  abstract, shardings = setup.abstract, setup.shardings
   ckpt.check_run_dir(model_dir, ckpt.run_record(config, abstract.params, DiffusionConfig()))
-  mesh = partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1])
-  shardings = state_lib.state_shardings(abstract, boxed, mesh)
   mgr = ckpt.manager(model_dir, async_save=False)
   for step in steps:
     rng = np.random.default_rng(seed + step)

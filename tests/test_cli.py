@@ -157,3 +157,83 @@ def test_main_leaves_gin_unlocked_for_the_next_command(capsys, tmp_path):
   def registered_after_a_command(x=1):                                 # raised RuntimeError before the fix
     return x
   assert registered_after_a_command() == 1
+
+
+def test_only_user_errors_become_one_line(monkeypatch, capsys):
+  """A `UserError` (any subclass) is one line and exit 2; any other exception is a bug and keeps its traceback
+  (catching every ValueError turned a JAX shape error into exit 2 with no traceback)."""
+  from imagen_jax.cli import t5 as t5_cli
+  from imagen_jax.errors import ConfigError
+  argv = ["t5", "encode", "--checkpoint", "x", "--vocab", "y", "--prompts", "a"]
+
+  def user_error(args):
+    raise ConfigError("the value is out of range\nIn call to configurable 'x'")
+  monkeypatch.setattr(t5_cli, "encode", user_error)
+  assert cli.main(argv) == 2
+  assert _err_lines(capsys) == ["imagen-jax: error: the value is out of range"]
+
+  def bug(args):
+    raise ValueError("Incompatible shapes for broadcasting: (2, 3) and (4,)")
+  monkeypatch.setattr(t5_cli, "encode", bug)
+  with pytest.raises(ValueError, match="Incompatible shapes"):
+    cli.main(argv)
+
+
+def test_every_user_facing_error_class_is_a_user_error():
+  import inspect
+  import pkgutil
+
+  import imagen_jax
+  from imagen_jax.errors import UserError
+  classes = []
+  for m in pkgutil.walk_packages(imagen_jax.__path__, "imagen_jax."):
+    if m.name.endswith(".__main__"):
+      continue
+    module = __import__(m.name, fromlist=["_"])
+    classes += [c for _, c in inspect.getmembers(module, inspect.isclass)
+                if c.__module__ == m.name and c.__name__.endswith("Error")]
+  assert len(classes) >= 18, classes
+  # NonFiniteError is not the user's to fix by editing input: a run that diverged exits 3.
+  assert [c.__name__ for c in classes if not issubclass(c, UserError)] == ["NonFiniteError"]
+
+
+def test_misuse_of_train_and_cache_embeddings_is_one_line(capsys, tmp_path, spm_model, tiny_t5_checkpoint,
+                                                         shapes_cache):
+  # BATCH_SIZE=0 reached TensorFlow ("Batch size must be greater than zero", a 46-line traceback).
+  code = cli.main(["train", "--gin_file=runs/demo_base.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+                   f"--gin.TRAIN_DATA='{shapes_cache}'", "--gin.NUM_STEPS=200", "--gin.BATCH_SIZE=0"])
+  assert code == 2 and _err_lines(capsys) == ["imagen-jax: error: batch_size must be >= 1, got 0"]
+  # A mistyped data folder started a progress bar, then a 103-line traceback.
+  code = cli.main(["cache-embeddings", "--gin_file=runs/cache_folder.gin", "--gin.DATA='/no/pairs'",
+                   f"--gin.VOCAB='{spm_model}'", f"--gin.ENCODER='{tiny_t5_checkpoint[0]}'",
+                   f"--gin.CACHE_DIR='{tmp_path / 'cache'}'"])
+  assert code == 2 and _err_lines(capsys) == ["imagen-jax: error: the folder source's path /no/pairs does not exist"]
+  assert not (tmp_path / "cache").exists()
+
+
+def _plain_host_env():
+  """A user's shell on a CPU host with the `tpu` extra installed: no JAX_PLATFORMS, no TF_CPP_MIN_LOG_LEVEL."""
+  return {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")}
+
+
+def test_commands_start_quietly_with_jax_platforms_unset(tmp_path, spm_model, tiny_t5_checkpoint):
+  """libtpu probes for a TPU on any host and TensorFlow logs its start-up: neither reaches the user. A successful
+  `t5 encode` writes nothing on stderr; a failing one writes its one line only."""
+  t5_dir = str(tiny_t5_checkpoint[0])
+  cmd = [sys.executable, "-m", "imagen_jax.cli", "t5", "encode", "--vocab", spm_model, "--prompts", "a red circle"]
+  res = subprocess.run(cmd + ["--checkpoint", t5_dir], capture_output=True, text=True, env=_plain_host_env(),
+                       timeout=300, cwd=tmp_path)
+  assert res.returncode == 0 and res.stderr == "", res.stderr
+  assert "tokens=" in res.stdout
+  res = subprocess.run(cmd + ["--checkpoint", str(tmp_path / "missing")], capture_output=True, text=True,
+                       env=_plain_host_env(), timeout=300, cwd=tmp_path)
+  assert res.returncode == 2 and res.stderr.splitlines() == [
+      f"imagen-jax: error: {tmp_path / 'missing'}: no such checkpoint"], res.stderr
+
+
+def test_startup_points_jax_away_from_an_absent_tpu(monkeypatch):
+  from imagen_jax import startup
+  monkeypatch.setattr(startup, "has_tpu", lambda: False)
+  assert startup.default_platforms() in ("cpu", "cuda,cpu")          # libtpu is installed here (the tpu extra)
+  monkeypatch.setattr(startup, "has_tpu", lambda: True)
+  assert startup.default_platforms() == ""                           # a TPU VM: JAX's own choice

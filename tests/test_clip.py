@@ -106,7 +106,7 @@ def test_clip_score_is_100_cosine_clipped_at_zero():
 
 
 def test_batches_with_a_padded_last_one_equal_one_call_and_compile_once(checkpoint, tmp_path):
-  from imagen_jax.sample import images as imio
+  from imagen_jax import images as imio
   d, _, _ = checkpoint
   model = clip.load(d)
   rng = np.random.default_rng(3)
@@ -128,7 +128,7 @@ def test_batches_with_a_padded_last_one_equal_one_call_and_compile_once(checkpoi
 
 def test_clip_command_end_to_end_and_bad_input(checkpoint, tmp_path, capsys):
   from imagen_jax import cli
-  from imagen_jax.sample import images as imio
+  from imagen_jax import images as imio
   d, _, _ = checkpoint
   rng = np.random.default_rng(2)
   samples = tmp_path / "s"

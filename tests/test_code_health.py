@@ -162,3 +162,91 @@ def test_cited_documents_exist_in_the_repository():
     assert target.is_file(), f"{path.name} cites docs/{doc}"
     if section:
       assert re.search(rf"^## §{section} ", target.read_text(), flags=re.MULTILINE), f"{path.name}: {doc} §{section}"
+
+
+# ------------------------------------------------------------------------------ the shape of the package
+# Modules at the top of the package: what every room shares. Everything else lives in a room.
+TOP_LEVEL = {"__init__.py", "batch_keys.py", "demo.py", "errors.py", "files.py", "gin_utils.py", "images.py",
+             "partitioning.py", "startup.py"}
+ROOMS = {"cli", "data", "diffusion", "eval", "models", "sample", "scale", "text", "train"}
+# A script with its own tiny command line (`python -m imagen_jax.demo prepare --out DIR`, the Makefile's).
+OWN_COMMAND_LINE = {"demo.py"}
+
+
+def _non_doc_strings(path):
+  return _string_constants(path)
+
+
+def test_every_module_lives_in_its_room():
+  top = {p.name for p in PACKAGE.glob("*.py")}
+  assert top <= TOP_LEVEL, top - TOP_LEVEL
+  rooms = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+  assert rooms <= ROOMS, rooms - ROOMS
+
+
+def test_only_the_command_line_names_flags():
+  """Library messages name parameters; `--flag`s belong to imagen_jax/cli (gin's `--gin.KEY=VALUE`, which the
+  gin helpers and the compile check's advice spell out as the way to bind a value, excepted)."""
+  import re
+  found = []
+  for p in _sources():
+    if "cli" in p.relative_to(PACKAGE).parts or p.name in OWN_COMMAND_LINE:
+      continue
+    for line, value in _non_doc_strings(p):
+      for m in re.finditer(r"(?<![\w-])--(?!gin\.)[a-z][a-z_]*", value):
+        found.append(f"{p.relative_to(PACKAGE)}:{line} {m.group(0)}")
+  assert not found, found
+
+
+def test_one_mesh_context_site():
+  """`jax.set_mesh` + the logical-axis rules are entered in one place: partitioning.mesh_context."""
+  found = [f"{p.relative_to(PACKAGE)}:{i}" for p in _sources() for i, line in enumerate(p.read_text().splitlines(), 1)
+           if "set_mesh(" in line or "logical_axis_rules(" in line]
+  assert found == [f"partitioning.py:{_line_of('partitioning.py', 'jax.set_mesh(')}"], found
+
+
+def _line_of(name, text):
+  lines = (PACKAGE / name).read_text().splitlines()
+  return next(i for i, line in enumerate(lines, 1) if text in line)
+
+
+def _imports(path):
+  out = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      out |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+  return out
+
+
+def test_scale_tooling_depends_on_the_trainer_never_the_reverse():
+  for p in (PACKAGE / "scale").glob("*.py"):
+    assert not [m for m in _imports(p) if m.startswith("imagen_jax.cli")], p
+  for name in ("setup.py", "step.py", "state.py", "optimizer.py", "checkpoints.py"):
+    assert not [m for m in _imports(PACKAGE / "train" / name) if m.startswith("imagen_jax.scale")], name
+  # The trainer, the compile check and the benchmark build the step in one place.
+  for p in (PACKAGE / "scale" / "compile_check.py", PACKAGE / "scale" / "bench.py", PACKAGE / "train" / "loop.py"):
+    text = p.read_text()
+    assert "TrainSetup" in text and "step_signature(" not in text and "abstract_state(" not in text, p
+
+
+def test_no_function_is_longer_than_120_lines():
+  """Counted without the docstring (an Args: section is not length)."""
+  long = []
+  for p in _sources():
+    for node in ast.walk(ast.parse(p.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+          body = body[1:]
+        n = (body[-1].end_lineno - body[0].lineno + 1) if body else 0
+        if n > 120:
+          long.append(f"{p.relative_to(PACKAGE)}:{node.lineno} {node.name} ({n} lines)")
+  assert not long, long
+
+
+def test_the_cli_reference_is_generated_from_the_parser():
+  from imagen_jax.cli import reference
+  doc = PACKAGE.parent / "docs" / "cli.md"
+  assert doc.read_text() == reference.markdown(), "docs/cli.md is stale: run `make docs`"

@@ -11,7 +11,7 @@ import pytest
 
 from imagen_jax import cli
 from imagen_jax.eval import drawbench
-from imagen_jax.sample import images as imio
+from imagen_jax import images as imio
 from tests.conftest import write_micro_cascade
 
 SHARED_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "drawbench_partial.csv"

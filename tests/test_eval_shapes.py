@@ -179,10 +179,23 @@ def test_eval_shapes_sweeps_with_one_compiled_sampler_per_stage(cascade_dir, tmp
     (["--checkpoints", "base"], "STAGE=RUN_DIR"),
     (["--checkpoints", "nope=/tmp"], "no stage 'nope'"),
     (["--seed", "0", "--train_examples", "10"], "training seed"),
-    (["--baseline", "/nonexistent.json"], "--baseline"),
+    (["--baseline", "/nonexistent.json"], "baseline /nonexistent.json"),
+    (["--sweep_stage", "srr"], "sweep_stage srr: no stage of that name (stages: base, sr)"),   # was: base swept
 ])
 def test_eval_shapes_bad_input_is_one_line(cascade_dir, tmp_path, capsys, extra, message):
   code = cli.main(["eval", "shapes", f"--gin_file={cascade_dir / 'cascade.gin'}", "--out", str(tmp_path / "o"),
                    "--num_prompts", "1", *extra])
   err = capsys.readouterr().err
   assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_fid_clip_refuses_an_unknown_sweep_stage(cascade_dir, tmp_path, capsys):
+  """It swept the first stage instead (exit 0 after minutes of sampling); now one line, before any scoring model
+  is loaded (the Inception and CLIP paths below do not exist)."""
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("a red circle\ntwo blue squares\n")
+  code = cli.main(["eval", "fid-clip", f"--gin_file={cascade_dir / 'cascade.gin'}", "--out", str(tmp_path / "o"),
+                   "--prompts_file", str(prompts), "--ref", str(tmp_path / "none.npz"), "--inception",
+                   str(tmp_path / "none"), "--clip", str(tmp_path / "none"), "--sweep_stage", "srr"])
+  err = capsys.readouterr().err
+  assert code == 2 and "sweep_stage srr: no stage of that name" in err and len(err.strip().splitlines()) == 1, err

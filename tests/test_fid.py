@@ -199,7 +199,7 @@ def test_bad_weights_are_one_line(inception_pair, tmp_path, what, message):
 
 
 def _write_folder(folder, images):
-  from imagen_jax.sample import images as imio
+  from imagen_jax import images as imio
   folder.mkdir(parents=True, exist_ok=True)
   for k, im in enumerate(images):
     imio.save_png(folder / f"{k:03d}.png", im)
@@ -283,6 +283,7 @@ def test_converter_refuses_what_is_not_a_plain_state_dict(tmp_path, capsys):
   assert code == 2 and "weights_only" in captured.err and "this must never run" not in captured.out
   torch.save({"conv.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
   assert cli.main(["eval", "convert-inception", "--from", str(tmp_path / "other.pth"), "--to", str(tmp_path / "o")]) == 2
+  assert "a convolution kernel is 4-d" in capsys.readouterr().err      # was numpy's "axes don't match array"
 
 
 from tests.test_clip import checkpoint as clip_checkpoint  # noqa: E402,F401  (the tiny CLIP fixture)
@@ -296,7 +297,7 @@ def test_fid_clip_sweep_end_to_end(inception_pair, clip_checkpoint, tmp_path, sp
 
   from imagen_jax import cli
   from imagen_jax.eval import clip
-  from imagen_jax.sample import images as imio
+  from imagen_jax import images as imio
   from tests.conftest import write_micro_cascade
   _, ours, tmp = inception_pair
   runs = write_micro_cascade(tmp_path / "runs", spm_model, tiny_t5_checkpoint[0])
@@ -326,7 +327,7 @@ def test_coco_prompts_draw_pairs_reproducibly(tmp_path, capsys):
   import json
 
   from imagen_jax import cli
-  from imagen_jax.sample import images as imio
+  from imagen_jax import images as imio
   img_dir = tmp_path / "val2014"
   img_dir.mkdir()
   images, anns = [], []
@@ -399,4 +400,4 @@ def test_fid_bench_reports_throughput_and_flops_that_match_an_analytic_count(inc
   for bad in (["--repeats", "0"], ["--warmup", "-1"]):              # a one-line error, not min() of nothing
     assert cli.main(["eval", "fid-bench", *bad]) == 2
     err = capsys.readouterr().err
-    assert "--repeats must be at least 1" in err and len(err.strip().splitlines()) == 1, err
+    assert "repeats must be at least 1 and warmup at least 0" in err and len(err.strip().splitlines()) == 1, err

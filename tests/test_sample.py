@@ -16,7 +16,8 @@ from imagen_jax import batch_keys as K
 from imagen_jax import partitioning
 from imagen_jax.diffusion import DiffusionConfig
 from imagen_jax.sample import cascade, engine
-from imagen_jax.sample import images as imio
+from imagen_jax import images as imio
+from imagen_jax.errors import UserError
 from imagen_jax.sample.settings import SettingsError, StageSettings, apply_sweep, expand, stage_sweeps
 from tests.conftest import MICRO_BASE, load_config, randomized_params
 
@@ -220,9 +221,18 @@ def test_thresholding_by_traced_index_is_thresholding_by_name():
 # ------------------------------------------------------------------------------ settings and errors
 
 
+def _flags(**given):
+  """argparse's namespace for the setting flags (unset ones None)."""
+  import argparse
+
+  from imagen_jax.cli import common
+  return argparse.Namespace(**{**{f: None for f in common.SETTING_FLAGS}, **given})
+
+
 def test_settings_flags_sweeps_and_their_errors():
-  sweeps = stage_sweeps({"guidance": ["base=1,3,5"], "steps": ["16"], "thresholding": ["sr=none,dynamic:99.9"],
-                         "aug_level": None}, ["base", "sr"])
+  from imagen_jax.cli.common import UsageError, setting_overrides
+  sweeps = stage_sweeps(setting_overrides(_flags(guidance=["base=1,3,5"], steps=["16"],
+                                                 thresholding=["sr=none,dynamic:99.9"])), ["base", "sr"])
   assert sweeps == {"base": {"guidance_scale": [1.0, 3.0, 5.0], "num_steps": [16]},
                     "sr": {"num_steps": [16], "thresholding": ["none", "dynamic:99.9"]}}
   base = apply_sweep(StageSettings(), sweeps["base"])
@@ -232,8 +242,8 @@ def test_settings_flags_sweeps_and_their_errors():
   for flags, message in (({"sampler": ["euler"]}, "unknown sampler"), ({"steps": ["-3"]}, ">= 1"),
                          ({"thresholding": ["soft"]}, "unknown thresholding"), ({"guidance": ["x=2"]}, "no stage 'x'"),
                          ({"aug_level": ["sr=1.5"]}, "in \\[0, 1\\]"), ({"guidance": ["base=a,b"]}, "float")):
-    with pytest.raises(SettingsError, match=message):
-      for stage, sweep in stage_sweeps(flags, ["base", "sr"]).items():
+    with pytest.raises((SettingsError, UsageError), match=message):   # the CLI's parse, or the settings' check
+      for stage, sweep in stage_sweeps(setting_overrides(_flags(**flags)), ["base", "sr"]).items():
         apply_sweep(StageSettings(), sweep)
 
 
@@ -243,16 +253,16 @@ def test_bad_inputs_to_a_cascade_are_refused_before_anything_is_written(tmp_path
   text = prompts(2)
   cases = [
       (dict(stages=[base, base]), "only a super-resolution network"),
-      (dict(stages=[sr]), "give its 8px inputs with --lowres_images"),
+      (dict(stages=[sr]), "give its 8px inputs with lowres_images"),
       (dict(stages=[base], lowres_images=np.zeros((2, 8, 8, 3), np.float32)), "is a base stage"),
       (dict(stages=[sr], lowres_images=np.zeros((2, 4, 4, 3), np.float32)), "takes 8x8"),
-      (dict(stages=[sr], lowres_images=np.zeros((3, 8, 8, 3), np.float32)), "3 images but 2 prompts"),
+      (dict(stages=[sr], lowres_images=np.zeros((3, 8, 8, 3), np.float32)), "3 images but 2 prompts", UserError),
       (dict(stages=[base], samples_per_prompt=0), "samples_per_prompt"),
       (dict(stages=[base], strength=1.5), "strength"),
   ]
-  for i, (kw, message) in enumerate(cases):
+  for i, (kw, message, *error) in enumerate(cases):
     stages = kw.pop("stages")
-    with pytest.raises(cascade.SampleError, match=message):
+    with pytest.raises(error[0] if error else cascade.SampleError, match=message):
       cascade.run_cascade(stages, text, tmp_path / f"out{i}", progress=False, **kw)
     assert not (tmp_path / f"out{i}").exists()
   (tmp_path / "full").mkdir()

@@ -16,9 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagen_jax import bench, cli
+from imagen_jax import cli
+from imagen_jax.scale import bench
+from imagen_jax.scale import flops as perf
 from imagen_jax.gin_utils import parse_gin
-from imagen_jax.train import compile_check as cc
+from imagen_jax.scale import compile_check as cc
+from imagen_jax.scale import watch
+from imagen_jax.train.setup import run_spec_from_gin
 from tests.conftest import MICRO_BASE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +65,8 @@ def test_compile_check_of_the_micro_step_on_v5e(micro_report):
   # FLOPs per chip: the same step compiled for this CPU on one device with a quarter of the batch.
   parse_gin(["runs/demo_base.gin", "models/tiny_base.gin"], list(MICRO_BASE[1:]) + ["BATCH_SIZE = 2",
                                                                                       "MESH = (-1, 1, 1)"])
-  run = cc.train_run_from_gin()
-  from imagen_jax import partitioning, perf
+  run = run_spec_from_gin()
+  from imagen_jax import partitioning
   mesh = partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1])
   lowered, _, _ = cc._lower_train(run, mesh, 2)
   cpu_flops = perf.compiled_flops(lowered.compile())
@@ -91,7 +95,7 @@ def test_compile_check_reports_an_oversized_batch_as_not_fitting(tmp_path, capsy
 def _user_env():
   """The environment of a user's shell: no TF_CPP_MIN_LOG_LEVEL (`import jax` set it in this process)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  for k in (cli.CHILD_ENV, "TF_CPP_MIN_LOG_LEVEL"):
+  for k in (watch.CHILD_ENV, "TF_CPP_MIN_LOG_LEVEL"):
     env.pop(k, None)
   return env
 
@@ -103,7 +107,7 @@ def test_host_ram_watch_stops_the_compile_with_one_line(tmp_path):
                      capture_output=True, text=True, timeout=300)
   assert p.returncode == 3, p.stderr[-2000:]
   lines = [l for l in p.stderr.splitlines() if l.strip()]
-  assert len(lines) == 1 and "host RAM" in lines[0] and "--per_chip_equivalent" in lines[0], p.stderr
+  assert len(lines) == 1 and "host RAM" in lines[0] and "per-chip-equivalent compile" in lines[0], p.stderr
 
 
 def test_watched_compile_check_passes_gin_bindings_to_its_child():
@@ -116,7 +120,7 @@ def test_watched_compile_check_passes_gin_bindings_to_its_child():
 
 @pytest.mark.parametrize("argv,fragment", [
     (["--topology", "v9:2x2"], "generation one of"),
-    (["--topology", "v5e:2x2", "--gin.MESH=(-1,3,1)"], "does not fit 4 chips"),
+    (["--topology", "v5e:2x2", "--gin.MESH=(-1,3,1)"], "4 devices do not divide into fsdp/tensor sizes with product 3"),
     (["--topology", "v5e:2x2", "--gin.BATCH_SIZE=6"], "does not split"),
 ])
 def test_compile_check_bad_input_is_one_line(argv, fragment, capsys):
@@ -163,7 +167,6 @@ def test_bench_flops_agree_with_an_analytic_count_for_a_conv_stack():
   """The FLOP accounting the benchmark uses (XLA cost analysis of the compiled program) against 2*K*K*Cin*Cout*H*W*B
   per convolution: forward alone, and forward+backward (the input gradient of every layer but the first, and
   every kernel gradient: 3x the forward less the first layer's input gradient)."""
-  from imagen_jax import perf
   model, params, x, fwd = _conv_stack()
   f = jax.jit(lambda p, x: model.apply(p, x))
   flops_fwd = perf.compiled_flops(f.lower(params, x).compile())
@@ -199,10 +202,10 @@ def test_bench_cli_train_on_cpu_writes_json(tmp_path, capsys):
 def test_flops_of_a_scanned_step_count_every_block():
   """XLA's cost analysis counts a scan body once: the scanned step's compiled FLOPs fall short of the unscanned
   step's; the compile check's figure (the unscanned step's HLO) equals the unscanned compiled figure."""
-  from imagen_jax import partitioning, perf
+  from imagen_jax import partitioning
   parse_gin(["runs/demo_sr.gin"], ["BATCH_SIZE = 2", "MESH = (1, 1, 1)", "SCAN_LAYERS = True",
                                     "EfficientUNetConfig.num_res_blocks = (1, 3)"])
-  run = cc.train_run_from_gin()
+  run = run_spec_from_gin()
   assert run.model_config.scan_layers
   mesh = partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1])
   import dataclasses
@@ -225,7 +228,7 @@ def test_per_chip_equivalent_derivation_matches_a_full_compile():
   bindings = [b for b in MICRO_BASE[1:] if not b.startswith("MODEL_CHANNELS")] + [
       "MODEL_CHANNELS = 384", "UNetConfig.norm_groups = 8", "BATCH_SIZE = 8", "MESH = (-1, 8, 1)"]
   parse_gin(["runs/demo_base.gin", "models/tiny_base.gin"], bindings)
-  run = cc.train_run_from_gin()
+  run = run_spec_from_gin()
   real = cc.check_train(run, "v5e:2x4")
   derived = cc.check_train(run, "v5e:2x4", per_chip_equivalent="v5e:2x2")
   assert real.fits and derived.fits and derived.measured_on["mesh"]["fsdp"] == 4 and real.mesh["fsdp"] == 8
@@ -272,4 +275,4 @@ def test_bench_cli_refuses_no_timed_calls_before_compiling(capsys):
   from imagen_jax import cli
   assert cli.main(["bench", "--gin_file=runs/demo_base.gin", "--repeats", "0"]) == 2
   err = capsys.readouterr().err
-  assert "--repeats must be at least 1" in err and len(err.strip().splitlines()) == 1, err
+  assert "repeats must be at least 1 and warmup at least 0" in err and len(err.strip().splitlines()) == 1, err

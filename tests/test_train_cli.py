@@ -49,16 +49,16 @@ def _cmd(argv):
 
 def _final_state(model_dir):
   """The whole train state of a run's latest checkpoint, on one device, as NumPy."""
-  config = load_config(*MICRO_BASE)
-  tx = optimizer.make_optimizer(optimizer.OptimizerConfig(name="adam", learning_rate=1e-3, warmup_steps=2,
-                                                          decay_steps=STEPS))
-  abstract, boxed = state_lib.abstract_state(config, tx)
   from imagen_jax import partitioning
-  mesh = partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1])
+  from imagen_jax.diffusion import DiffusionConfig
+  from imagen_jax.train.setup import RunSpec, TrainSetup
+  opt = optimizer.OptimizerConfig(name="adam", learning_rate=1e-3, warmup_steps=2, decay_steps=STEPS)
+  setup = TrainSetup(RunSpec(load_config(*MICRO_BASE), DiffusionConfig(), opt, global_batch=1, mesh_shape=(1, 1, 1)),
+                     partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1]))
   mgr = ckpt.manager(model_dir, read_only=True)
   try:
     step = mgr.latest_step()
-    state = ckpt.restore(mgr, step, abstract, state_lib.state_shardings(abstract, boxed, mesh))
+    state = ckpt.restore(mgr, step, setup.abstract, setup.shardings)
   finally:
     mgr.close()
   return step, jax.device_get(state)

@@ -20,6 +20,7 @@ import gin
 import numpy as np
 from tqdm import tqdm
 
+from imagen_jax.files import write_json
 from imagen_jax import batch_keys as K
 from imagen_jax.data import sources as sources_lib
 from imagen_jax.data import tasks as tasks_lib
@@ -89,9 +90,7 @@ def _write_metadata(output_dir: Path, meta: dict) -> None:
       raise sources_lib.DataError(f"{output_dir} holds a cache made with other settings ({'; '.join(diff)}); "
                                   "use a new output directory")
     meta = dict(old, splits=sorted(set(old["splits"]) | set(meta["splits"])))
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(meta, indent=2))
-  os.replace(tmp, path)
+  write_json(path, meta, indent=2)
 
 
 @gin.configurable

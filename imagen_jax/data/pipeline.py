@@ -22,6 +22,7 @@ from typing import Optional
 import gin
 import numpy as np
 
+from imagen_jax.errors import ConfigError
 from imagen_jax import batch_keys as K
 from imagen_jax.data import tf_setup
 from imagen_jax.text.t5 import EOS_ID
@@ -45,15 +46,17 @@ class StageDataConfig:
   max_length: int = 128                 # on-the-fly mode: tokens trimmed (EOS kept) and padded to this
 
   def __post_init__(self):
+    if self.batch_size < 1:
+      raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
     if self.lowres_size is not None and self.image_size % self.lowres_size:
-      raise ValueError(f"image_size {self.image_size} must be a multiple of lowres_size {self.lowres_size}")
+      raise ConfigError(f"image_size {self.image_size} must be a multiple of lowres_size {self.lowres_size}")
     if self.full_size is not None:
       if self.lowres_size is None:
-        raise ValueError("full_size (crop training) needs lowres_size")
+        raise ConfigError("full_size (crop training) needs lowres_size")
       if self.full_size < self.image_size or self.full_size % (self.image_size // self.lowres_size):
-        raise ValueError(f"full_size {self.full_size} must be >= image_size and a multiple of the SR factor")
+        raise ConfigError(f"full_size {self.full_size} must be >= image_size and a multiple of the SR factor")
     if self.embeddings not in ("cached", "on_the_fly"):
-      raise ValueError(f"embeddings must be 'cached' or 'on_the_fly', got {self.embeddings!r}")
+      raise ConfigError(f"embeddings must be 'cached' or 'on_the_fly', got {self.embeddings!r}")
 
   @property
   def factor(self) -> int:
@@ -111,7 +114,7 @@ def stage_dataset(task_name: str, config: StageDataConfig, split: str = "train",
                   process_count: int = 1, num_epochs: Optional[int] = None):
   """Batches of `task_name` (the cached task, or a source task in on-the-fly mode) for this host."""
   if config.batch_size % process_count:
-    raise ValueError(f"batch_size {config.batch_size} is not divisible by {process_count} hosts")
+    raise ConfigError(f"batch_size {config.batch_size} is not divisible by {process_count} hosts")
   task = seqio.get_mixture_or_task(task_name)
   ds = task.get_dataset(split=split, shuffle=False, seed=config.seed,
                         shard_info=seqio.ShardInfo(process_index, process_count) if process_count > 1 else None,

@@ -18,11 +18,12 @@ from typing import Dict, Iterable, Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from imagen_jax.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """A data source is unusable (missing, or mostly bad records)."""
 
 

@@ -11,6 +11,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import gin
 
+from imagen_jax.errors import ConfigError, MissingFileError
 from imagen_jax import batch_keys as K
 from imagen_jax.data import tf_setup
 from imagen_jax.data import sources as sources_lib
@@ -72,7 +73,7 @@ def _caption_to_tokens(ds):
 
 def vocabulary(spm_path) -> seqio.SentencePieceVocabulary:
   if not Path(spm_path).is_file():
-    raise FileNotFoundError(f"sentencepiece model not found: {spm_path}")
+    raise MissingFileError(f"sentencepiece model not found: {spm_path}")
   return seqio.SentencePieceVocabulary(str(spm_path))
 
 
@@ -103,21 +104,23 @@ def register_source_task(name: str = gin.REQUIRED, kind: str = gin.REQUIRED, voc
   require("register_source_task", name=name, kind=kind, vocab_path=vocab_path, path=path,
           tfds_data_dir=tfds_data_dir)
   if kind in ("folder", "jsonl") and not path:
-    raise ValueError(f"a {kind} source needs path")
+    raise ConfigError(f"a {kind} source needs path")
+  if kind in ("folder", "jsonl") and "://" not in str(path) and not Path(path).exists():
+    raise MissingFileError(f"the {kind} source's path {path} does not exist")
   if kind == "folder":
     records = lambda split: sources_lib.folder_records(path)
   elif kind == "jsonl":
     records = lambda split: sources_lib.jsonl_records(path)
   elif kind == "tfds":
     if not tfds_name:
-      raise ValueError("a tfds source needs tfds_name")
+      raise ConfigError("a tfds source needs tfds_name")
     records = lambda split: sources_lib.tfds_records(tfds_name, split, image_field, caption_field, all_captions,
                                                      tfds_data_dir)
   elif kind == "synthetic":
     res = image_size or 64
     records = lambda split: synthetic.examples(seed if split == "train" else seed + 1, num_examples, res)
   else:
-    raise ValueError(f"unknown source kind {kind!r}; expected folder, jsonl, tfds or synthetic")
+    raise ConfigError(f"unknown source kind {kind!r}; expected folder, jsonl, tfds or synthetic")
   if splits is None:
     splits = ("train", "validation") if kind in ("tfds", "synthetic") else ("train",)
   source = CaptionedImageSource(records, image_size, splits=tuple(splits), max_bad_fraction=max_bad_fraction)

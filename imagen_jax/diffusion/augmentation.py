@@ -13,12 +13,13 @@ import jax.numpy as jnp
 
 from imagen_jax.diffusion import process
 from imagen_jax.diffusion.schedules import NoiseSchedule
+from imagen_jax.errors import ConfigError
 
 
 def sample_aug_levels(key, batch_size: int, level_range=(0.0, 1.0)):
   lo, hi = level_range
   if not 0.0 <= lo <= hi <= 1.0:
-    raise ValueError(f"augmentation level range must satisfy 0 <= lo <= hi <= 1, got {level_range}")
+    raise ConfigError(f"augmentation level range must satisfy 0 <= lo <= hi <= 1, got {level_range}")
   return jax.random.uniform(key, (batch_size,), jnp.float32, lo, hi)
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from imagen_jax.diffusion import augmentation, guidance, losses, process, samplers, thresholding
 from imagen_jax.diffusion.schedules import (CosineSchedule, NoiseSchedule, get_schedule, schedule_from_record,
                                             schedule_record)
+from imagen_jax.errors import ConfigError
 
 # What a sampler must reproduce of how a stage was trained (the rest of DiffusionConfig are sampling choices
 # or training-only settings).
@@ -53,15 +54,15 @@ class DiffusionConfig:
     samplers.check_sampler(self.sampler)
     thresholding.check_thresholding(self.thresholding)
     if not 0.0 <= self.cond_drop_prob <= 1.0:
-      raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
+      raise ConfigError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
     if not 0.0 < self.dynamic_percentile <= 100.0:
-      raise ValueError(f"dynamic_percentile must be in (0, 100], got {self.dynamic_percentile}")
+      raise ConfigError(f"dynamic_percentile must be in (0, 100], got {self.dynamic_percentile}")
     if not 0.0 <= self.ddim_eta <= 1.0:
-      raise ValueError(f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
+      raise ConfigError(f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
     if self.num_sampling_steps < 1:
-      raise ValueError(f"num_sampling_steps must be >= 1, got {self.num_sampling_steps}")
+      raise ConfigError(f"num_sampling_steps must be >= 1, got {self.num_sampling_steps}")
     if not 0.0 <= self.sample_aug_level <= 1.0:
-      raise ValueError(f"sample_aug_level must be in [0, 1], got {self.sample_aug_level}")
+      raise ConfigError(f"sample_aug_level must be in [0, 1], got {self.sample_aug_level}")
 
   def training_record(self) -> dict:
     """TRAINED_FIELDS as JSON: the trainer writes them to run.json, a sampler reads them back."""

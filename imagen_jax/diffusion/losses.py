@@ -17,13 +17,14 @@ import jax.numpy as jnp
 
 from imagen_jax.diffusion import guidance, process
 from imagen_jax.diffusion.schedules import NoiseSchedule
+from imagen_jax.errors import ConfigError
 
 WEIGHTINGS = ("uniform", "min_snr")
 
 
 def check_weighting(weighting: str) -> str:
   if weighting not in WEIGHTINGS:
-    raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    raise ConfigError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
   return weighting
 
 

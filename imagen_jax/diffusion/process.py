@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from imagen_jax.errors import ConfigError
 
 OBJECTIVES = ("eps", "x0", "v")
 
 
 def check_objective(objective: str) -> str:
   if objective not in OBJECTIVES:
-    raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+    raise ConfigError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
   return objective
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from imagen_jax.diffusion import guidance, process, thresholding
 from imagen_jax.diffusion.schedules import NoiseSchedule, alpha_sigma_from_log_snr
+from imagen_jax.errors import ConfigError
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -34,7 +35,7 @@ SAMPLERS = ("ddpm", "ddim")
 def check_sampler(sampler: str) -> str:
   """The one validation of a sampler name (configs, the sampler, the CLI all call it)."""
   if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    raise ConfigError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
   return sampler
 
 

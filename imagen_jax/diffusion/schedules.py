@@ -19,6 +19,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from imagen_jax.errors import ConfigError
 
 
 def alpha_sigma_from_log_snr(log_snr):
@@ -69,7 +70,7 @@ class CosineSchedule(NoiseSchedule):
 
   def __post_init__(self):
     if not self.logsnr_min < self.logsnr_max:
-      raise ValueError(f"CosineSchedule needs logsnr_min < logsnr_max, got {self.logsnr_min}, {self.logsnr_max}")
+      raise ConfigError(f"CosineSchedule needs logsnr_min < logsnr_max, got {self.logsnr_min}, {self.logsnr_max}")
 
   def _angles(self):
     """(a, b, c) in float64: the angle is a t + b, and c = pi/2 - a - b is its complement at t = 1."""
@@ -110,9 +111,9 @@ class LinearSchedule(NoiseSchedule):
 
   def __post_init__(self):
     if not 0 < self.beta_start < self.beta_end < 1:
-      raise ValueError(f"LinearSchedule needs 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+      raise ConfigError(f"LinearSchedule needs 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
     if self.num_timesteps < 1:
-      raise ValueError(f"LinearSchedule needs num_timesteps >= 1, got {self.num_timesteps}")
+      raise ConfigError(f"LinearSchedule needs num_timesteps >= 1, got {self.num_timesteps}")
 
   def _log_alpha_bar_knots(self) -> np.ndarray:
     betas = np.linspace(self.beta_start, self.beta_end, self.num_timesteps, dtype=np.float64)
@@ -137,7 +138,7 @@ def get_schedule(schedule) -> NoiseSchedule:
     return schedule
   if isinstance(schedule, str) and schedule in SCHEDULES:
     return SCHEDULES[schedule]()
-  raise ValueError(f"unknown noise schedule {schedule!r}; expected one of {sorted(SCHEDULES)} or a NoiseSchedule")
+  raise ConfigError(f"unknown noise schedule {schedule!r}; expected one of {sorted(SCHEDULES)} or a NoiseSchedule")
 
 
 def schedule_record(schedule: NoiseSchedule) -> dict:
@@ -153,5 +154,5 @@ def schedule_from_record(record: dict) -> NoiseSchedule:
   record = dict(record)
   name = record.pop("name", None)
   if name not in SCHEDULES:
-    raise ValueError(f"unknown noise schedule {name!r} in record; expected one of {sorted(SCHEDULES)}")
+    raise ConfigError(f"unknown noise schedule {name!r} in record; expected one of {sorted(SCHEDULES)}")
   return SCHEDULES[name](**record)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from imagen_jax.errors import ConfigError
 
 THRESHOLDING = ("none", "static", "dynamic")
 
@@ -17,7 +18,7 @@ THRESHOLDING = ("none", "static", "dynamic")
 def check_thresholding(method: str) -> str:
   """The one validation of a thresholding name (configs, the sampler, the CLI all call it)."""
   if method not in THRESHOLDING:
-    raise ValueError(f"unknown thresholding {method!r}; expected one of {THRESHOLDING}")
+    raise ConfigError(f"unknown thresholding {method!r}; expected one of {THRESHOLDING}")
   return method
 
 

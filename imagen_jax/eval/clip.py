@@ -27,13 +27,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from imagen_jax.errors import UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-class ClipError(ValueError):
+class ClipError(UserError):
   """A missing or malformed CLIP checkpoint, or bad input: one line, exit code 2."""
 
 
@@ -263,7 +264,7 @@ class Clip:
 
   def embed_images(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
     """images: uint8 (H, W, 3) arrays, or image files read one batch at a time (30k need not fit in memory)."""
-    from imagen_jax.sample import images as imio
+    from imagen_jax import images as imio
 
     def pixels(im):
       return self.preprocess(imio.read_image(im) if isinstance(im, (str, Path)) else im)
@@ -272,16 +273,9 @@ class Clip:
 
 
 def _batched(embed, items: list, batch_size: int) -> np.ndarray:
-  """embed() over batches of `batch_size`; a short last batch is padded with its first item (and the padding
-  dropped), so that every call has one shape and the encoder compiles once."""
-  out = []
-  for i in range(0, len(items), batch_size):
-    chunk = items[i:i + batch_size]
-    n = len(chunk)
-    if len(items) > batch_size and n < batch_size:
-      chunk = chunk + [chunk[0]] * (batch_size - n)
-    out.append(embed(chunk)[:n])
-  return np.concatenate(out)
+  """embed() over batches of at most `batch_size` items, one shape for all (`partitioning.pad_shard_unpad`)."""
+  from imagen_jax import partitioning
+  return partitioning.pad_shard_unpad(lambda rows: embed([items[r] for r in rows]), len(items), batch_size)
 
 
 def load(directory) -> Clip:
@@ -392,3 +386,37 @@ def clip_score(model: Clip, images: Sequence, prompts: Sequence[str], batch_size
     raise ClipError(f"{len(images)} images but {len(prompts)} prompts")
   scores = clip_scores(model.embed_images(images, batch_size), model.embed_texts(prompts, batch_size))
   return float(scores.mean()), scores
+
+
+def score_folder(samples, prompts_file, checkpoint, *, batch_size: int = 64, json_path=None) -> dict:
+  """CLIP score of a folder of images (sorted by name) against a prompts file.
+
+  Args:
+    samples: the image folder.
+    prompts_file: one prompt per image, or per equal run of consecutive images.
+    checkpoint: a Hugging Face CLIP folder.
+    batch_size: images (and prompts) per call.
+    json_path: write the result as JSON here.
+
+  Returns:
+    {'clip_score', 'pairs', 'images_per_prompt', 'per_prompt', 'checkpoint', 'samples', 'pairs_per_second'}.
+  """
+  import time
+
+  from imagen_jax import files
+  from imagen_jax import images as imio
+  paths = imio.image_files(samples)
+  prompts = files.read_prompts(prompts_file)
+  pairing = files.pair_prompts(len(paths), len(prompts), f"{samples}")
+  pair_prompts = [prompts[k] for k in pairing]
+  model = load(checkpoint)
+  t0 = time.perf_counter()
+  mean, scores = clip_score(model, paths, pair_prompts, batch_size=batch_size)   # images read batch by batch
+  seconds = time.perf_counter() - t0
+  per_prompt = {p: float(np.mean([s for s, q in zip(scores, pair_prompts) if q == p])) for p in dict.fromkeys(prompts)}
+  result = {"clip_score": mean, "pairs": len(paths), "images_per_prompt": len(paths) // len(prompts),
+            "per_prompt": per_prompt, "checkpoint": str(checkpoint), "samples": str(samples),
+            "pairs_per_second": len(paths) / seconds}
+  if json_path:
+    files.write_json(json_path, result)
+  return result

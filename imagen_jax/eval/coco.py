@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
+from imagen_jax.files import write_json
+from imagen_jax.errors import UserError
 
 
-class CocoError(ValueError):
+class CocoError(UserError):
   """Unreadable or inconsistent COCO files: one line, exit code 2."""
 
 
@@ -31,20 +33,20 @@ def make_prompts(annotations, images_dir, out_dir, *, num: int = 30000, seed: in
     for a in data["annotations"]:
       captions.setdefault(a["image_id"], []).append(" ".join(str(a["caption"]).split()))
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CocoError(f"--annotations {annotations}: not a COCO captions file ({type(e).__name__}: {e})") from None
+    raise CocoError(f"annotations {annotations}: not a COCO captions file ({type(e).__name__}: {e})") from None
   ids = sorted(i for i in images if captions.get(i))
   if num < 1 or num > len(ids):
-    raise CocoError(f"--num {num}: the annotations have {len(ids)} captioned images")
+    raise CocoError(f"num {num}: the annotations have {len(ids)} captioned images")
   img_dir = Path(images_dir)
   rng = np.random.default_rng(seed)
   chosen = [ids[k] for k in rng.choice(len(ids), size=num, replace=False)]
   missing = [images[i] for i in chosen if not (img_dir / images[i]).is_file()]
   if missing:
-    raise CocoError(f"--images {images_dir}: {len(missing)} of the drawn images are missing (e.g. {missing[0]})")
+    raise CocoError(f"images_dir {images_dir}: {len(missing)} of the drawn images are missing (e.g. {missing[0]})")
   out = Path(out_dir)
   ref = out / "ref_images"
   if ref.exists() and any(ref.iterdir()):
-    raise CocoError(f"{ref} is not empty; choose a new --out")
+    raise CocoError(f"{ref} is not empty; choose a new out_dir")
   ref.mkdir(parents=True, exist_ok=True)
   rows = []
   for k, i in enumerate(chosen):
@@ -54,5 +56,5 @@ def make_prompts(annotations, images_dir, out_dir, *, num: int = 30000, seed: in
     rows.append({"image_id": int(i), "file_name": images[i], "caption": caption})
   (out / "prompts.txt").write_text("\n".join(r["caption"] for r in rows) + "\n", encoding="utf-8")
   record = {"what": "COCO FID inputs", "annotations": str(annotations), "seed": seed, "num": num, "pairs": rows}
-  (out / "coco_fid.json").write_text(json.dumps(record, indent=1))
+  write_json(out / "coco_fid.json", record)
   return record

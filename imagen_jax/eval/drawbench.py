@@ -35,6 +35,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from imagen_jax import files
+from imagen_jax.errors import UserError
+
 QUESTIONS = ("fidelity", "alignment")
 QUESTION_TEXT = {"fidelity": "Which set of images is more photorealistic?",
                  "alignment": "Which set of images better represents the text caption?"}
@@ -42,7 +45,7 @@ CHOICES = ("left", "indifferent", "right")
 MANIFEST = "manifest.json"
 
 
-class DrawBenchError(ValueError):
+class DrawBenchError(UserError):
   """Bad DrawBench input (CSV, sample folders, answers, key): one line, exit code 2."""
 
 
@@ -87,19 +90,6 @@ def load_prompts(path) -> List[Prompt]:
 # ------------------------------------------------------------------------------------------ sampling
 
 
-def _read_json(path: Path, what: str):
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise DrawBenchError(f"cannot read {what} {path}: {e}") from None
-
-
-def _write_json(path: Path, obj) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1))
-  os.replace(tmp, path)
-
-
 def done_prompts(out: Path, prompts: Sequence[Prompt], samples_per_prompt: int) -> List[int]:
   """Indices of prompts whose folder is complete (done marker naming the same prompt, every image present)."""
   done = []
@@ -107,7 +97,7 @@ def done_prompts(out: Path, prompts: Sequence[Prompt], samples_per_prompt: int) 
     marker = out / p.folder / "done.json"
     if not marker.is_file():
       continue
-    rec = _read_json(marker, "done marker")
+    rec = files.read_json(marker, "done marker")
     if rec.get("prompt") != p.prompt:
       raise DrawBenchError(f"{out}: {p.folder} holds samples of {rec.get('prompt')!r}, not {p.prompt!r}: "
                            "this folder was made from another prompt list")
@@ -120,9 +110,9 @@ def sample_prompts(cascade, prompts: Sequence[Prompt], out_dir, *, samples_per_p
                    label: Optional[str] = None, command: Optional[List[str]] = None, log=print) -> dict:
   """Samples every prompt not done yet (see the module doc); returns the manifest."""
   from imagen_jax.eval.sweep import cascade_images
-  from imagen_jax.sample import images as imio
+  from imagen_jax import images as imio
   if samples_per_prompt < 1:
-    raise DrawBenchError(f"--samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    raise DrawBenchError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   manifest_path = out / MANIFEST
@@ -133,12 +123,12 @@ def sample_prompts(cascade, prompts: Sequence[Prompt], out_dir, *, samples_per_p
                           "setting": vars(st.spec.settings[0])} for st in stages],
               "seed_rule": "image j of prompt k: seed + k * samples_per_prompt + j", "command": command}
   if manifest_path.is_file():
-    old = _read_json(manifest_path, "manifest")
+    old = files.read_json(manifest_path, "manifest")
     if old.get("samples_per_prompt") != samples_per_prompt or old.get("seed") != seed:
       raise DrawBenchError(f"{out} was sampled with samples_per_prompt {old.get('samples_per_prompt')} and seed "
-                           f"{old.get('seed')}; resume with the same or choose a new --out")
+                           f"{old.get('seed')}; resume with the same or choose a new out_dir")
     manifest["label"] = old.get("label", manifest["label"]) if label is None else label
-  _write_json(manifest_path, manifest)
+  files.write_json(manifest_path, manifest)
   done = set(done_prompts(out, prompts, samples_per_prompt))
   todo = [p for p in prompts if p.index not in done]
   log(f"drawbench: {len(prompts)} prompts, {len(done)} done before, {len(todo)} to sample "
@@ -160,7 +150,7 @@ def sample_prompts(cascade, prompts: Sequence[Prompt], out_dir, *, samples_per_p
       folder.mkdir(exist_ok=True)
       for j in range(samples_per_prompt):
         imio.save_png(folder / f"s{j}.png", final[n * samples_per_prompt + j])
-      _write_json(folder / "done.json", {"prompt": p.prompt, "category": p.category,
+      files.write_json(folder / "done.json", {"prompt": p.prompt, "category": p.category,
                                          "seeds": seeds[n * samples_per_prompt:(n + 1) * samples_per_prompt]})
     n_images += len(idx)
     log(f"drawbench: {min(c + per_call, len(todo))}/{len(todo)} prompts, "
@@ -177,7 +167,7 @@ def read_samples(folder) -> dict:
   m = d / MANIFEST
   if not m.is_file():
     raise DrawBenchError(f"{folder}: no {MANIFEST} (not a folder written by `imagen-jax eval drawbench`)")
-  manifest = _read_json(m, "manifest")
+  manifest = files.read_json(m, "manifest")
   prompts = [Prompt(p["index"], p["prompt"], p["category"]) for p in manifest["prompts"]]
   done = set(done_prompts(d, prompts, manifest["samples_per_prompt"]))
   manifest["done"] = [p for p in prompts if p.index in done]
@@ -198,7 +188,7 @@ def write_page(a_dir, b_dir, page_dir, *, key_path=None, seed: Optional[int] = N
     raise DrawBenchError(f"{a_dir} and {b_dir} have no sampled prompt in common")
   page = Path(page_dir)
   if page.exists() and any(page.iterdir()):
-    raise DrawBenchError(f"--out {page} is not empty; choose a new directory")
+    raise DrawBenchError(f"out_dir {page} is not empty; choose a new directory")
   key_path = Path(key_path) if key_path else default_key_path(page)
   (page / "img").mkdir(parents=True)
   rng = np.random.default_rng(seed)
@@ -227,7 +217,7 @@ def write_page(a_dir, b_dir, page_dir, *, key_path=None, seed: Optional[int] = N
          "a": {"label": a.get("label"), "dir": str(a_dir)}, "b": {"label": b.get("label"), "dir": str(b_dir)},
          "prompts": key_prompts}
   key_path.parent.mkdir(parents=True, exist_ok=True)
-  _write_json(key_path, key)
+  files.write_json(key_path, key)
   return key
 
 
@@ -238,7 +228,7 @@ def unblind(answer_files: Sequence, key: dict) -> List[dict]:
   """[{prompt id, category, rater, question, winner: 'a' | 'b' | 'tie'}] from answer downloads and the key."""
   out = []
   for f in answer_files:
-    ans = _read_json(Path(f), "answers")
+    ans = files.read_json(Path(f), "answers")
     if not isinstance(ans, dict) or "answers" not in ans:
       raise DrawBenchError(f"{f}: not a DrawBench answers file (no 'answers')")
     if ans.get("page_id") != key["page_id"]:
@@ -305,6 +295,29 @@ def tally(answer_files: Sequence, key: dict, *, resamples: int = 2000, seed: int
                   "ci95": {name: [float(lo[i]), float(hi[i])] for i, name in enumerate(
                       ("a_preferred", "indifferent", "b_preferred", "preference_for_a"))}}
     result["questions"][q] = per
+  return result
+
+
+def tally_files(answer_files: Sequence, key_path, out_dir, *, resamples: int = 2000, seed: int = 0) -> dict:
+  """`tally` of answer files against a key file, written as out_dir/tally.json and the bar chart tally.png.
+
+  Args:
+    answer_files: answer downloads of the rating page.
+    key_path: the page's key file (written beside the page).
+    out_dir: the output folder.
+    resamples: bootstrap resamples.
+    seed: bootstrap seed.
+
+  Returns:
+    The tally.
+  """
+  key = files.read_json(key_path, "key")
+  if not isinstance(key, dict) or key.get("what") != "drawbench page key":
+    raise DrawBenchError(f"{key_path}: not a key written by the DrawBench rating page")
+  result = tally(answer_files, key, resamples=resamples, seed=seed)
+  out = Path(out_dir)
+  files.write_json(out / "tally.json", result)
+  plot_tally(out / "tally.png", result)
   return result
 
 

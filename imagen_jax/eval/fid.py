@@ -17,11 +17,13 @@ from typing import List, Optional
 import numpy as np
 from tqdm import tqdm
 
+from imagen_jax.files import write_json
+from imagen_jax import images as imio
 from imagen_jax.eval import frechet, inception
-from imagen_jax.sample import images as imio
+from imagen_jax.errors import UserError
 
 
-class FIDError(ValueError):
+class FIDError(UserError):
   """Bad FID input (empty folders, mismatched sizes, unreadable images): one line, exit code 2."""
 
 
@@ -57,7 +59,7 @@ def folder_features(folder, extractor: inception.FeatureExtractor, *, image_size
   first = _read(files[0], center_crop)
   size = first.shape[:2]
   if image_size and size != (image_size, image_size):
-    raise FIDError(f"{files[0]}: {size[1]}x{size[0]}, expected {image_size}x{image_size} (--image_size)")
+    raise FIDError(f"{files[0]}: {size[1]}x{size[0]}, expected {image_size}x{image_size} (image_size)")
   feats = []
   # The bar goes to stdout (like `sample`'s): stderr keeps only an error's one line.
   bar = tqdm(total=len(files), desc=f"fid {what}", unit="img", disable=not progress, file=sys.stdout, leave=False)
@@ -70,7 +72,7 @@ def folder_features(folder, extractor: inception.FeatureExtractor, *, image_size
         im = first if f is files[0] else _read(f, center_crop)
         if im.shape[:2] != size:
           raise FIDError(f"{f}: {im.shape[1]}x{im.shape[0]}, but {files[0].name} is {size[1]}x{size[0]}: every "
-                         "image of a folder must have one size (or use --center_crop S)")
+                         "image of a folder must have one size (or center-crop them: center_crop)")
         batch.append(im)
       feats.append(extractor(np.stack(batch)))
       bar.update(len(batch))
@@ -86,5 +88,40 @@ def reference_stats(ref, extractor, *, center_crop: Optional[int] = None, progre
   if p.is_file():
     return frechet.Stats.load(p)
   if not p.exists():
-    raise FIDError(f"--ref {ref}: neither a statistics .npz nor a folder of images")
+    raise FIDError(f"ref {ref}: neither a statistics .npz nor a folder of images")
   return frechet.Stats.of(folder_features(p, extractor, center_crop=center_crop, progress=progress, what="reference"))
+
+
+def evaluate(samples, ref, weights, *, image_size: Optional[int] = None, center_crop: Optional[int] = None,
+             resize: str = "tf1", batch_size: int = 64, save_stats: Optional[str] = None,
+             json_path: Optional[str] = None) -> dict:
+  """FID of a folder of samples against reference statistics or a folder of reference images.
+
+  Args:
+    samples: folder of generated images (one size).
+    ref: reference statistics (.npz with mu, sigma) or a folder of reference images.
+    weights: the converted Inception weights (`inception.convert`).
+    image_size: check that the samples are this size.
+    center_crop: reference images: central square resized to this size (bicubic).
+    resize: the 299x299 bilinear resize: 'tf1' (original FID) or 'pytorch' (pytorch-fid).
+    batch_size: images per extractor call.
+    save_stats: write the samples' statistics (.npz) here.
+    json_path: write the result as JSON here.
+
+  Returns:
+    {'fid', 'samples', 'num_samples', 'ref', 'num_ref', 'resize', 'sample_images_per_second'}.
+  """
+  extractor = inception.FeatureExtractor(inception.load(weights), batch_size=batch_size, resize=resize)
+  t0 = time.perf_counter()
+  feats = folder_features(samples, extractor, image_size=image_size, what="samples")
+  seconds = time.perf_counter() - t0
+  stats = frechet.Stats.of(feats)
+  reference = reference_stats(ref, extractor, center_crop=center_crop)
+  value = frechet.frechet_distance(stats, reference)
+  if save_stats:
+    stats.save(save_stats)
+  result = {"fid": value, "samples": str(samples), "num_samples": stats.count, "ref": str(ref),
+            "num_ref": reference.count, "resize": resize, "sample_images_per_second": stats.count / seconds}
+  if json_path:
+    write_json(json_path, result)
+  return result

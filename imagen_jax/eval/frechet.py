@@ -16,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 import numpy as np
+from imagen_jax.errors import UserError
 
 
-class StatsError(ValueError):
+class StatsError(UserError):
   """Statistics that cannot be compared (shapes, not a covariance, unreadable file): one line, exit code 2."""
 
 

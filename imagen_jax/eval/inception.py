@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from imagen_jax.errors import ConfigError, UserError
 
 WEIGHTS_FILE = "inception_fid.safetensors"
 FEATURE_DIM = 2048
@@ -33,7 +34,7 @@ RESIZES = ("tf1", "pytorch")
 BN_EPS = 1e-3
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
   """Missing or mismatched Inception weights: one line, exit code 2."""
 
 
@@ -175,7 +176,7 @@ class FIDInceptionV3(nn.Module):
 def resize_matrix(in_size: int, out_size: int, mode: str) -> np.ndarray:
   """(out, in) bilinear interpolation weights along one axis (see the module doc for the two modes)."""
   if mode not in RESIZES:
-    raise ValueError(f"resize must be one of {RESIZES}, got {mode!r}")
+    raise ConfigError(f"resize must be one of {RESIZES}, got {mode!r}")
   scale = in_size / out_size
   i = np.arange(out_size, dtype=np.float64)
   src = i * scale if mode == "tf1" else np.maximum((i + 0.5) * scale - 0.5, 0.0)
@@ -217,7 +218,12 @@ def from_torch_state_dict(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]
     if parts[0] == "fc" or parts[-1] == "num_batches_tracked" or parts[0] == "AuxLogits":
       continue
     a = np.asarray(value, np.float32)
+    if len(parts) < 2:
+      raise WeightsError(f"unexpected tensor {name!r} {a.shape} in the Inception state dict")
     if parts[-2] == "conv" and parts[-1] == "weight":
+      if a.ndim != 4:
+        raise WeightsError(f"tensor {name!r} has shape {a.shape}: a convolution kernel is 4-d (not the FID "
+                           "Inception-v3)")
       key, a = "conv_kernel", np.ascontiguousarray(a.transpose(2, 3, 1, 0))   # safetensors writes raw buffers
     elif parts[-2] == "bn" and parts[-1] in _BN:
       key = _BN[parts[-1]]
@@ -255,16 +261,16 @@ def convert(src, out_dir) -> Path:
   from safetensors.numpy import save_file
   src = Path(src)
   if not src.is_file():
-    raise WeightsError(f"--from {src}: no such file")
+    raise WeightsError(f"{src}: no such file")
   try:
     state = torch.load(src, map_location="cpu", weights_only=True)
   except Exception as e:         # noqa: BLE001  (torch raises many kinds for a bad or unsafe file)
-    raise WeightsError(f"--from {src}: not a PyTorch state dict that loads with weights_only=True "
+    raise WeightsError(f"{src}: not a PyTorch state dict that loads with weights_only=True "
                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
   if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
     state = state["state_dict"]
   if not isinstance(state, dict):
-    raise WeightsError(f"--from {src}: expected a state dict, got {type(state).__name__}")
+    raise WeightsError(f"{src}: expected a state dict, got {type(state).__name__}")
   flat = from_torch_state_dict({k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")})
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -280,8 +286,8 @@ def load(path) -> Dict:
   if p.is_dir():
     p = p / WEIGHTS_FILE
   if not p.is_file():
-    raise WeightsError(f"no Inception weights at {path}: convert the published file first with "
-                       "`imagen-jax eval convert-inception --from pt_inception-2015-12-05-6726825d.pth --to DIR`")
+    raise WeightsError(f"no Inception weights at {path}: convert the published file "
+                       "pt_inception-2015-12-05-6726825d.pth first (`imagen-jax eval convert-inception`)")
   try:
     flat = load_file(str(p))
   except (SafetensorError, OSError, ValueError) as e:
@@ -300,7 +306,7 @@ class FeatureExtractor:
   def __init__(self, variables, *, batch_size: int = 64, resize: str = "tf1", mesh=None):
     from imagen_jax import partitioning
     if resize not in RESIZES:
-      raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
+      raise ConfigError(f"resize must be one of {RESIZES}, got {resize!r}")
     self.mesh = mesh if mesh is not None else partitioning.create_mesh(-1, 1, 1)
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     self.batch_size = -(-max(batch_size, 1) // shards) * shards
@@ -313,18 +319,12 @@ class FeatureExtractor:
                        out_shardings=partitioning.batch_sharding(self.mesh, 2))
 
   def __call__(self, images: np.ndarray, on_batch=None) -> np.ndarray:
+    """Features of uint8 RGB images (N, H, W, 3) as float64 (N, 2048); on_batch(done, total) per batch."""
+    from imagen_jax import partitioning
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"expected uint8 RGB images (N, H, W, 3), got {images.dtype} {images.shape}")
-    out = []
-    b = self.batch_size
-    for start in range(0, len(images), b):
-      chunk = images[start:start + b]
-      n = len(chunk)
-      if n < b:                       # pad the last batch (one compiled shape); the padding is dropped
-        chunk = np.concatenate([chunk, np.repeat(chunk[:1], b - n, 0)])
-      feats = self._fn(self.variables, jax.device_put(chunk, self._batch_sharding))
-      out.append(np.asarray(jax.device_get(feats), np.float64)[:n])
-      if on_batch is not None:
-        on_batch(n)
-    return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM))
+    feats = partitioning.pad_shard_unpad(
+        lambda rows: self._fn(self.variables, jax.device_put(images[rows], self._batch_sharding)), len(images),
+        self.batch_size, multiple=self.batch_size, on_batch=on_batch)
+    return np.zeros((0, FEATURE_DIM)) if feats is None else np.asarray(feats, np.float64)

@@ -17,23 +17,50 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from imagen_jax.eval import clip, frechet, inception, plots
-from imagen_jax.eval.sweep import run_sweep, sweep_points
-from imagen_jax.sample import images as imio
+from imagen_jax.files import write_json
+from imagen_jax.eval import clip, fid, frechet, inception, plots
+from imagen_jax.eval.sweep import run_sweep, sweep_points, swept_stage
+from imagen_jax import images as imio
 from imagen_jax.sample.cascade import Cascade, SampleError
 
 
-def evaluate(cascade: Cascade, prompts: Sequence[str], out_dir, *, ref: frechet.Stats,
-             extractor: inception.FeatureExtractor, clip_model: clip.Clip, guidance: Sequence[float],
-             thresholding: Sequence[str], seed: int = 0, sweep_stage: Optional[str] = None, label: str = "model",
-             save_images: bool = False, command: Optional[List[str]] = None, log=print) -> dict:
+def evaluate(cascade: Cascade, prompts: Sequence[str], out_dir, *, ref, inception_weights, clip_checkpoint,
+             guidance: Sequence[float], thresholding: Sequence[str], batch_size: int = 8, seed: int = 0,
+             sweep_stage: Optional[str] = None, label: str = "model", save_images: bool = False,
+             command: Optional[List[str]] = None, log=print) -> dict:
+  """FID and CLIP score of the cascade's last stage over a guidance x thresholding sweep.
+
+  Args:
+    cascade: the loaded cascade.
+    prompts: the prompts (image k has seed + k).
+    out_dir: where fid_clip.json, fid_vs_clip.png (and images) go.
+    ref: reference statistics (.npz) or a folder of reference images.
+    inception_weights: the converted FID Inception weights.
+    clip_checkpoint: a Hugging Face CLIP folder.
+    guidance: the swept stage's guidance weights.
+    thresholding: the swept stage's thresholdings ('dynamic:P' allowed).
+    batch_size: images per Inception call.
+    seed: the first image's seed.
+    sweep_stage: the swept stage (default the first).
+    label: the model's name in outputs.
+    save_images: write the last stage's images per setting.
+    command: the command line, recorded.
+    log: progress lines.
+
+  Returns:
+    The result written to fid_clip.json.
+  """
   if len(prompts) < 2:
     raise SampleError("FID needs at least 2 prompts (images)")
+  swept_stage(cascade, sweep_stage)           # an unknown stage fails before minutes of loading
+  extractor = inception.FeatureExtractor(inception.load(inception_weights), batch_size=batch_size)
+  ref = fid.reference_stats(ref, extractor)
+  clip_model = clip.load(clip_checkpoint)
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   stages = cascade.stages
   names = [s.spec.name for s in stages]
-  swept = stages[names.index(sweep_stage)] if sweep_stage in names else stages[0]
+  swept = swept_stage(cascade, sweep_stage)
   points = sweep_points(list(guidance), list(thresholding), swept.spec.settings[0].percentile)
   text = cascade.encode(list(prompts))
   text_emb = clip_model.embed_texts(list(prompts))
@@ -61,9 +88,7 @@ def evaluate(cascade: Cascade, prompts: Sequence[str], out_dir, *, ref: frechet.
             "reference_count": ref.count, "swept_stage": swept.spec.name, "scored_stage": last,
             "programs_compiled": sweep.programs, "rows": rows, "seconds": round(time.perf_counter() - t0, 2),
             "command": command}
-  tmp = out / "fid_clip.json.tmp"
-  tmp.write_text(json.dumps(result, indent=1))
-  os.replace(tmp, out / "fid_clip.json")
+  write_json(out / "fid_clip.json", result)
   plots.alignment_vs_fidelity(out / "fid_vs_clip.png", result, last, alignment="fid", fidelity="clip",
                               title=f"{label}: FID against CLIP score over the guidance sweep (labels: w)",
                               fidelity_label="CLIP score (100 x cosine)", alignment_label="FID (lower is better)")

@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from imagen_jax.data import synthetic
+from imagen_jax.errors import UserError
 
 COLOR_NAMES: Tuple[str, ...] = tuple(synthetic.COLORS)
 PALETTE = np.array([synthetic.COLORS[c] for c in COLOR_NAMES], np.float64)
@@ -47,7 +48,7 @@ _NUMBER_WORDS = {v: k for k, v in synthetic.NUMBERS.items()}
 _SINGULAR = {v: k for k, v in synthetic.PLURAL.items()}
 
 
-class CaptionError(ValueError):
+class CaptionError(UserError):
   """A caption outside the synthetic dataset's grammar."""
 
 

@@ -1,7 +1,7 @@
 """`imagen-jax eval shapes`: compositional alignment of a cascade on held-out synthetic captions, swept over
 guidance weight x thresholding.
 
-Prompts are the captions of scenes `--seed` (default 1000), indices [--start, --start + --num_prompts): a seed
+Prompts are the captions of scenes `seed` (default 1000), indices [--start, --start + num_prompts): a seed
 the training data never used (the synthetic training tasks use seed 0). The scene differs from every training
 scene; its caption may still occur in training (the grammar has a few hundred captions), so the JSON also says
 how many of the prompts' captions the first `--train_examples` scenes of the training seed contain, and scores
@@ -25,10 +25,11 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
+from imagen_jax.files import write_json
 from imagen_jax.data import synthetic
 from imagen_jax.eval import plots, shapes
-from imagen_jax.eval.sweep import SweepPoint, run_sweep, sweep_points
-from imagen_jax.sample import images as imio
+from imagen_jax.eval.sweep import SweepPoint, run_sweep, sweep_points, swept_stage
+from imagen_jax import images as imio
 from imagen_jax.sample.cascade import Cascade, SampleError
 
 DEFAULT_GUIDANCE = (1.0, 2.0, 3.0, 5.0, 8.0)
@@ -60,14 +61,13 @@ def evaluate(cascade: Cascade, out_dir, *, num_prompts: int = 64, seed: int = 10
              train_seed: int = 0, train_examples: int = 0, baselines: Sequence[dict] = (),
              save_images: bool = True, command: Optional[List[str]] = None, log=print) -> dict:
   if num_prompts < 1:
-    raise SampleError(f"--num_prompts must be >= 1, got {num_prompts}")
+    raise SampleError(f"num_prompts must be >= 1, got {num_prompts}")
   if train_examples and seed == train_seed:
-    raise SampleError(f"--seed {seed} is the training seed: held-out captions need another seed")
+    raise SampleError(f"seed {seed} is the training seed: held-out captions need another seed")
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   stages = cascade.stages
-  swept = stages[[s.spec.name for s in stages].index(sweep_stage)] if sweep_stage in [s.spec.name for s in stages] \
-      else stages[0]
+  swept = swept_stage(cascade, sweep_stage)
   pct = swept.spec.settings[0].percentile if percentile is None else percentile
   points = sweep_points(list(guidance), list(thresholding), pct)
   scenes = held_out_scenes(seed, start, num_prompts)
@@ -110,9 +110,7 @@ def evaluate(cascade: Cascade, out_dir, *, num_prompts: int = 64, seed: int = 10
       "command": command,
   }
   result["best"] = best_settings(result)
-  tmp = out / "shapes.json.tmp"
-  tmp.write_text(json.dumps(result, indent=1))
-  os.replace(tmp, out / "shapes.json")
+  write_json(out / "shapes.json", result)
   for st in stages:
     name = st.spec.name
     suffix = "" if st is stages[-1] else f"_{name}"
@@ -146,16 +144,16 @@ def best_settings(result: dict) -> Dict[str, dict]:
 
 
 def read_result(path) -> dict:
-  """A shapes.json written by `evaluate` (a --baseline)."""
+  """A shapes.json written by `evaluate` (a baseline)."""
   p = Path(path)
   if p.is_dir():
     p = p / "shapes.json"
   try:
     result = json.loads(p.read_text())
   except (OSError, ValueError) as e:
-    raise SampleError(f"--baseline {path}: cannot read a shapes.json: {e}") from None
+    raise SampleError(f"baseline {path}: cannot read a shapes.json: {e}") from None
   if result.get("what") != "shapes alignment sweep" or "rows" not in result:
-    raise SampleError(f"--baseline {path}: not a shapes.json of `imagen-jax eval shapes`")
+    raise SampleError(f"baseline {path}: not a shapes.json of `imagen-jax eval shapes`")
   return result
 
 

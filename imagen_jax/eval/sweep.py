@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from imagen_jax.sample import images as imio
+from imagen_jax import images as imio
 from imagen_jax.sample.cascade import Cascade, EncodedPrompts, LoadedStage
 from imagen_jax.sample.engine import RunStats, image_keys
 from imagen_jax.sample.settings import SettingsError, StageSettings, parse_thresholding
@@ -49,6 +49,20 @@ def sweep_points(guidance: Sequence[float], thresholding: Sequence[str], percent
         raise SettingsError(f"guidance weights must be >= 0, got {w}")
       out.append(SweepPoint(float(w), method, float(pct if pct is not None else percentile)))
   return out
+
+
+def swept_stage(cascade: Cascade, sweep_stage: Optional[str] = None) -> LoadedStage:
+  """The stage a sweep varies: the one named `sweep_stage`, or the first when None.
+
+  Raises:
+    SettingsError: no stage has that name.
+  """
+  names = [st.spec.name for st in cascade.stages]
+  if sweep_stage is None:
+    return cascade.stages[0]
+  if sweep_stage not in names:
+    raise SettingsError(f"sweep_stage {sweep_stage}: no stage of that name (stages: {', '.join(names)})")
+  return cascade.stages[names.index(sweep_stage)]
 
 
 def cascade_images(stages: Sequence[LoadedStage], text: EncodedPrompts, prompt_index: np.ndarray, seeds: Sequence[int],
@@ -85,9 +99,7 @@ def run_sweep(cascade: Cascade, text: EncodedPrompts, prompt_index: Sequence[int
   `on_images(point, stage_name, images)` may write them."""
   stages = cascade.stages
   names = [st.spec.name for st in stages]
-  swept = names.index(sweep_stage) if sweep_stage else 0
-  if sweep_stage and sweep_stage not in names:
-    raise SettingsError(f"--sweep_stage {sweep_stage}: no stage of that name (stages: {', '.join(names)})")
+  swept = stages.index(swept_stage(cascade, sweep_stage))
   idx = np.asarray(prompt_index, np.int64)
   stats = {n: RunStats() for n in names}
   before = {st.spec.name: st.sampler.programs for st in stages}

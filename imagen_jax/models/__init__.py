@@ -19,6 +19,7 @@ import numpy as np
 from imagen_jax.batch_keys import LOWRES, LOWRES_AUG_LEVEL, TEXT_EMB, TEXT_MASK
 from imagen_jax.models.efficient_unet import EfficientUNet, EfficientUNetConfig
 from imagen_jax.models.unet import UNet, UNetConfig
+from imagen_jax.errors import ConfigError
 
 ModelConfig = Union[UNetConfig, EfficientUNetConfig]
 
@@ -33,7 +34,7 @@ def model_config_from_record(network: str, fields: dict) -> ModelConfig:
   """The network config a training run recorded (run.json's 'network' and 'config'; JSON lists -> tuples)."""
   classes = {cls.__name__: cls for cls in (UNetConfig, EfficientUNetConfig)}
   if network not in classes:
-    raise ValueError(f"unknown network {network!r}; expected one of {sorted(classes)}")
+    raise ConfigError(f"unknown network {network!r}; expected one of {sorted(classes)}")
 
   def tuples(v):
     return tuple(tuples(x) for x in v) if isinstance(v, list) else v

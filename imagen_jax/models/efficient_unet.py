@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from imagen_jax.batch_keys import LOWRES, LOWRES_AUG_LEVEL
 from imagen_jax.models import layers
+from imagen_jax.errors import ConfigError
 
 
 @gin.configurable
@@ -63,9 +64,9 @@ class EfficientUNetConfig:
     n = len(self.channels)
     for name in ("num_res_blocks", "strides", "self_attention", "cross_attention"):
       if len(getattr(self, name)) != n:
-        raise ValueError(f"EfficientUNetConfig.{name} needs one entry per level ({n}), got {getattr(self, name)}")
+        raise ConfigError(f"EfficientUNetConfig.{name} needs one entry per level ({n}), got {getattr(self, name)}")
     if any(s not in (1, 2) for s in self.strides):
-      raise ValueError(f"strides must be 1 or 2, got {self.strides}")
+      raise ConfigError(f"strides must be 1 or 2, got {self.strides}")
     layers.check_remat(self.remat)
 
   @property
@@ -96,7 +97,7 @@ class EfficientUNet(nn.Module):
     dt = cfg.compute_dtype
     b, hgt, wid, _ = z.shape
     if hgt % cfg.total_stride or wid % cfg.total_stride:
-      raise ValueError(f"image size {hgt}x{wid} must be divisible by the total stride {cfg.total_stride}")
+      raise ConfigError(f"image size {hgt}x{wid} must be divisible by the total stride {cfg.total_stride}")
     lowres = jax.image.resize(cond[LOWRES].astype(jnp.float32), (b, hgt, wid, cond[LOWRES].shape[-1]),
                               method=cfg.lowres_resize)
     x = jnp.concatenate([z.astype(dt), lowres.astype(dt)], axis=-1)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax.batch_keys import TEXT_EMB, TEXT_MASK
+from imagen_jax.errors import ConfigError
 
 Dtype = Any
 
@@ -45,7 +46,7 @@ def _init(init, axes):
 def check_remat(remat: str) -> str:
   """The one validation of a remat policy name (the U-Net configs and `maybe_remat` call it)."""
   if remat not in REMAT_POLICIES:
-    raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    raise ConfigError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
   return remat
 
 
@@ -196,10 +197,10 @@ class NoiseLevelEmbedding(nn.Module):
 def _heads(channels: int, num_heads: Optional[int], head_dim: Optional[int]):
   if num_heads:
     if channels % num_heads:
-      raise ValueError(f"{channels} channels do not split into {num_heads} heads")
+      raise ConfigError(f"{channels} channels do not split into {num_heads} heads")
     return num_heads, channels // num_heads
   if not head_dim or channels % head_dim:
-    raise ValueError(f"{channels} channels do not split into heads of {head_dim}")
+    raise ConfigError(f"{channels} channels do not split into heads of {head_dim}")
   return channels // head_dim, head_dim
 
 

@@ -16,6 +16,7 @@ import gin
 import jax.numpy as jnp
 
 from imagen_jax.models import layers
+from imagen_jax.errors import ConfigError
 
 
 @gin.configurable
@@ -46,7 +47,7 @@ class UNetConfig:
     for name in ("channel_mult", "attention_resolutions"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
     if self.image_size % 2 ** (len(self.channel_mult) - 1):
-      raise ValueError(f"image_size {self.image_size} must be divisible by 2^(levels - 1)")
+      raise ConfigError(f"image_size {self.image_size} must be divisible by 2^(levels - 1)")
     layers.check_remat(self.remat)
 
   @property

@@ -27,13 +27,14 @@ from imagen_jax import batch_keys as K
 from imagen_jax import partitioning
 from imagen_jax.diffusion import DiffusionConfig, augmentation, process, samplers, thresholding
 from imagen_jax.sample.settings import StageSettings
+from imagen_jax.errors import UserError
 
 
 def image_keys(seeds, stage_index: int) -> np.ndarray:
   """(N, 2) uint32 keys: fold_in(PRNGKey(seed), stage_index) per image seed."""
   seeds = np.asarray(seeds, np.int64)
   if seeds.size and (seeds.min() < 0 or seeds.max() >= 2 ** 31):
-    raise ValueError(f"image seeds must lie in [0, 2^31), got [{seeds.min()}, {seeds.max()}]")
+    raise UserError(f"image seeds must lie in [0, 2^31), got [{seeds.min()}, {seeds.max()}]")
   fn = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), stage_index))
   return np.asarray(fn(jnp.asarray(seeds, jnp.int32)), np.uint32)
 
@@ -67,7 +68,7 @@ class StageSampler:
     self.channels = channels
     self.super_resolution = super_resolution
     self.mesh = mesh if mesh is not None else partitioning.create_mesh(-1, 1, 1, devices=jax.local_devices())
-    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    shards = partitioning.data_ways(self.mesh)
     self.batch_size = -(-max(batch_size, 1) // shards) * shards
     self.trace_count = 0
     self._jitted = jax.jit(self._run, static_argnames=("guided", "sampler", "has_init"))
@@ -120,22 +121,17 @@ class StageSampler:
       raise ValueError("a super-resolution stage needs its low-resolution images")
     guided = (settings.guidance_scale != 1.0) if guided is None else guided
     has_init = x_init is not None
-    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    b = min(self.batch_size, -(-max(n, 1) // shards) * shards)      # no bigger than the work needs
     scalars = self._scalars(settings, strength if has_init else 1.0)
     data = {K.TEXT_EMB: np.asarray(text_emb, np.float32), K.TEXT_MASK: np.asarray(text_mask, bool),
             "keys": np.asarray(keys, np.uint32)}
     data[K.LOWRES] = np.asarray(lowres, np.float32) if lowres is not None else np.zeros((n, 1, 1, 1), np.float32)
     data["x_init"] = np.asarray(x_init, np.float32) if has_init else np.zeros((n, 1, 1, 1), np.float32)
-    out = []
-    total = -(-n // b)
-    for i, start in enumerate(range(0, n, b)):
-      rows = np.arange(start, min(start + b, n))
-      rows = np.concatenate([rows, np.full(b - len(rows), rows[0])])      # padding: repeats of the first row
+
+    def run_batch(rows):
       batch = {k: jax.device_put(v[rows], partitioning.batch_sharding(self.mesh, v.ndim)) for k, v in data.items()}
       fn = self._compile(params, batch, scalars, guided, settings.sampler, has_init, stats)
       t0 = time.perf_counter()
-      with jax.set_mesh(self.mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
+      with partitioning.mesh_context(self.mesh):
         x = fn(params, batch[K.TEXT_EMB], batch[K.TEXT_MASK], batch["keys"], batch[K.LOWRES], batch["x_init"], scalars)
       x = jax.block_until_ready(x)
       if not x.is_fully_addressable:         # a multi-host mesh (the trainer's sample hook)
@@ -146,19 +142,20 @@ class StageSampler:
         stats.seconds += time.perf_counter() - t0
         stats.batches += 1
         stats.steps += settings.num_steps
-        stats.images += min(b, n - start)
-      out.append(x[: min(b, n - start)])
-      if on_batch is not None:
-        on_batch(i + 1, total)
-    if not out:
+        stats.images += int(len(np.unique(rows)))
+      return x
+
+    out = partitioning.pad_shard_unpad(run_batch, n, self.batch_size, multiple=partitioning.data_ways(self.mesh),
+                                       on_batch=on_batch)
+    if out is None:
       return np.zeros((0, self.image_size, self.image_size, self.channels), np.float32)
-    return np.concatenate(out)
+    return out
 
   def _compile(self, params, batch, scalars, guided, sampler, has_init, stats):
     key = (tuple((k, v.shape) for k, v in sorted(batch.items())), guided, sampler, has_init)
     if key not in self._compiled:
       t0 = time.perf_counter()
-      with jax.set_mesh(self.mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
+      with partitioning.mesh_context(self.mesh):
         self._compiled[key] = self._jitted.lower(
             params, batch[K.TEXT_EMB], batch[K.TEXT_MASK], batch["keys"], batch[K.LOWRES], batch["x_init"], scalars,
             guided=guided, sampler=sampler, has_init=has_init).compile()

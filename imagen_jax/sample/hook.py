@@ -17,9 +17,10 @@ import numpy as np
 
 from imagen_jax import batch_keys as K
 from imagen_jax import models
-from imagen_jax.sample import images as imio
+from imagen_jax import images as imio
 from imagen_jax.sample.engine import StageSampler, image_keys, model_apply_fn
 from imagen_jax.sample.settings import StageSettings
+from imagen_jax.errors import ConfigError
 
 
 @gin.configurable
@@ -38,7 +39,7 @@ class SampleGridHook:
     """Called by the trainer with its first host batch: fixes the prompts (process 0's, on every host)."""
     n = min(self.num_prompts, batch[K.TEXT_MASK].shape[0])
     if K.TEXT_EMB not in batch:
-      raise ValueError("the sample hook needs cached text embeddings (StageDataConfig.embeddings = 'cached')")
+      raise ConfigError("the sample hook needs cached text embeddings (StageDataConfig.embeddings = 'cached')")
     data = {K.TEXT_EMB: np.asarray(batch[K.TEXT_EMB][:n], np.float32), K.TEXT_MASK: np.asarray(batch[K.TEXT_MASK][:n])}
     sr = models.is_super_resolution(model_config)
     if sr:

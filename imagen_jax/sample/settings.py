@@ -4,10 +4,8 @@
 level). A sweep is a list of them: the cartesian product of the values given for each field, in the order
 (guidance_scale, thresholding, aug_level, num_steps); the first is what the stage passes on to the next.
 
-On the command line every setting flag takes `VALUES` (every stage) or `STAGE=VALUES` (one stage) and may be
-repeated; VALUES is one value or a comma-separated list (a sweep):
-  --guidance 3            --guidance base=1,3,5         --thresholding sr=none,static,dynamic:99.9
-  --steps base=64         --aug_level sr=0,0.1,0.3      --sampler ddim
+Overrides (the command line's setting flags, docs/cli.md) give a field one value or a list (a sweep), for
+one stage or for every stage.
 """
 
 from __future__ import annotations
@@ -17,9 +15,10 @@ import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from imagen_jax.diffusion import DiffusionConfig, thresholding
+from imagen_jax.errors import UserError
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError):
   """A bad setting (unknown sampler or thresholding name, a step count below 1, ...): one line, exit code 2."""
 
 
@@ -107,43 +106,28 @@ def expand(base: StageSettings, sweep: Dict[str, Sequence]) -> List[StageSetting
   return out or [base]
 
 
-# ------------------------------------------------------------------------------------ command line
+def stage_sweeps(overrides: Sequence[Tuple[Optional[str], str, Sequence]],
+                 stage_names: Sequence[str]) -> Dict[str, Dict[str, list]]:
+  """Per-stage setting overrides -> {stage: {field: [values]}}.
 
-FLAG_FIELDS = {"sampler": "sampler", "steps": "num_steps", "guidance": "guidance_scale",
-               "thresholding": "thresholding", "aug_level": "aug_level", "ddim_eta": "ddim_eta"}
-_CASTS = {"sampler": str, "num_steps": int, "guidance_scale": float, "thresholding": str, "aug_level": float,
-          "ddim_eta": float}
+  Args:
+    overrides: (stage, or None for every stage; a StageSettings field; its values) triples, later ones
+      replacing earlier ones.
+    stage_names: the cascade's stages.
 
+  Returns:
+    {stage: {field: values}}.
 
-def parse_flag(flag: str, values: Sequence[str], stage_names: Sequence[str]) -> Dict[str, list]:
-  """`--FLAG [STAGE=]V1,V2 ...` -> {stage: [values]} (every stage when no STAGE= is given)."""
-  field = FLAG_FIELDS[flag]
-  out: Dict[str, list] = {}
-  for item in values:
-    stage, sep, rest = item.partition("=")
-    if not sep:
-      stage, rest = None, item
-    elif stage not in stage_names:
-      raise SettingsError(f"--{flag} {item}: no stage {stage!r} (stages: {', '.join(stage_names)})")
-    try:
-      parsed = [_CASTS[field](v) for v in rest.split(",") if v != ""]
-    except ValueError:
-      raise SettingsError(f"--{flag} {item}: not a list of {_CASTS[field].__name__} values") from None
-    if not parsed:
-      raise SettingsError(f"--{flag} {item}: no value")
-    for name in ([stage] if stage else stage_names):
-      out[name] = parsed
-  return out
-
-
-def stage_sweeps(args_values: Dict[str, Sequence[str]], stage_names: Sequence[str]) -> Dict[str, Dict[str, list]]:
-  """{flag: [raw values]} from argparse -> {stage: {field: [values]}}."""
+  Raises:
+    SettingsError: an override names no stage of the cascade.
+  """
   out: Dict[str, Dict[str, list]] = {name: {} for name in stage_names}
-  for flag, values in args_values.items():
-    if not values:
-      continue
-    for stage, parsed in parse_flag(flag, values, stage_names).items():
-      out[stage][FLAG_FIELDS[flag]] = parsed
+  for stage, field, values in overrides:
+    if stage is not None and stage not in stage_names:
+      raise SettingsError(f"{field} {stage}={','.join(map(str, values))}: no stage {stage!r} (stages: "
+                          f"{', '.join(stage_names)})")
+    for name in [stage] if stage else stage_names:
+      out[name][field] = list(values)
   return out
 
 

@@ -28,12 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax.text.t5 import T5Config
+from imagen_jax.errors import UserError
 
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint is missing, unreadable, or does not match the configuration."""
 
 
@@ -349,5 +350,30 @@ def load_any(path, config: Optional[T5Config] = None) -> Tuple[T5Config, dict]:
   if (path / "config.json").is_file() or (path / HF_WEIGHTS).is_file() or (path / HF_INDEX).is_file():
     return load_hf(path, config)
   if config is None:
-    raise CheckpointError(f"{path}: a T5X checkpoint needs the encoder size (--size)")
+    raise CheckpointError(f"{path}: a T5X checkpoint needs the encoder size (size)")
   return load_t5x(path, config)
+
+
+def convert(src, dst, *, size: Optional[str] = None, param_dtype: str = "float32") -> Tuple[T5Config, int, int]:
+  """A Hugging Face / T5X / our checkpoint -> our orbax checkpoint in `param_dtype`.
+
+  Args:
+    src: the checkpoint to read (`load_any`).
+    dst: the new output folder.
+    size: the encoder size (required for T5X; checked against a Hugging Face config.json).
+    param_dtype: 'float32' or 'bfloat16'.
+
+  Returns:
+    (the saved config, parameter count, bytes).
+  """
+  import dataclasses
+
+  from imagen_jax.text import t5
+  config = None if size is None else t5.t5_config(size, param_dtype=param_dtype)
+  config, params = load_any(src, config)
+  if config.param_dtype != param_dtype:
+    config = dataclasses.replace(config, param_dtype=param_dtype)
+    params = cast_params(params, param_dtype)
+  save_params(dst, config, params)
+  arrays = flatten(params).values()
+  return config, sum(v.size for v in arrays), sum(v.nbytes for v in arrays)

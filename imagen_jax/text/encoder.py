@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Any, Callable, List, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax import partitioning
+from imagen_jax.errors import UserError
 from imagen_jax.text.t5 import T5Config, T5Encoder, abstract_encoder_params
 
 
@@ -52,26 +53,74 @@ class TextEncoder:
   def _run(self, tokens):
     if self.mesh is None:
       return self._fn(self.params, tokens)
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
+    with partitioning.mesh_context(self.mesh):
       return self._fn(self.params, tokens)
 
   def encode(self, tokens: np.ndarray):
-    """tokens: (N, L) int32 -> (embeddings (N, L, d_model) as NumPy, mask (N, L) bool)."""
+    """Embeds token ids in batches of `batch_size` rows (one compiled shape).
+
+    Args:
+      tokens: (N, L) int32 token ids.
+
+    Returns:
+      (embeddings (N, L, d_model) as NumPy in `out_dtype`, mask (N, L) bool).
+    """
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be (N, L), got shape {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
       raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
-    n = tokens.shape[0]
-    embs, masks = [], []
-    for start in range(0, n, self.batch_size):
-      chunk = tokens[start:start + self.batch_size]
-      pad = self.batch_size - chunk.shape[0]
-      if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), np.int32)])
-      emb, mask = self._run(jnp.asarray(chunk))
-      embs.append(np.asarray(emb)[: self.batch_size - pad])
-      masks.append(np.asarray(mask)[: self.batch_size - pad])
-    if not embs:
+    out = partitioning.pad_shard_unpad(lambda rows: self._run(jnp.asarray(tokens[rows])), tokens.shape[0],
+                                       self.batch_size, multiple=self.batch_size)
+    if out is None:
       return np.zeros((0, tokens.shape[1], self.config.d_model), self.out_dtype), np.zeros((0, tokens.shape[1]), bool)
-    return np.concatenate(embs), np.concatenate(masks)
+    return out
+
+
+@dataclasses.dataclass
+class EncodedPrompts:
+  """Prompts with their T5 embeddings and what tokenizing them did."""
+  texts: List[str]
+  emb: np.ndarray            # (P, L, D)
+  mask: np.ndarray           # (P, L)
+  truncated: List[bool]
+  lengths: List[int]
+  stats: Any = None          # tokenizer.TokenizeStats
+
+
+def encode_prompts(prompts: Sequence[str], vocab: str, encoder: str, max_length: int = 128, *,
+                   batch_size: Optional[int] = None, size: Optional[str] = None,
+                   warn: Optional[Callable[[str], None]] = None) -> EncodedPrompts:
+  """Tokenizes (EOS appended) and encodes prompts once with a T5 encoder checkpoint.
+
+  Uses the sentencepiece model directly (no TensorFlow).
+
+  Args:
+    prompts: the texts.
+    vocab: the sentencepiece model file.
+    encoder: the checkpoint (ours, Hugging Face or T5X).
+    max_length: tokens per prompt, EOS included.
+    batch_size: prompts per encoder call (default: all of them, at most 64).
+    size: the T5 size (needed for a T5X checkpoint; checked against the others).
+    warn: called with a line for each truncated prompt.
+
+  Returns:
+    The `EncodedPrompts`.
+  """
+  from imagen_jax.text import checkpoints, t5
+  from imagen_jax.text.tokenizer import Tokenizer
+  if not prompts:
+    raise UserError("no prompts")
+  tokenizer = Tokenizer(vocab, max_length, use_seqio=False)
+  config, params = checkpoints.load_any(encoder, None if size is None else t5.t5_config(size))
+  if tokenizer.vocab_size > config.vocab_size:
+    raise UserError(f"vocabulary has {tokenizer.vocab_size} pieces but the encoder only {config.vocab_size} rows")
+  batch = tokenizer(list(prompts))
+  if warn is not None:
+    for i, (text, cut) in enumerate(zip(prompts, batch.truncated)):
+      if cut:
+        warn(f"prompt {i} truncated to {max_length} tokens (EOS included): {text[:60]!r}")
+  batch_size = batch_size or max(1, min(len(prompts), 64))
+  emb, mask = TextEncoder(config, params, batch_size=batch_size).encode(batch.tokens)
+  return EncodedPrompts(texts=list(prompts), emb=emb, mask=mask, truncated=[bool(t) for t in batch.truncated],
+                        lengths=[int(n) for n in batch.lengths], stats=batch.stats)

@@ -16,6 +16,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from imagen_jax.errors import ConfigError
 
 PAD_ID = 0
 EOS_ID = 1
@@ -62,7 +63,7 @@ T5_SIZES = {
 @gin.configurable
 def t5_config(size: str = "xxl", **overrides) -> T5Config:
   if size not in T5_SIZES:
-    raise ValueError(f"unknown T5 size {size!r}; expected one of {sorted(T5_SIZES)}")
+    raise ConfigError(f"unknown T5 size {size!r}; expected one of {sorted(T5_SIZES)}")
   d_model, heads, d_kv, d_ff, layers = T5_SIZES[size]
   kw = dict(d_model=d_model, num_heads=heads, d_kv=d_kv, d_ff=d_ff, num_layers=layers)
   if size == "tiny":

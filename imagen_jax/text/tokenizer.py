@@ -15,6 +15,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from imagen_jax.text.t5 import EOS_ID, PAD_ID
+from imagen_jax.errors import ConfigError, MissingFileError
 
 DEFAULT_MAX_LENGTH = 128
 
@@ -50,9 +51,9 @@ class Tokenizer:
   def __init__(self, spm_path: Union[str, Path], max_length: int = DEFAULT_MAX_LENGTH, use_seqio: bool = True):
     spm_path = Path(spm_path)
     if not spm_path.is_file():
-      raise FileNotFoundError(f"sentencepiece model not found: {spm_path}")
+      raise MissingFileError(f"sentencepiece model not found: {spm_path}")
     if max_length < 2:
-      raise ValueError(f"max_length must be at least 2 (one token and EOS), got {max_length}")
+      raise ConfigError(f"max_length must be at least 2 (one token and EOS), got {max_length}")
     self.max_length = max_length
     self.path = spm_path
     self._encode = None

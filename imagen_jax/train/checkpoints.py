@@ -25,12 +25,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from imagen_jax.files import write_json
+from imagen_jax.errors import UserError
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
   """MODEL_DIR holds something else than this run (another stage or size), or no checkpoint."""
 
 
@@ -113,9 +115,7 @@ def check_run_dir(model_dir, record: dict) -> None:
     raise RunDirError(f"{model_dir} holds checkpoints but no {RUN_FILE}: not a run of this trainer")
   path.parent.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    tmp = path.parent / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.rename(path)
+    write_json(path, record)
 
 
 def read_run_record(model_dir) -> dict:

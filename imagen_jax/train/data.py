@@ -22,6 +22,7 @@ import numpy as np
 from etils import epath
 
 from imagen_jax import batch_keys as K
+from imagen_jax.errors import ConfigError, UserError
 
 
 class InMemorySource:
@@ -37,9 +38,9 @@ class InMemorySource:
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     if batch_size % self.process_count:
-      raise ValueError(f"batch_size {batch_size} is not divisible by {self.process_count} processes")
+      raise ConfigError(f"batch_size {batch_size} is not divisible by {self.process_count} processes")
     if batch_size > self.n:
-      raise ValueError(f"batch_size {batch_size} exceeds the {self.n} examples")
+      raise ConfigError(f"batch_size {batch_size} exceeds the {self.n} examples")
     self.batch_size = batch_size
     self.seed = seed
     self.position = 0          # global batches produced so far
@@ -67,7 +68,7 @@ class InMemorySource:
   def restore(self, prefix: str) -> None:
     saved = json.loads(epath.Path(prefix + ".json").read_text())
     if (saved["seed"], saved["batch_size"], saved["n"]) != (self.seed, self.batch_size, self.n):
-      raise ValueError(f"the saved data position is for another source ({saved}), not seed={self.seed} "
+      raise UserError(f"the saved data position is for another source ({saved}), not seed={self.seed} "
                        f"batch_size={self.batch_size} n={self.n}")
     self.position = int(saved["position"])
 

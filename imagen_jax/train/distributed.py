@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from typing import Optional
+from imagen_jax.errors import ConfigError
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -41,7 +42,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   if not explicit and not cluster_detected():
     return False
   if explicit and (num_processes is None or process_id is None):
-    raise ValueError("multi-host needs coordinator address, number of processes and process id together "
+    raise ConfigError("multi-host needs coordinator address, number of processes and process id together "
                      f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
   if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

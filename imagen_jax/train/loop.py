@@ -19,23 +19,25 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import flax.linen as nn
 import gin
 import jax
 import numpy as np
 from etils import epath
 
 from imagen_jax import batch_keys as K
-from imagen_jax import models, partitioning, perf
+from imagen_jax import models, partitioning
 from imagen_jax.diffusion import DiffusionConfig
+from imagen_jax.errors import ConfigError, UserError
 from imagen_jax.gin_utils import require
+from imagen_jax.scale import flops as perf
 from imagen_jax.train import checkpoints as ckpt
 from imagen_jax.train import optimizer as optim
 from imagen_jax.train import state as state_lib
+from imagen_jax.train import setup as setup_lib
 from imagen_jax.train import step as step_lib
 
 
-class TrainError(ValueError):
+class TrainError(UserError):
   """A configuration that cannot train (reported in one line by the CLI, exit code 2)."""
 
 
@@ -155,7 +157,7 @@ class _Writer:
 def _mesh(mesh_shape: Sequence[int], devices=None):
   try:
     return partitioning.create_mesh(*mesh_shape, devices=devices)
-  except ValueError as e:
+  except ConfigError as e:
     raise TrainError(f"mesh {tuple(mesh_shape)} (data, fsdp, tensor): {e}") from None
 
 
@@ -165,6 +167,124 @@ def _load_encoder(checkpoint: str, mesh):
   config, params = text_ckpt.load_any(checkpoint)
   shardings = partitioning.mesh_shardings(abstract_encoder_params(config), mesh)
   return config, jax.device_put(params, shardings), shardings
+
+
+def _data_source(batch_source, data_task: Optional[str], data_config):
+  """(the source of host-local batches, the global batch size)."""
+  if batch_source is not None:
+    return batch_source, batch_source.batch_size
+  if data_task is None:
+    raise TrainError("no data: set train.data_task (e.g. @cached_task()) or pass batch_source")
+  if data_config is None:
+    from imagen_jax.data.pipeline import StageDataConfig
+    data_config = StageDataConfig()
+  return _task_source(data_task, data_config), data_config.batch_size
+
+
+def _restore_or_create(mgr, setup, batch_source, seed: int, announce: bool):
+  """The latest complete checkpoint's state (and data position), or a new state created sharded."""
+  latest = mgr.latest_step()
+  if latest is None:
+    return setup.create_state(seed)
+  state = ckpt.restore(mgr, latest, setup.abstract, setup.shardings, iterator=batch_source)
+  if announce:
+    print(f"resumed from {epath.Path(mgr.directory) / str(latest)} (step {latest})", flush=True)
+  return state
+
+
+class _MetricLog:
+  """Turns a logging interval's summed metrics into scalars, a console line and the run's history."""
+
+  def __init__(self, summary: TrainSummary, writer: _Writer, *, start: int, num_steps: int, global_batch: int,
+               opt_config: optim.OptimizerConfig, max_nonfinite_streak: int):
+    self.summary = summary
+    self.writer = writer
+    self.num_steps = num_steps
+    self.global_batch = global_batch
+    self.opt_config = opt_config
+    self.max_nonfinite_streak = max_nonfinite_streak
+    self.schedule = optim.learning_rate_schedule(opt_config)
+    self.peak, self.peak_source = perf.device_peak_flops()
+    self.interval_times: List[float] = []
+    self._t_last, self._step_last = time.perf_counter(), start
+
+  def write(self, step: int, sums, latest_checkpoint: Optional[int]) -> None:
+    """Writes the interval ending at `step`; raises NonFiniteError after too many non-finite steps."""
+    sums = jax.device_get(sums)
+    streak, total = int(sums["nonfinite_streak"]), int(sums["nonfinite_total"])
+    now = time.perf_counter()
+    dt = (now - self._t_last) / max(step - self._step_last, 1)
+    self.interval_times.append(dt)
+    self._t_last, self._step_last = now, step
+    finite = float(sums["finite_steps"])
+    loss = float(sums["loss_sum"]) / finite if finite else float("nan")
+    gnorm = float(sums["grad_norm_sum"]) / finite if finite else float("nan")
+    skipped = int(sums["nonfinite_steps"])
+    lr = float(self.schedule(max(step - 1, 0) // self.opt_config.accumulate_steps))
+    flops = self.summary.flops_per_step
+    util = perf.mfu(flops, dt, self.peak)
+    tflops = flops / dt / 1e12 if flops else float("nan")
+    batch = self.global_batch
+    scalars = {"learning/loss": loss, "learning/grad_norm": gnorm, "learning/lr": lr,
+               "learning/skipped_steps": skipped, "learning/nonfinite_total": total,
+               "perf/step_time": dt, "perf/steps_per_sec": 1.0 / dt, "perf/images_per_sec": batch / dt,
+               "perf/tflops_per_device": tflops, "perf/mfu": util}
+    self.summary.history.append((step, loss))
+    self.summary.nonfinite_total = total
+    eta = (self.num_steps - step) * dt
+    line = (f"step {step}/{self.num_steps} | loss {loss:.4f} | grad_norm {gnorm:.3f} | lr {lr:.2e} | skipped "
+            f"{skipped} | {1.0 / dt:.2f} steps/s | {batch / dt:.1f} img/s | MFU {100 * util:.2f}% | eta {eta:.0f}s")
+    self.writer.write(step, scalars, line)
+    if streak >= self.max_nonfinite_streak:
+      raise NonFiniteError(f"{streak} non-finite steps in a row (max_nonfinite_streak = "
+                           f"{self.max_nonfinite_streak}) at step {step}; stopped, the last checkpoint "
+                           f"(step {latest_checkpoint}) is intact")
+
+  def median_step_time(self) -> Optional[float]:
+    later = self.interval_times[1:] if len(self.interval_times) > 1 else self.interval_times
+    return float(np.median(later)) if later else None
+
+
+class _Checkpointer:
+  """Saves the state and the data position, never a non-finite state or one past the non-finite limit."""
+
+  def __init__(self, mgr, batch_source, summary: TrainSummary, *, max_nonfinite_streak: int, announce: bool,
+               lead: bool, async_save: bool):
+    self.mgr = mgr
+    self.batch_source = batch_source
+    self.summary = summary
+    self.max_nonfinite_streak = max_nonfinite_streak
+    self.announce = announce
+    self.lead = lead
+    self.async_save = async_save
+    self._finite = jax.jit(lambda s: state_lib.all_finite((s.params, s.ema_params)))
+
+  def save(self, step: int, state) -> bool:
+    if not bool(jax.device_get(self._finite(state))):
+      if self.lead:
+        print(f"step {step}: the state is not finite; checkpoint skipped", flush=True)
+      return False
+    if int(jax.device_get(state.nonfinite_streak)) >= self.max_nonfinite_streak:
+      return False
+    ckpt.save(self.mgr, step, state, self.batch_source)
+    self.summary.checkpoints.append(step)
+    if self.announce and self.lead:
+      print(f"checkpoint: step {step} saving" + (" (asynchronously)" if self.async_save else ""), flush=True)
+    return True
+
+
+def _print_start(record, setup, mesh, summary: TrainSummary, peak: Tuple[float, str], *, start: int,
+                 num_steps: int) -> None:
+  tensors, replicated = state_lib.replicated_by_divisibility(setup.boxed, mesh)
+  print(f"train {record['network']} ({record['parameters'] / 1e6:.2f}M parameters) on mesh {dict(mesh.shape)}, "
+        f"{jax.device_count()} devices / {jax.process_count()} processes; global batch {setup.spec.global_batch}; "
+        f"steps {start} -> {num_steps}", flush=True)
+  print(f"sharding: {tensors} tensors ({replicated / 1e6:.3f}M parameters) left replicated along an axis "
+        f"that does not divide them", flush=True)
+  flops = summary.flops_per_step
+  print(f"step compiled in {summary.compile_seconds:.1f}s; "
+        + (f"{flops / 1e9:.2f} GFLOP per step per device (XLA cost analysis); " if flops else "")
+        + f"peak {peak[0] / 1e12:.2f} TFLOP/s ({peak[1]})", flush=True)
 
 
 @gin.configurable
@@ -177,16 +297,36 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
           compilation_cache_dir: Optional[str] = "~/.cache/imagen_jax/xla",
           text_encoder_checkpoint: Optional[str] = None, sample_every: int = 0,
           sample_hook: Optional[Callable[..., None]] = None, progress: bool = True, devices=None) -> TrainSummary:
-  """Trains one cascade stage; see the module docstring and `gin_configs/runs/train_*.gin`.
+  """Trains one cascade stage (see the module docstring and `gin_configs/runs/train_*.gin`).
 
-  model_dir: the run directory (checkpoints, logs, gin config). num_steps: optimizer calls in all.
-  data_task: a seqio task (normally `@cached_task()`), read through StageDataConfig (`data_config`);
-  batch_source (Python only) replaces it with any source of host-local batches (`train.data`).
-  model_config / diffusion / optimizer / data_config: None takes the gin-configured ones.
-  mesh_shape: (data, fsdp, tensor), one entry may be -1. text_encoder_checkpoint: embed tokens on the fly
-  (StageDataConfig.embeddings = 'on_the_fly'). sample_hook(step=, state=, model_dir=, write_images=) runs
-  every sample_every steps (periodic sample grids: `imagen_jax.sample.hook.SampleGridHook`; its `prepare`
-  gets the first batch). devices (Python only): the mesh's devices (default: all).
+  Args:
+    model_dir: the run directory (checkpoints, logs, gin config).
+    num_steps: optimizer calls in all.
+    data_task: a seqio task (normally `@cached_task()`), read through StageDataConfig (`data_config`).
+    batch_source: (Python only) replaces `data_task` with any source of host-local batches (`train.data`).
+    model_config: the network (None: the gin-configured one).
+    diffusion: the diffusion settings (None: the gin-configured ones).
+    optimizer: the optimizer settings (None: the gin-configured ones).
+    data_config: the data settings (None: the gin-configured ones).
+    mesh_shape: (data, fsdp, tensor); one entry may be -1.
+    seed: the run's seed (initialisation and every step's key).
+    ema_decay: the EMA decay of the parameters.
+    ema_warmup: ramp the EMA decay up over the first steps.
+    log_every: steps per metrics line.
+    checkpoint_every: steps per checkpoint.
+    keep_checkpoints: how many checkpoints to keep (None: all).
+    async_checkpoints: write checkpoints in the background.
+    max_nonfinite_streak: stop after this many non-finite steps in a row.
+    compilation_cache_dir: JAX's persistent compilation cache (None: off).
+    text_encoder_checkpoint: embed tokens on the fly (StageDataConfig.embeddings = 'on_the_fly').
+    sample_every: steps per sample grid (0: none).
+    sample_hook: called as sample_hook(step=, state=, model_dir=, write_images=) every `sample_every`
+      steps (`imagen_jax.sample.hook.SampleGridHook`; its `prepare` gets the first batch).
+    progress: print progress lines.
+    devices: (Python only) the mesh's devices (default: all).
+
+  Returns:
+    A `TrainSummary`.
   """
   require("train", model_dir=model_dir, num_steps=num_steps)
   model_dir = str(ckpt.absolute(model_dir))
@@ -200,27 +340,14 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
   mesh = _mesh(mesh_shape, devices)
   lead = jax.process_index() == 0
 
-  # What trains here: refuse a MODEL_DIR of another network before anything is written.
-  tx = optim.make_optimizer(opt_config)
-  abstract, boxed = state_lib.abstract_state(model_config, tx)
-  record = ckpt.run_record(model_config, abstract.params, diffusion)
-  ckpt.check_run_dir(model_dir, record)
-  shardings = state_lib.state_shardings(abstract, boxed, mesh)
-
-  # The data.
-  if batch_source is None:
-    if data_task is None:
-      raise TrainError("no data: set train.data_task (e.g. @cached_task()) or pass batch_source")
-    if data_config is None:
-      from imagen_jax.data.pipeline import StageDataConfig
-      data_config = StageDataConfig()
-    batch_source = _task_source(data_task, data_config)
-    global_batch = data_config.batch_size
-  else:
-    global_batch = batch_source.batch_size
-  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if global_batch % data_shards:
-    raise TrainError(f"global batch {global_batch} does not split over data x fsdp = {data_shards} devices")
+  # ------------------------------------------------------------------ what trains, and the data
+  batch_source, global_batch = _data_source(batch_source, data_task, data_config)
+  spec = setup_lib.RunSpec(model_config=model_config, diffusion=diffusion, optimizer=opt_config,
+                           global_batch=global_batch, mesh_shape=tuple(mesh.shape.values()), ema_decay=ema_decay,
+                           ema_warmup=ema_warmup)
+  setup = setup_lib.TrainSetup(spec, mesh)
+  record = ckpt.run_record(model_config, setup.abstract.params, diffusion)
+  ckpt.check_run_dir(model_dir, record)       # a MODEL_DIR of another network is refused before any write
   local_batch = global_batch // jax.process_count()
   on_the_fly = text_encoder_checkpoint is not None
   keys = _needed_keys(model_config, on_the_fly)
@@ -229,116 +356,49 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
   preemption = _Preemption()
   writer = _Writer(model_dir, enabled=lead, progress=progress)
   try:
-    latest = mgr.latest_step()
-    if latest is not None:
-      state = ckpt.restore(mgr, latest, abstract, shardings, iterator=batch_source)
-      if progress and lead:
-        print(f"resumed from {epath.Path(model_dir) / ckpt.CHECKPOINTS / str(latest)} (step {latest})", flush=True)
-    else:
-      state, _, _ = state_lib.create_state(model_config, tx, jax.random.PRNGKey(seed), mesh)
+    state = _restore_or_create(mgr, setup, batch_source, seed, announce=progress and lead)
     start = int(jax.device_get(state.step))
     if lead:
       ckpt.gin_file(model_dir).write_text(gin.config_str())
-
     encoder_config = encoder_params = encoder_shardings = None
     if on_the_fly:
       encoder_config, encoder_params, encoder_shardings = _load_encoder(text_encoder_checkpoint, mesh)
-
     summary = TrainSummary(start_step=start, final_step=start, stopped="done")
     if start >= num_steps:
       if progress and lead:
         print(f"{model_dir}: already trained to step {start} (num_steps = {num_steps}); nothing to do", flush=True)
       return summary
 
+    # ---------------------------------------------------------------- the first batch, the compiled step
     first = next(batch_source)
     _check_batch(first, keys, model_config, local_batch)
     if sample_hook is not None and sample_every and hasattr(sample_hook, "prepare"):
       sample_hook.prepare(batch=first, model_config=model_config, diffusion=diffusion, mesh=mesh)
-    batch_shapes = {k: jax.ShapeDtypeStruct((global_batch,) + first[k].shape[1:], first[k].dtype) for k in keys}
+    shapes = {k: jax.ShapeDtypeStruct((global_batch,) + first[k].shape[1:], first[k].dtype) for k in keys}
 
     def count_trace():
       summary.traces += 1
 
-    sig = step_lib.step_signature(model_config=model_config, diffusion=diffusion, tx=tx, state_shardings=shardings,
-                                  batch_shapes=batch_shapes, mesh=mesh, ema_decay=ema_decay, ema_warmup=ema_warmup,
-                                  encoder_config=encoder_config, encoder_shardings=encoder_shardings,
-                                  trace_counter=count_trace)
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
-      abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sig.in_shardings[1][k])
-                        for k, v in batch_shapes.items()}
-      compiled = sig.jit().lower(state, abstract_batch, encoder_params).compile()
+    lowered, sig = setup.lower(shapes, state=state, encoder_params=encoder_params, encoder_config=encoder_config,
+                               encoder_shardings=encoder_shardings, trace_counter=count_trace)
+    compiled = lowered.compile()
     summary.compile_seconds = time.perf_counter() - t0
     summary.flops_per_step = perf.compiled_flops(compiled)
     accumulate = jax.jit(step_lib.accumulate)
-    finite_fn = jax.jit(lambda s: state_lib.all_finite((s.params, s.ema_params)))
-    peak, peak_source = perf.device_peak_flops()
+    log = _MetricLog(summary, writer, start=start, num_steps=num_steps, global_batch=global_batch,
+                     opt_config=opt_config, max_nonfinite_streak=max_nonfinite_streak)
+    checkpointer = _Checkpointer(mgr, batch_source, summary, max_nonfinite_streak=max_nonfinite_streak,
+                                 announce=progress, lead=lead, async_save=async_checkpoints)
     if lead and progress:
-      tensors, replicated = state_lib.replicated_by_divisibility(boxed, mesh)
-      n_params = record["parameters"]
-      print(f"train {record['network']} ({n_params / 1e6:.2f}M parameters) on mesh {dict(mesh.shape)}, "
-            f"{jax.device_count()} devices / {jax.process_count()} processes; global batch {global_batch}; "
-            f"steps {start} -> {num_steps}", flush=True)
-      print(f"sharding: {tensors} tensors ({replicated / 1e6:.3f}M parameters) left replicated along an axis "
-            f"that does not divide them", flush=True)
-      flops = summary.flops_per_step
-      print(f"step compiled in {summary.compile_seconds:.1f}s; "
-            + (f"{flops / 1e9:.2f} GFLOP per step per device (XLA cost analysis); " if flops else "")
-            + f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})", flush=True)
+      _print_start(record, setup, mesh, summary, (log.peak, log.peak_source), start=start, num_steps=num_steps)
 
-    schedule = optim.learning_rate_schedule(opt_config)
+    # ---------------------------------------------------------------- the loop
     acc = step_lib.zero_metrics()
-    pending = None
-    interval_times: List[float] = []
-    t_last, step_last = time.perf_counter(), start
+    pending = None              # (step, sums) of the last interval, written while the next step runs
     host_step = start
     batch = first
     wrote_operative = False
-
-    def write_pending(p):
-      nonlocal t_last, step_last
-      step, sums = p
-      sums = jax.device_get(sums)
-      streak, total = int(sums["nonfinite_streak"]), int(sums["nonfinite_total"])
-      now = time.perf_counter()
-      dt = (now - t_last) / max(step - step_last, 1)
-      interval_times.append(dt)
-      t_last, step_last = now, step
-      finite = float(sums["finite_steps"])
-      loss = float(sums["loss_sum"]) / finite if finite else float("nan")
-      gnorm = float(sums["grad_norm_sum"]) / finite if finite else float("nan")
-      skipped = int(sums["nonfinite_steps"])
-      lr = float(schedule(max(step - 1, 0) // opt_config.accumulate_steps))
-      util = perf.mfu(summary.flops_per_step, dt, peak)
-      tflops = summary.flops_per_step / dt / 1e12 if summary.flops_per_step else float("nan")
-      scalars = {"learning/loss": loss, "learning/grad_norm": gnorm, "learning/lr": lr,
-                 "learning/skipped_steps": skipped, "learning/nonfinite_total": int(total),
-                 "perf/step_time": dt, "perf/steps_per_sec": 1.0 / dt, "perf/images_per_sec": global_batch / dt,
-                 "perf/tflops_per_device": tflops, "perf/mfu": util}
-      summary.history.append((step, loss))
-      summary.nonfinite_total = int(total)
-      eta = (num_steps - step) * dt
-      line = (f"step {step}/{num_steps} | loss {loss:.4f} | grad_norm {gnorm:.3f} | lr {lr:.2e} | skipped {skipped} "
-              f"| {1.0 / dt:.2f} steps/s | {global_batch / dt:.1f} img/s | MFU {100 * util:.2f}% | eta {eta:.0f}s")
-      writer.write(step, scalars, line)
-      if int(streak) >= max_nonfinite_streak:
-        raise NonFiniteError(f"{int(streak)} non-finite steps in a row (max_nonfinite_streak = "
-                             f"{max_nonfinite_streak}) at step {step}; stopped, the last checkpoint "
-                             f"(step {mgr.latest_step()}) is intact")
-
-    def save(step: int) -> bool:
-      if not bool(jax.device_get(finite_fn(state))):
-        if lead:
-          print(f"step {step}: the state is not finite; checkpoint skipped", flush=True)
-        return False
-      if int(jax.device_get(state.nonfinite_streak)) >= max_nonfinite_streak:
-        return False
-      ckpt.save(mgr, step, state, batch_source)
-      summary.checkpoints.append(step)
-      if progress and lead:
-        print(f"checkpoint: step {step} saving" + (" (asynchronously)" if async_checkpoints else ""), flush=True)
-      return True
-
     try:
       while host_step < num_steps:
         if batch is None:
@@ -347,9 +407,9 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
         batch = None
         host_step += 1
         acc = accumulate(acc, metrics)
-        if pending is not None:          # step N-1's metrics, written while step N runs
+        if pending is not None:
           p, pending = pending, None
-          write_pending(p)
+          log.write(*p, latest_checkpoint=mgr.latest_step())
         if not wrote_operative and lead:
           ckpt.gin_file(model_dir, operative=True).write_text(gin.operative_config_str())
           wrote_operative = True
@@ -357,29 +417,28 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
           pending = (host_step, acc)
           acc = step_lib.zero_metrics()
         if sample_hook is not None and sample_every and host_step % sample_every == 0:
-          with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
+          with partitioning.mesh_context(mesh):
             sample_hook(step=host_step, state=state, model_dir=model_dir, write_images=writer.write_images)
         if preemption.reached(mgr, host_step):
-          save(host_step)
+          checkpointer.save(host_step, state)
           summary.stopped = "preempted"
           if lead:
             print(f"preempted (SIGTERM) at step {host_step}: checkpoint saved, exiting", flush=True)
           break
         if host_step % checkpoint_every == 0 and host_step != num_steps:
-          save(host_step)
+          checkpointer.save(host_step, state)
       if pending is not None:
-        write_pending(pending)
+        log.write(*pending, latest_checkpoint=mgr.latest_step())
         pending = None
       if summary.stopped == "done" and (not summary.checkpoints or summary.checkpoints[-1] != host_step):
-        save(host_step)
+        checkpointer.save(host_step, state)
     except NonFiniteError:
       summary.stopped = "nonfinite"
       raise
     finally:
       mgr.wait_until_finished()
       summary.final_step = host_step
-      later = interval_times[1:] if len(interval_times) > 1 else interval_times
-      summary.step_time = float(np.median(later)) if later else None
+      summary.step_time = log.median_step_time()
     return summary
   finally:
     preemption.close()

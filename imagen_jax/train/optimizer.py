@@ -13,13 +13,14 @@ from typing import Optional
 
 import gin
 import optax
+from imagen_jax.errors import ConfigError
 
 OPTIMIZERS = ("adafactor", "adam", "adamw", "sgd")
 
 
 def check_optimizer(name: str) -> str:
   if name not in OPTIMIZERS:
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+    raise ConfigError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
   return name
 
 
@@ -41,15 +42,15 @@ class OptimizerConfig:
   def __post_init__(self):
     check_optimizer(self.name)
     if self.learning_rate <= 0:
-      raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+      raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
     if self.warmup_steps < 0:
-      raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+      raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
     if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
-      raise ValueError(f"decay_steps ({self.decay_steps}) must exceed warmup_steps ({self.warmup_steps})")
+      raise ConfigError(f"decay_steps ({self.decay_steps}) must exceed warmup_steps ({self.warmup_steps})")
     if self.accumulate_steps < 1:
-      raise ValueError(f"accumulate_steps must be >= 1, got {self.accumulate_steps}")
+      raise ConfigError(f"accumulate_steps must be >= 1, got {self.accumulate_steps}")
     if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
-      raise ValueError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm}")
+      raise ConfigError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm}")
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:

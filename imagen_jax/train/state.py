@@ -122,7 +122,7 @@ def create_state(model_config, tx, rng, mesh: Mesh):
   """(state initialised directly sharded on `mesh`, its shardings, the boxed abstract parameters)."""
   abstract, boxed = abstract_state(model_config, tx)
   shardings = state_shardings(abstract, boxed, mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
+  with partitioning.mesh_context(mesh):
     state = jax.jit(lambda k: init_state(model_config, tx, k), out_shardings=shardings)(rng)
   return state, shardings, boxed
 

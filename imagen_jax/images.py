@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
+from imagen_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MIN_CELL = 128          # grid cells are at least this wide: small images are enlarged (nearest) for the labels
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
   """An input image that cannot be used (unreadable, wrong size): reported in one line, exit code 2."""
 
 

@@ -1,26 +1,21 @@
-"""Throughput of a stage on the local devices: `imagen-jax bench --gin_file=... [--what train|sample]`.
+"""Throughput of a stage on the local devices: the trainer's own step (`train.setup`) on a synthetic
+in-memory batch, or the sampler's jitted loop with random parameters, and FID feature extraction.
 
-train: the trainer's own step (`train.step.step_signature`, same shardings and donation) on a synthetic
-in-memory batch (no data pipeline, no TensorFlow: runs on GPU machines), state created sharded on the run's
-mesh over the local devices. sample: the cascade sampler's jitted batch loop (`sample.engine.StageSampler`)
-with random parameters, guided, for a number of steps.
-
-Timings are device-synchronised (block_until_ready on each call's outputs), the median of `repeats` calls
-after `warmup` calls (the first call also compiles and is never timed). FLOPs per device come from XLA's
-cost analysis of the compiled program; where the program holds a loop (scanned layers, the sampler's step
-loop), whose body XLA counts once, from the lowered HLO of the unrolled equivalent (the unscanned network;
-one network evaluation per sampling step). MFU = FLOPs / time / the device's peak (`perf.PEAK_FLOPS`; on a
-CPU a measured matmul rate).
+Device-synchronised calls, the median after warm-up, FLOPs from XLA (the unrolled program where a loop
+body would count once), MFU against the chip table's peak. Method and figures: docs/performance.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from imagen_jax import files, partitioning
+from imagen_jax.errors import UserError
+from imagen_jax.scale import flops as flops_lib
 
 
 @dataclasses.dataclass
@@ -50,8 +45,9 @@ class BenchResult:
 
 
 def check_counts(repeats: int, warmup: int) -> None:
+  """Raises a `UserError` unless repeats >= 1 and warmup >= 0 (checked before minutes of compiling)."""
   if repeats < 1 or warmup < 0:
-    raise ValueError(f"--repeats must be at least 1 and --warmup at least 0, got {repeats} and {warmup}")
+    raise UserError(f"repeats must be at least 1 and warmup at least 0, got {repeats} and {warmup}")
 
 
 def timed_calls(call: Callable[[], Any], repeats: int, warmup: int) -> List[float]:
@@ -72,13 +68,12 @@ def summarise(what: str, name: str, *, seconds: Sequence[float], batch: int, flo
               mesh, compile_seconds: float, unit: str = "step", per_call_units: int = 1, extra=None) -> BenchResult:
   """A result from per-call timings; a call may hold several units (a sampling run of N steps)."""
   import jax
-  from imagen_jax import perf
   device = jax.local_devices()[0]
-  peak, source = perf.device_peak_flops(device)
+  peak, source = flops_lib.device_peak_flops(device)
   per_unit = [s / per_call_units for s in seconds]
   med = float(np.median(per_unit))
   tflops = flops / med / 1e12 if flops else None
-  util = perf.mfu(flops, med, peak) if flops else None
+  util = flops_lib.mfu(flops, med, peak) if flops else None
   return BenchResult(what=what, name=name, device_kind=device.device_kind, devices=jax.device_count(),
                      mesh=dict(mesh.shape), batch=batch, seconds=per_unit, seconds_median=med,
                      images_per_second=batch / med / (per_call_units if unit == "sampling step" else 1),
@@ -88,10 +83,10 @@ def summarise(what: str, name: str, *, seconds: Sequence[float], batch: int, flo
 
 def synthetic_batch(model_config, global_batch: int, seed: int = 0) -> Dict[str, np.ndarray]:
   """Random in-memory training batch of the shapes and dtypes the trainer feeds (half the text masked)."""
-  from imagen_jax.train.compile_check import _batch_shapes
+  from imagen_jax.train.setup import batch_shapes
   rng = np.random.default_rng(seed)
   out = {}
-  for k, s in _batch_shapes(model_config, global_batch).items():
+  for k, s in batch_shapes(model_config, global_batch).items():
     if s.dtype == np.bool_:
       out[k] = np.arange(s.shape[1])[None, :] < rng.integers(1, s.shape[1] + 1, (s.shape[0], 1))
     else:
@@ -100,30 +95,22 @@ def synthetic_batch(model_config, global_batch: int, seed: int = 0) -> Dict[str,
 
 
 def bench_train(run, *, repeats: int = 10, warmup: int = 2, seed: int = 0) -> BenchResult:
-  """The train step of `run` (compile_check.TrainRun) on the local devices."""
-  import flax.linen as nn
+  """The train step of `run` (a `train.setup.RunSpec`) on the local devices."""
   import jax
-  from imagen_jax import models, partitioning, perf
-  from imagen_jax.train import compile_check
-  from imagen_jax.train import optimizer as optim
-  from imagen_jax.train import state as state_lib
-  from imagen_jax.train import step as step_lib
-  mesh = partitioning.create_mesh(*run.mesh_shape, devices=jax.local_devices())
-  if run.global_batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise ValueError(f"batch {run.global_batch} does not split over data x fsdp = "
-                     f"{mesh.shape['data'] * mesh.shape['fsdp']} devices")
-  tx = optim.make_optimizer(run.optimizer)
-  state, shardings, _ = state_lib.create_state(run.model_config, tx, jax.random.PRNGKey(seed), mesh)
+  from imagen_jax import models
+  from imagen_jax.scale import compile_check
+  from imagen_jax.train.setup import TrainSetup
+  setup = TrainSetup(run, partitioning.create_mesh(*run.mesh_shape, devices=jax.local_devices()))
+  mesh = setup.mesh
+  state = setup.create_state(seed)
   host = synthetic_batch(run.model_config, run.global_batch, seed)
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()}
-  sig = step_lib.step_signature(model_config=run.model_config, diffusion=run.diffusion, tx=tx, state_shardings=shardings,
-                                batch_shapes=shapes, mesh=mesh, ema_decay=run.ema_decay)
-  batch = {k: jax.device_put(v, sig.in_shardings[1][k]) for k, v in host.items()}
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
-    compiled = sig.jit().lower(state, batch, None).compile()
+  lowered, sig = setup.lower(shapes, state=state)
+  compiled = lowered.compile()
   compile_seconds = time.perf_counter() - t0
-  flops, source = perf.compiled_flops(compiled), "XLA cost analysis of the compiled step"
+  batch = {k: jax.device_put(v, sig.in_shardings[1][k]) for k, v in host.items()}
+  flops, source = flops_lib.compiled_flops(compiled), "XLA cost analysis of the compiled step"
   if run.model_config.scan_layers:
     unrolled = compile_check.unrolled_flops_per_chip(run, mesh.size, run.global_batch)
     if unrolled:
@@ -147,8 +134,7 @@ def bench_sample(run, *, batch_size: int = 8, num_steps: int = 16, guidance: flo
   """The stage's sampling loop (guided, `num_steps` steps) with random parameters on the local devices."""
   import flax.linen as nn
   import jax
-  import jax.numpy as jnp
-  from imagen_jax import models, partitioning, perf
+  from imagen_jax import models
   from imagen_jax.sample.engine import StageSampler, image_keys, model_apply_fn
   from imagen_jax.sample.settings import StageSettings
   cfg = run.model_config
@@ -173,7 +159,7 @@ def bench_sample(run, *, batch_size: int = 8, num_steps: int = 16, guidance: flo
   z, log_snr, cond = models.example_inputs(unscanned, 2 * n)
   apply = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
   lowered = apply.lower(nn.unbox(models.abstract_params(unscanned)), z, log_snr, cond)
-  flops = perf.compiled_flops(lowered)
+  flops = flops_lib.compiled_flops(lowered)
   flops = flops / sampler.mesh.size if flops else None
   name = f"{type(cfg).__name__} {cfg.image_size}px, {models.count_params(models.abstract_params(cfg)) / 1e6:.1f}M params"
   return summarise("sample", name, seconds=seconds, batch=n, flops=flops,
@@ -183,17 +169,17 @@ def bench_sample(run, *, batch_size: int = 8, num_steps: int = 16, guidance: flo
 
 
 def bench_fid(*, batch_size: int = 64, image_size: int = 256, resize: str = "tf1", weights=None, repeats: int = 5,
-              warmup: int = 1, seed: int = 0) -> BenchResult:
+              warmup: int = 1, seed: int = 0, json_path: Optional[str] = None) -> BenchResult:
   """FID feature extraction as `eval fid` runs it: uint8 host batches of `image_size` images through the jitted,
   data-sharded Inception (resize to 299 inside), features back on the host. Weights: a converted file, or random
   ones (the speed does not depend on them)."""
   import jax
   import jax.numpy as jnp
 
-  from imagen_jax import perf
   from imagen_jax.eval import inception
+  check_counts(repeats, warmup)
   if image_size < 1 or batch_size < 1:
-    raise ValueError(f"image_size and batch_size must be positive, got {image_size} and {batch_size}")
+    raise UserError(f"image_size and batch_size must be positive, got {image_size} and {batch_size}")
   if weights:
     variables = inception.load(weights)
   else:
@@ -208,13 +194,16 @@ def bench_fid(*, batch_size: int = 64, image_size: int = 256, resize: str = "tf1
   compile_seconds = time.perf_counter() - t0
   seconds = timed_calls(lambda: extractor(images), repeats, max(warmup - 1, 0))
   lowered = extractor._fn.lower(extractor.variables, jax.device_put(images, extractor._batch_sharding))
-  flops = perf.compiled_flops(lowered)
+  flops = flops_lib.compiled_flops(lowered)
   flops = flops / extractor.mesh.size if flops else None
-  return summarise("fid", f"FID Inception-v3, {image_size}px inputs resized to 299 ({resize})", seconds=seconds,
+  result = summarise("fid", f"FID Inception-v3, {image_size}px inputs resized to 299 ({resize})", seconds=seconds,
                    batch=n, flops=flops, flops_source="XLA cost analysis of the lowered extractor over the devices",
                    mesh=extractor.mesh, compile_seconds=compile_seconds, unit="batch",
                    extra={"image_size": image_size, "resize": resize, "random_weights": not weights,
                           "includes": "host-to-device copy of uint8 images and the features back to the host"})
+  if json_path:
+    files.write_json(json_path, result.to_json())
+  return result
 
 
 def format_table(r: BenchResult) -> str:
@@ -233,7 +222,30 @@ def format_table(r: BenchResult) -> str:
   return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def write_json(result: BenchResult, path: str) -> None:
-  from pathlib import Path
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  Path(path).write_text(json.dumps(result.to_json(), indent=1))
+def run(*, what: str, repeats: int = 10, warmup: int = 2, batch_size: int = 8, num_steps: int = 16,
+        guidance: float = 5.0, json_path: Optional[str] = None) -> BenchResult:
+  """The benchmark of the parsed gin config's stage.
+
+  Args:
+    what: 'train' (the train step at the config's batch) or 'sample' (guided sampling runs).
+    repeats: timed calls (the median is reported).
+    warmup: untimed calls after the compiling one.
+    batch_size: sample: images per batch.
+    num_steps: sample: sampling steps per run.
+    guidance: sample: the guidance weight (the guided program).
+    json_path: where to write the result as JSON (None: nowhere).
+
+  Returns:
+    The `BenchResult`.
+  """
+  from imagen_jax.train.setup import run_spec_from_gin
+  check_counts(repeats, warmup)      # before minutes of compiling
+  spec = run_spec_from_gin()
+  if what == "train":
+    result = bench_train(spec, repeats=repeats, warmup=warmup)
+  else:
+    result = bench_sample(spec, batch_size=batch_size, num_steps=num_steps, guidance=guidance, repeats=repeats,
+                          warmup=warmup)
+  if json_path:
+    files.write_json(json_path, result.to_json())
+  return result

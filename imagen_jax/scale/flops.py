@@ -2,7 +2,7 @@
 
 MFU = (FLOPs of one compiled step per device / step time) / peak FLOP/s of the device. The FLOPs come
 from `compiled.cost_analysis()` of the very executable that runs (per device for a partitioned program);
-the peaks are the vendors' dense bfloat16 figures; on a CPU the peak is a measured float32 matmul rate
+the peaks are the chip table's (`scale.topology`); on a CPU the peak is a measured float32 matmul rate
 (`cpu_matmul_rate`), so CPU MFU reads "fraction of what this machine's BLAS reaches".
 """
 
@@ -15,28 +15,18 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-# Dense bfloat16 peak FLOP/s per device (one chip; for v4/v5p one megacore chip, as JAX shows it).
-PEAK_FLOPS = (
-    ("H200", 989e12),        # NVIDIA H200 SXM
-    ("H100", 989e12),        # NVIDIA H100 SXM (PCIe: 756e12; the SXM figure is used)
-    ("A100", 312e12),
-    ("TPU v6 lite", 918e12),  # v6e (Trillium)
-    ("TPU v6e", 918e12),
-    ("TPU v5 lite", 197e12),  # v5e
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),       # v5p reports "TPU v5"
-    ("TPU v4", 275e12),
-)
-
+from imagen_jax.scale import topology
 
 def device_peak_flops(device=None) -> Tuple[float, str]:
-  """(peak FLOP/s, where the figure comes from) for a device (default: the first local one)."""
+  """(peak FLOP/s, where the figure comes from) for a device (default: the first local one).
+
+  The peak is the chip table's (`scale.topology.CHIPS`); on a CPU a measured float32 matmul rate.
+  """
   device = device or jax.local_devices()[0]
   kind = getattr(device, "device_kind", "")
-  for name, peak in PEAK_FLOPS:
-    if name.lower() in kind.lower():
-      return peak, f"{kind}: bf16 dense peak"
+  chip = topology.chip_of_kind(kind)
+  if chip is not None:
+    return chip.peak_flops, f"{kind}: bf16 dense peak"
   if device.platform == "cpu":
     return cpu_matmul_rate(), f"{kind or 'cpu'}: measured f32 matmul rate"
   return float("nan"), f"{kind}: no peak figure known"
@@ -72,6 +62,7 @@ def compiled_flops(compiled) -> Optional[float]:
 
 
 def mfu(flops_per_device: Optional[float], step_seconds: float, peak: float) -> float:
+  """FLOPs per device / step time / peak (NaN where any is missing)."""
   if not flops_per_device or step_seconds <= 0 or not peak or peak != peak:
     return float("nan")
   return flops_per_device / step_seconds / peak

@@ -1,29 +1,8 @@
-"""Ahead-of-time compile check of a stage's train step (or the text encoder) for a TPU topology, on any host.
+"""Ahead-of-time compile check of a stage's train step (or the T5 encoder) for a TPU topology, on any host.
 
-`imagen-jax compile-check --gin_file=runs/train_base_64.gin --topology=v4:4x4x8`: JAX with `libtpu` gives
-compile-only devices of a TPU topology on a machine without TPUs (jax.experimental.topologies). The run's
-mesh is built over them, and the very step the trainer jits (`train.step.step_signature`: same function,
-same shardings, same donation) is lowered on abstract inputs (ShapeDtypeStructs carrying shardings: no
-array is allocated) and compiled by XLA's TPU compiler. The report gives:
-
-- per-chip memory from the executable's memory analysis: arguments, outputs, aliased (donated) bytes,
-  temporaries and their total, against the chip's HBM (the compiler's limit, a little under nominal), and
-  the headroom;
-- FLOPs per chip per step: the *unscanned* network's step lowered for one CPU device at the global batch,
-  its HLO's FLOPs over the chips (every block counted, remat recomputation included: hardware FLOPs). The
-  TPU executable's own cost analysis is reported beside it: it counts a scan body once, and the TPU
-  compiler's rewrites (padding, convolution algorithms) change small-channel counts;
-- the step time and images/s the chip's peak would give at 100% and at a stated MFU;
-- when it does not fit, the compiler's RESOURCE_EXHAUSTED line and what to change.
-
-`--per_chip_equivalent` compiles the same per-chip program on a small slice of the same generation (same
-per-chip batch, same tensor ways, fewer fsdp ways) and derives the full-pod figures by stated arithmetic:
-argument, output and alias bytes change by the exact per-chip state bytes of the full mesh's shardings
-(computed from the shardings, not estimated); temporaries change by one gradient-sized buffer (the
-reduce-scattered gradient, sharded like the parameters); per-chip activations and FLOPs are unchanged.
-
-Host RAM: the CLI compiles in a child process and watches its resident memory; before the kernel would kill
-it, it stops with one line that gives the RAM needed so far and the ways to need less.
+libtpu's compile-only devices stand for the topology; the trainer's own step (`train.setup`) is lowered
+on abstract sharded inputs and compiled by XLA's TPU compiler, which reports memory per chip; FLOPs come
+from the unscanned step's HLO. Method, derivation and results: docs/scale.md.
 """
 
 from __future__ import annotations
@@ -35,60 +14,16 @@ import re
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+import jax
 import numpy as np
 
-GiB = 2 ** 30
-# Per chip. The memory limit is the one XLA's TPU compiler enforces, read from its RESOURCE_EXHAUSTED
-# messages (docs/scale.md), a little under the nominal HBM.
-# name prefix -> (device kind, nominal HBM GiB, compiler limit bytes, chip config, peak bf16 FLOP/s)
-GENERATIONS = {
-    "v4": ("TPU v4", 32, 30.75 * GiB, "megacore", 275e12),
-    "v5e": ("TPU v5 lite", 16, 15.75 * GiB, "default", 197e12),
-    "v5p": ("TPU v5p", 95, 95.74 * GiB, "megacore", 459e12),
-    "v5": ("TPU v5p", 95, 95.74 * GiB, "megacore", 459e12),
-    "v6e": ("TPU v6 lite", 32, 31.25 * GiB, "default", 918e12),
-}
-# The smallest slice of each generation a per-chip-equivalent compile uses by default.
-SMALL_SLICES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v5": "v5:2x2x1", "v6e": "v6e:2x2"}
+from imagen_jax import files, models, partitioning
+from imagen_jax.errors import ConfigError
+from imagen_jax.scale import flops as flops_lib
+from imagen_jax.scale import topology as topo
+from imagen_jax.train.setup import RunSpec, TrainSetup, run_spec_from_gin
+
 GOAL_HEADROOM = 0.20
-
-
-class CompileCheckError(ValueError):
-  """Bad input to the compile check (one line, CLI exit code 2)."""
-
-
-def generation(topology: str) -> str:
-  gen = topology.split(":")[0]
-  if gen not in GENERATIONS or ":" not in topology:
-    raise CompileCheckError(f"topology {topology!r}: expected <generation>:<AxB[xC]> with generation one of "
-                            f"{sorted(GENERATIONS)} (e.g. v4:4x4x8 = 128 v4 chips, v5e:16x16)")
-  return gen
-
-
-def topology_devices(topology: str, num_slices: int = 1):
-  """The compile-only TPU devices of a topology (libtpu needed; no TPU needed)."""
-  gen = generation(topology)
-  # libtpu looks for a TPU VM's metadata at start-up and prints warnings on a machine without one; these
-  # settings keep it quiet without changing what it compiles for.
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  # Compile-only use needs no exclusive TPU access: let several processes (tests, parallel checks) load libtpu.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  try:
-    import libtpu  # noqa: F401
-  except ImportError:
-    raise CompileCheckError("compile-check needs libtpu: pip install 'imagen-jax[tpu]'") from None
-  from jax.experimental import topologies
-  dims = topology.split(":")[1].split("x")
-  bounds = (2, 2, 1) if len(dims) == 3 else (min(2, int(dims[0])), min(2, int(dims[1])), 1)
-  try:
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                        chip_config_name=GENERATIONS[gen][3], chips_per_host_bounds=bounds,
-                                        num_slices=num_slices)
-  except Exception as e:   # libtpu's own message names what it did not like
-    raise CompileCheckError(f"topology {topology!r}: {str(e).splitlines()[0]}") from None
-  return list(desc.devices)
 
 
 @dataclasses.dataclass
@@ -232,123 +167,37 @@ def advise(*, fits: bool, headroom: Optional[float], remat: str, mesh: Dict[str,
 def state_bytes_per_chip(abstract_tree, shardings) -> float:
   """Bytes one device holds of a sharded tree (exact, from each leaf's shard shape)."""
   total = 0
-  for leaf, s in zip(jax_leaves(abstract_tree), jax_leaves(shardings)):
+  for leaf, s in zip(jax.tree_util.tree_leaves(abstract_tree), jax.tree_util.tree_leaves(shardings)):
     total += int(np.prod(s.shard_shape(leaf.shape))) * np.dtype(leaf.dtype).itemsize
   return float(total)
 
 
-def jax_leaves(tree):
-  import jax
-  return jax.tree_util.tree_leaves(tree)
-
-
 def per_chip_slice(mesh_shape: Sequence[int], chips: int, small_chips: int) -> Tuple[int, int, int]:
   """(data, fsdp, tensor) of the slice: the same tensor ways, as many fsdp ways as fit, data for the rest."""
-  data, fsdp, tensor = _resolve_mesh(mesh_shape, chips)
+  data, fsdp, tensor = partitioning.resolve_mesh_shape(mesh_shape, chips)
   if small_chips % tensor:
-    raise CompileCheckError(f"the slice's {small_chips} chips do not hold tensor={tensor} ways")
+    raise ConfigError(f"the slice's {small_chips} chips do not hold tensor={tensor} ways")
   fsdp_s = math.gcd(fsdp, small_chips // tensor)
   return small_chips // (fsdp_s * tensor), fsdp_s, tensor
 
 
-def _resolve_mesh(mesh_shape: Sequence[int], chips: int) -> Tuple[int, int, int]:
-  sizes = list(mesh_shape)
-  if len(sizes) != 3:
-    raise CompileCheckError(f"MESH must be (data, fsdp, tensor), got {tuple(mesh_shape)}")
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if sizes.count(-1) > 1 or chips % known:
-    raise CompileCheckError(f"mesh {tuple(mesh_shape)} does not fit {chips} chips")
-  if -1 in sizes:
-    sizes[sizes.index(-1)] = chips // known
-  if int(np.prod(sizes)) != chips:
-    raise CompileCheckError(f"mesh {tuple(mesh_shape)} needs {int(np.prod(sizes))} chips, the topology has {chips}")
-  return tuple(sizes)
-
-
 # ------------------------------------------------------------------------------------------ the train step
 
-@dataclasses.dataclass(frozen=True)
-class TrainRun:
-  """What the compile check needs of a training run (from its gin config)."""
-  model_config: Any
-  diffusion: Any
-  optimizer: Any
-  global_batch: int
-  mesh_shape: Tuple[int, int, int]
-  ema_decay: float = 0.9999
+def _lower_train(run: RunSpec, mesh, global_batch: int):
+  """(lowered step, abstract state, state shardings): the trainer's own step on abstract inputs."""
+  setup = TrainSetup(dataclasses.replace(run, global_batch=global_batch), mesh)
+  lowered, _ = setup.lower()
+  return lowered, setup.abstract, setup.shardings
 
 
-def train_run_from_gin() -> TrainRun:
-  """The run the parsed gin config describes, without calling train() (MODEL_DIR / TRAIN_DATA not needed)."""
-  import gin
-  from imagen_jax import models
-  from imagen_jax.diffusion import DiffusionConfig
-  from imagen_jax.train.optimizer import OptimizerConfig
-
-  def macro(name, default):
-    try:
-      return gin.query_parameter(f"%{name}")
-    except (ValueError, KeyError):
-      return default
-
-  try:
-    model_config = models.model_config()
-  except Exception as e:
-    raise CompileCheckError(f"the gin config defines no network ({str(e).splitlines()[0]}); pass a run or model "
-                            "gin file") from None
-  return TrainRun(model_config=model_config, diffusion=DiffusionConfig(), optimizer=OptimizerConfig(),
-                  global_batch=int(macro("BATCH_SIZE", 2048)), mesh_shape=tuple(macro("MESH", (-1, 1, 1))))
-
-
-def _batch_shapes(model_config, global_batch: int) -> Dict[str, Any]:
-  import jax
-  import jax.numpy as jnp
-  from imagen_jax import batch_keys as K
-  from imagen_jax import models
-  size, length = model_config.image_size, model_config.max_text_length
-  shapes = {K.IMAGE: jax.ShapeDtypeStruct((global_batch, size, size, model_config.in_channels), jnp.float32),
-            K.TEXT_EMB: jax.ShapeDtypeStruct((global_batch, length, model_config.text_embed_dim), jnp.float32),
-            K.TEXT_MASK: jax.ShapeDtypeStruct((global_batch, length), jnp.bool_)}
-  if models.is_super_resolution(model_config):
-    low = model_config.lowres_size
-    shapes[K.LOWRES] = jax.ShapeDtypeStruct((global_batch, low, low, model_config.in_channels), jnp.float32)
-  return shapes
-
-
-def _lower_train(run: TrainRun, mesh, global_batch: int):
-  """(lowered step, abstract state, state shardings): the trainer's own step signature, abstract inputs."""
-  import flax.linen as nn
-  import jax
-  from imagen_jax import partitioning
-  from imagen_jax.train import optimizer as optim
-  from imagen_jax.train import state as state_lib
-  from imagen_jax.train import step as step_lib
-  tx = optim.make_optimizer(run.optimizer)
-  abstract, boxed = state_lib.abstract_state(run.model_config, tx)
-  shardings = state_lib.state_shardings(abstract, boxed, mesh)
-  batch_shapes = _batch_shapes(run.model_config, global_batch)
-  sig = step_lib.step_signature(model_config=run.model_config, diffusion=run.diffusion, tx=tx,
-                                state_shardings=shardings, batch_shapes=batch_shapes, mesh=mesh,
-                                ema_decay=run.ema_decay)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
-    state_in = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
-                                      shardings)
-    batch_in = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sig.in_shardings[1][k])
-                for k, v in batch_shapes.items()}
-    lowered = sig.jit().lower(state_in, batch_in, None)
-  return lowered, abstract, shardings
-
-
-def unrolled_flops_per_chip(run: TrainRun, chips: int, global_batch: int) -> Optional[float]:
+def unrolled_flops_per_chip(run: RunSpec, chips: int, global_batch: int) -> Optional[float]:
   """FLOPs per chip of one step counting every block: the unscanned network's step, lowered (not compiled)
   for one CPU device at the global batch, its HLO's FLOPs over the chips. None where no cost analysis."""
-  import jax
-  from imagen_jax import partitioning, perf
   unscanned = dataclasses.replace(run, model_config=dataclasses.replace(run.model_config, scan_layers=False),
                                   mesh_shape=(1, 1, 1))
   mesh = partitioning.create_mesh(1, 1, 1, devices=jax.devices("cpu")[:1])
   lowered, _, _ = _lower_train(unscanned, mesh, global_batch)
-  flops = perf.compiled_flops(lowered)
+  flops = flops_lib.compiled_flops(lowered)
   return flops / chips if flops else None
 
 
@@ -365,20 +214,29 @@ def _compile(lowered) -> Tuple[Any, float, str]:
   return compiled, time.perf_counter() - t0, ""
 
 
-def check_train(run: TrainRun, topology: str, *, num_slices: int = 1, mfu: float = 0.5,
+def check_train(run: RunSpec, topology: str, *, num_slices: int = 1, mfu: float = 0.5,
                 per_chip_equivalent: Optional[str] = None, count_flops: bool = True) -> Report:
-  """Compiles the run's train step for `topology` (or, with per_chip_equivalent = a smaller topology name of
-  the same generation, on that slice, and derives the full figures); see the module docstring."""
-  import jax
-  from imagen_jax import models, partitioning
-  gen = generation(topology)
-  kind, _, hbm_limit, _, peak = GENERATIONS[gen]
-  full_devices = topology_devices(topology, num_slices)
+  """Compiles the run's train step for a TPU topology on this host; see the module docstring.
+
+  Args:
+    run: the training run (`train.setup.run_spec_from_gin`).
+    topology: e.g. 'v4:4x4x8'.
+    num_slices: multi-slice: number of such slices.
+    mfu: the MFU the projected step time is stated at.
+    per_chip_equivalent: a smaller topology of the same generation: compile there and derive the
+      full topology's figures.
+    count_flops: count FLOPs on the unscanned step's HLO (a scan body counts once in XLA's analysis).
+
+  Returns:
+    The `Report`.
+  """
+  gen = topo.generation(topology)
+  chip = topo.tpu_chip(topology)
+  kind, hbm_limit, peak = chip.device_kinds[0], chip.hbm_limit, chip.peak_flops
+  full_devices = topo.topology_devices(topology, num_slices)
   chips = len(full_devices)
-  mesh_sizes = _resolve_mesh(run.mesh_shape, chips)
-  if run.global_batch % (mesh_sizes[0] * mesh_sizes[1]):
-    raise CompileCheckError(f"global batch {run.global_batch} does not split over data x fsdp = "
-                            f"{mesh_sizes[0] * mesh_sizes[1]} chips")
+  mesh_sizes = partitioning.resolve_mesh_shape(run.mesh_shape, chips)
+  partitioning.check_batch_split(run.global_batch, dict(zip(partitioning.MESH_AXES, mesh_sizes)))
   full_mesh = partitioning.create_mesh(*mesh_sizes, devices=full_devices)
   per_chip_batch = run.global_batch / (mesh_sizes[0] * mesh_sizes[1])
   cfg = run.model_config
@@ -387,9 +245,9 @@ def check_train(run: TrainRun, topology: str, *, num_slices: int = 1, mfu: float
 
   compile_run, compile_mesh, compile_batch, measured_on = run, full_mesh, run.global_batch, None
   if per_chip_equivalent:
-    if generation(per_chip_equivalent) != gen:
-      raise CompileCheckError(f"--per_chip_equivalent {per_chip_equivalent} is not a {gen} slice")
-    small = topology_devices(per_chip_equivalent, 1)
+    if topo.generation(per_chip_equivalent) != gen:
+      raise ConfigError(f"per_chip_equivalent {per_chip_equivalent} is not a {gen} slice")
+    small = topo.topology_devices(per_chip_equivalent, 1)
     sizes = per_chip_slice(mesh_sizes, chips, len(small))
     compile_mesh = partitioning.create_mesh(*sizes, devices=small)
     compile_batch = int(per_chip_batch * sizes[0] * sizes[1])
@@ -410,11 +268,10 @@ def check_train(run: TrainRun, topology: str, *, num_slices: int = 1, mfu: float
     report.error = f"on the {per_chip_equivalent} slice: {oom}"
   if compiled is not None:
     memory = Memory.of(compiled)
-    from imagen_jax import perf
-    flops = perf.compiled_flops(compiled)
+    flops = flops_lib.compiled_flops(compiled)
     report.flops_source = "XLA cost analysis of the compiled step"
     if per_chip_equivalent:
-      _, _, full_shardings = _lower_train_shardings(run, full_mesh)
+      full_shardings = TrainSetup(run, full_mesh).shardings
       slice_state = state_bytes_per_chip(abstract, shardings)
       full_state = state_bytes_per_chip(abstract, full_shardings)
       params_slice = state_bytes_per_chip(abstract.params, shardings.params)
@@ -447,14 +304,6 @@ def check_train(run: TrainRun, topology: str, *, num_slices: int = 1, mfu: float
   return report
 
 
-def _lower_train_shardings(run: TrainRun, mesh):
-  from imagen_jax.train import optimizer as optim
-  from imagen_jax.train import state as state_lib
-  tx = optim.make_optimizer(run.optimizer)
-  abstract, boxed = state_lib.abstract_state(run.model_config, tx)
-  return abstract, boxed, state_lib.state_shardings(abstract, boxed, mesh)
-
-
 # ------------------------------------------------------------------------------------------ the text encoder
 
 def check_encoder(size: str, topology: str, *, global_batch: int, mesh_shape=(-1, 1, 1), num_slices: int = 1,
@@ -463,16 +312,14 @@ def check_encoder(size: str, topology: str, *, global_batch: int, mesh_shape=(-1
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from imagen_jax import models, partitioning, perf
   from imagen_jax.text.encoder import encode_tokens
   from imagen_jax.text.t5 import abstract_encoder_params, t5_config
-  gen = generation(topology)
-  kind, _, hbm_limit, _, peak = GENERATIONS[gen]
-  devices = topology_devices(topology, num_slices)
-  sizes = _resolve_mesh(mesh_shape, len(devices))
-  mesh = partitioning.create_mesh(*sizes, devices=devices)
-  if global_batch % (sizes[0] * sizes[1]):
-    raise CompileCheckError(f"batch {global_batch} does not split over data x fsdp = {sizes[0] * sizes[1]} chips")
+  chip = topo.tpu_chip(topology)
+  kind, hbm_limit, peak = chip.device_kinds[0], chip.hbm_limit, chip.peak_flops
+  devices = topo.topology_devices(topology, num_slices)
+  mesh = partitioning.create_mesh(*mesh_shape, devices=devices)
+  sizes = tuple(mesh.shape.values())
+  partitioning.check_batch_split(global_batch, mesh)
   config = t5_config(size, dtype=dtype, param_dtype=param_dtype)
   boxed = abstract_encoder_params(config)
   shardings = partitioning.mesh_shardings(boxed, mesh)
@@ -482,7 +329,7 @@ def check_encoder(size: str, topology: str, *, global_batch: int, mesh_shape=(-1
   fn = jax.jit(lambda p, t: encode_tokens(config, p, t, out_dtype=jnp.bfloat16),
                out_shardings=(partitioning.batch_sharding(mesh, 3), partitioning.batch_sharding(mesh, 2)))
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
+  with partitioning.mesh_context(mesh):
     lowered = fn.lower(params, tokens)
   lower_seconds = time.perf_counter() - t0
   compiled, compile_seconds, oom = _compile(lowered)
@@ -494,7 +341,7 @@ def check_encoder(size: str, topology: str, *, global_batch: int, mesh_shape=(-1
                   compile_seconds=compile_seconds, lower_seconds=lower_seconds, error=oom)
   if compiled is not None:
     report.memory = Memory.of(compiled)
-    report.flops_per_chip = perf.compiled_flops(compiled)
+    report.flops_per_chip = flops_lib.compiled_flops(compiled)
     report.flops_source = "XLA cost analysis of the compiled encoder"
     report.state_bytes_per_chip = state_bytes_per_chip(nn.unbox(boxed), shardings)
   report.advice = advise(fits=report.fits, headroom=report.headroom, remat="n/a", mesh=dict(mesh.shape),
@@ -502,37 +349,36 @@ def check_encoder(size: str, topology: str, *, global_batch: int, mesh_shape=(-1
   return report
 
 
-# ------------------------------------------------------------------------------------------ host RAM
+def run(*, what: str, topology: str, num_slices: int = 1, mfu: float = 0.5,
+        per_chip_equivalent: Optional[str] = None, count_flops: bool = True, encoder_size: str = "xxl",
+        json_path: Optional[str] = None) -> Report:
+  """The compile check of the parsed gin config's run.
 
-def rss_bytes(pid: int) -> Optional[float]:
-  try:
-    with open(f"/proc/{pid}/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          return float(line.split()[1]) * 1024
-  except OSError:
-    return None
-  return None
+  Args:
+    what: 'train' (the stage's train step) or 'encoder' (the T5 encoder, at the run's batch and mesh
+      when the config defines a run, else batch 2048 on data parallelism).
+    topology: e.g. 'v4:4x4x8'.
+    num_slices: multi-slice: number of such slices.
+    mfu: the MFU the projected step time is stated at.
+    per_chip_equivalent: a smaller slice of the same generation to compile on ('auto': the smallest).
+    count_flops: count FLOPs on the unscanned step's HLO.
+    encoder_size: the T5 size for what = 'encoder'.
+    json_path: where to write the report as JSON (None: nowhere).
 
-
-def available_bytes() -> Optional[float]:
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return float(line.split()[1]) * 1024
-  except OSError:
-    return None
-  return None
-
-
-def out_of_host_ram_line(used: float, limit: float, per_chip_equivalent: bool = False) -> str:
-  head = (f"compile-check stopped: the compile needed {used / 2 ** 30:.1f} GiB of host RAM so far, over the "
-          f"{limit / 2 ** 30:.1f} GiB this machine can give it; ")
-  if per_chip_equivalent:     # already the smallest program of this per-chip batch
-    return head + ("shrink the per-chip program (SCAN_LAYERS = True, a smaller per-chip batch) or run on a host "
-                   "with more RAM (a TPU VM)")
-  return head + ("compile on a smaller slice and derive the pod's figures (--per_chip_equivalent), or shrink the "
-                 "program (SCAN_LAYERS = True), or run on a host with more RAM (a TPU VM)")
-
-
+  Returns:
+    The `Report`.
+  """
+  if what == "encoder":
+    try:
+      spec = run_spec_from_gin()
+    except ConfigError:
+      spec = None
+    report = check_encoder(encoder_size, topology, global_batch=spec.global_batch if spec else 2048,
+                           mesh_shape=spec.mesh_shape if spec else (-1, 1, 1), num_slices=num_slices, mfu=mfu)
+  else:
+    pce = topo.small_slice(topology) if per_chip_equivalent == "auto" else per_chip_equivalent
+    report = check_train(run_spec_from_gin(), topology, num_slices=num_slices, mfu=mfu, per_chip_equivalent=pce,
+                         count_flops=count_flops)
+  if json_path:
+    files.write_json(json_path, report.to_json())
+  return report
