@@ -153,7 +153,7 @@ include 'runs/sample_base.gin'
 VOCAB = '{spm_model}'
 ENCODER = '{t5_dir}'
 MAX_TEXT_LENGTH = 8
-sample.stages = [@base/stage(), @sr/stage()]
+cascade_config.stages = [@base/stage(), @sr/stage()]
 base/stage.name = 'base'
 base/stage.run_dir = '{root / "base"}'
 base/stage.image_size = 16

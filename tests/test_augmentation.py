@@ -49,20 +49,22 @@ def test_random_levels_per_example_in_range():
 
 
 def test_sampling_uses_the_configured_level_never_a_random_one():
+  from imagen_jax.sample.settings import StageSettings
   x = _img(32)
   key = jax.random.PRNGKey(5)
-  cfg = D.DiffusionConfig(sample_aug_level=0.3, train_aug_level_range=(0.0, 1.0))
-  out, level = cfg.augment_lowres_for_sampling(x, key)
+  cfg = D.DiffusionConfig(train_aug_level_range=(0.0, 1.0))
+  # The sampler augments at its setting's level (StageSampler: noise_augment at settings.aug_level).
+  out, level = D.noise_augment(x, key, cfg.noise_aug_schedule, StageSettings(aug_level=0.3).aug_level)
   np.testing.assert_array_equal(level, np.full(32, 0.3, np.float32))
   # Exactly the forward process at 0.3 with the key's noise: no key spent on drawing a level.
   alpha, sigma = cfg.noise_aug_schedule.alpha_sigma(0.3)
   np.testing.assert_allclose(out, alpha * x + sigma * jax.random.normal(key, x.shape), rtol=1e-6, atol=1e-6)
-  # An explicit level (a sweep's) overrides the configured one; level 0 is the untouched image.
-  out0, level0 = cfg.augment_lowres_for_sampling(x, key, aug_level=0.0)
+  # Level 0 is the untouched image.
+  out0, level0 = D.noise_augment(x, key, cfg.noise_aug_schedule, 0.0)
   np.testing.assert_array_equal(out0, x)
   np.testing.assert_array_equal(level0, np.zeros(32))
-  # The default config samples at level 0 (the paper's best-FID setting), whatever the training range.
-  np.testing.assert_array_equal(D.DiffusionConfig().augment_lowres_for_sampling(x, key)[0], x)
+  # The default setting samples at level 0 (the paper's best-FID setting), whatever the training range.
+  np.testing.assert_array_equal(D.noise_augment(x, key, cfg.noise_aug_schedule, StageSettings().aug_level)[0], x)
   # Training draws random levels from its range, one per example.
   _, train_levels = cfg.augment_lowres_for_training(x, key)
   assert len(np.unique(np.asarray(train_levels))) == 32

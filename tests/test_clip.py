@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from imagen_jax.eval import clip
+from imagen_jax.eval.networks import clip
 
 
 def _bytes_to_unicode():
@@ -60,7 +60,7 @@ TEXTS = ["a red circle", "blue", "a blue circle and a red circle " * 5, "", "RED
 
 def test_tokenizer_equals_transformers_with_padding_and_truncation(checkpoint):
   d, _, tok = checkpoint
-  ours = clip.Tokenizer(d, CONTEXT)
+  ours = clip.ClipTokenizer(d, CONTEXT)
   ids, mask = ours(TEXTS)
   ref = tok(TEXTS, padding="max_length", max_length=CONTEXT, truncation=True, return_tensors="np")
   assert np.array_equal(ids, ref["input_ids"]) and np.array_equal(mask, ref["attention_mask"])

@@ -69,10 +69,11 @@ def _cases():
   from imagen_jax import diffusion as D
   from imagen_jax import models as M
   from imagen_jax.models import layers
+  from imagen_jax.sample.settings import StageSettings
   return [
-      ("check_sampler", lambda: D.DiffusionConfig(sampler="euler")),
+      ("check_sampler", lambda: StageSettings(sampler="euler")),
       ("check_sampler", lambda: _bad_sample(sampler="euler")),
-      ("check_thresholding", lambda: D.DiffusionConfig(thresholding="soft")),
+      ("check_thresholding", lambda: StageSettings(thresholding="soft")),
       ("check_thresholding", lambda: _bad_sample(thresholding_method="soft")),
       ("check_thresholding", lambda: D.threshold(jnp.zeros((1, 2)), "soft")),
       ("check_weighting", lambda: D.DiffusionConfig(loss_weighting="snr")),

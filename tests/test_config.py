@@ -18,28 +18,40 @@ def _parse(name, *bindings):
 
 
 def test_defaults_are_the_papers_base_stage():
+  from imagen_jax.sample.settings import StageSettings
   cfg = D.DiffusionConfig()
   assert isinstance(cfg.schedule, D.CosineSchedule)
-  assert (cfg.objective, cfg.cond_drop_prob, cfg.thresholding, cfg.dynamic_percentile) == ("eps", 0.1, "dynamic", 99.5)
-  assert cfg.guidance_scale == 1.35
+  assert (cfg.objective, cfg.cond_drop_prob) == ("eps", 0.1)
   assert _parse("diffusion/base_64.gin") == cfg
+  s = StageSettings()                  # sampling: the one settings type
+  assert (s.sampler, s.num_steps, s.thresholding, s.percentile, s.guidance_scale, s.aug_level) == (
+      "ddpm", 256, "dynamic", 99.5, 1.35, 0.0)
 
 
 def test_stage_files():
   sr256 = _parse("diffusion/sr_256.gin")
-  assert isinstance(sr256.schedule, D.CosineSchedule) and sr256.guidance_scale == 8.0
+  assert isinstance(sr256.schedule, D.CosineSchedule)
   gin.clear_config()
   sr1024 = _parse("diffusion/sr_1024.gin", "DiffusionConfig.objective = 'v'")
   assert sr1024.schedule == D.LinearSchedule(1e-4, 0.02, 1000)
-  assert sr1024.guidance_scale == 8.0 and sr1024.objective == "v"
+  assert sr1024.objective == "v"
   hash(sr1024)   # static jit argument
+  # The paper's sampling settings per stage live in the sampling config (w = 1.35 base, 8 for the SR stages).
+  from imagen_jax.sample import cascade
+  gin.clear_config()
+  parse_gin(["runs/sample_cascade.gin"], ["VOCAB = '/v'", "ENCODER = '/e'", "BASE_DIR = '/b'", "SR256_DIR = '/s'",
+                                          "SR1024_DIR = '/t'"])
+  stages = gin.query_parameter("cascade_config.stages")
+  assert [gin.query_parameter(f"{s}/stage.guidance_scale") for s in ("base", "sr256", "sr1024")] == [1.35, 8.0, 8.0]
+  assert len(stages) == 3 and cascade.stage is not None
 
 
 def test_bad_values_fail_at_construction():
   with pytest.raises(ValueError, match="unknown objective"):
     D.DiffusionConfig(objective="score")
+  from imagen_jax.sample.settings import StageSettings
   with pytest.raises(ValueError, match="unknown thresholding"):
-    D.DiffusionConfig(thresholding="soft")
+    StageSettings(thresholding="soft")
   with pytest.raises(ValueError, match="cond_drop_prob"):
     D.DiffusionConfig(cond_drop_prob=1.5)
   with pytest.raises(ValueError, match="unknown noise schedule"):
@@ -83,7 +95,7 @@ def test_sampling_configs_name_their_required_values_and_build_their_stages(run,
   with pytest.raises(GinConfigError, match="required gin value"):
     parse_gin([run], [], finalize=True)
   parse_gin([run], [f"{m} = '/runs/{m.lower()}'" for m in macros + ["VOCAB", "ENCODER"]], finalize=True)
-  stages = gin.query_parameter("sample.stages")
+  stages = gin.query_parameter("cascade_config.stages")
   specs = [ref.scoped_configurable_fn() for ref in stages]
   assert [s.name for s in specs] == names
   assert [s.run_dir for s in specs] == [f"/runs/{m.lower()}" for m in macros]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from imagen_jax import cli
-from imagen_jax.eval import drawbench
+from imagen_jax.eval.tasks import drawbench
 from imagen_jax import images as imio
 from tests.conftest import write_micro_cascade
 

@@ -7,7 +7,7 @@ import pytest
 
 from imagen_jax import cli
 from imagen_jax.data import synthetic
-from imagen_jax.eval import shapes
+from imagen_jax.eval.metrics import shapes
 from tests.conftest import write_micro_cascade
 
 SCENES = [synthetic.make_scene(123, i) for i in range(120)]
@@ -119,7 +119,7 @@ def test_caption_grammar():
 
 
 def test_best_setting_is_all_correct_then_partial_alignment_then_fidelity():
-  from imagen_jax.eval import shapes_eval
+  from imagen_jax.eval.tasks import shapes_eval
 
   def row(setting, w, all_, partial, fidelity, relation=float("nan")):
     m = {"all": all_, "color": partial, "count": partial, "shape": partial, "relation": relation, "fidelity": fidelity}

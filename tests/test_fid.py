@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from imagen_jax.eval import frechet
-from imagen_jax.eval.frechet import Stats, frechet_distance
+from imagen_jax.eval.metrics import frechet
+from imagen_jax.eval.metrics.frechet import Stats, frechet_distance
 
 # ------------------------------------------------------------------------------------ Fréchet distance
 
@@ -113,7 +113,7 @@ def inception_pair(tmp_path_factory):
   """(torch-fidelity's extractor, ours) with the same random weights, ours through the converter."""
   import torch
 
-  from imagen_jax.eval import inception
+  from imagen_jax.eval.networks import inception
   tmp = tmp_path_factory.mktemp("inception")
   rng = np.random.default_rng(0)
   state = {}
@@ -167,7 +167,7 @@ def test_pytorch_resize_equals_f_interpolate():
   import torch
   import torch.nn.functional as F
 
-  from imagen_jax.eval import inception
+  from imagen_jax.eval.networks import inception
   rng = np.random.default_rng(2)
   for h, w in ((32, 32), (64, 48), (400, 320)):
     x = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
@@ -186,7 +186,7 @@ def test_pytorch_resize_equals_f_interpolate():
 def test_bad_weights_are_one_line(inception_pair, tmp_path, what, message):
   from safetensors.numpy import save_file
 
-  from imagen_jax.eval import inception
+  from imagen_jax.eval.networks import inception
   if what == "not_safetensors":
     (tmp_path / inception.WEIGHTS_FILE).write_bytes(b"\x80\x04pickle-ish")
   elif what == "wrong_shapes":
@@ -208,7 +208,7 @@ def _write_folder(folder, images):
 
 def test_fid_command_end_to_end(inception_pair, tmp_path, capsys):
   from imagen_jax import cli
-  from imagen_jax.eval import inception
+  from imagen_jax.eval.networks import inception
   _, ours, tmp = inception_pair
   rng = np.random.default_rng(7)
   a = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
@@ -241,7 +241,7 @@ def test_fid_command_end_to_end(inception_pair, tmp_path, capsys):
 ])
 def test_fid_bad_input_is_one_line(inception_pair, tmp_path, capsys, case, message):
   from imagen_jax import cli
-  from imagen_jax.eval import inception
+  from imagen_jax.eval.networks import inception
   _, _, tmp = inception_pair
   rng = np.random.default_rng(8)
   weights = tmp / "converted"
@@ -296,7 +296,7 @@ def test_fid_clip_sweep_end_to_end(inception_pair, clip_checkpoint, tmp_path, sp
   import json
 
   from imagen_jax import cli
-  from imagen_jax.eval import clip
+  from imagen_jax.eval.networks import clip
   from imagen_jax import images as imio
   from tests.conftest import write_micro_cascade
   _, ours, tmp = inception_pair
@@ -361,7 +361,7 @@ def _analytic_inception_flops(batch: int) -> float:
   import jax.numpy as jnp
   from flax import traverse_util
 
-  from imagen_jax.eval import inception
+  from imagen_jax.eval.networks import inception
   net = inception.FIDInceptionV3()
   x = jnp.zeros((batch, inception.INPUT_SIZE, inception.INPUT_SIZE, 3))
   params = inception.abstract_params()

@@ -15,7 +15,7 @@ import pytest
 from imagen_jax import batch_keys as K
 from imagen_jax import partitioning
 from imagen_jax.diffusion import DiffusionConfig
-from imagen_jax.sample import cascade, engine
+from imagen_jax.sample import cascade, stage_sampler
 from imagen_jax import images as imio
 from imagen_jax.errors import UserError
 from imagen_jax.sample.settings import SettingsError, StageSettings, apply_sweep, expand, stage_sweeps
@@ -48,7 +48,7 @@ def sr_standin(params, z, log_snr, cond):
 def standin_stage(name, index, apply_fn, size, *, lowres=None, objective="eps", settings=(), batch_size=4):
   sr = lowres is not None
   diffusion = DiffusionConfig(objective=objective)
-  sampler = engine.StageSampler(apply_fn, diffusion, size, super_resolution=sr, batch_size=batch_size,
+  sampler = stage_sampler.StageSampler(apply_fn, diffusion, size, super_resolution=sr, batch_size=batch_size,
                                 mesh=partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1]))
   spec = cascade.StageSpec(name=name, run_dir="(stand-in)", image_size=size,
                            settings=tuple(settings) or (StageSettings(num_steps=3),))
@@ -78,17 +78,17 @@ def test_images_do_not_depend_on_batch_size_padding_or_device_count():
   config = load_config(*MICRO_BASE)
   params = randomized_params(config)
   from imagen_jax import models
-  apply_fn = engine.model_apply_fn(models.build_model(config))
+  apply_fn = stage_sampler.model_apply_fn(models.build_model(config))
   rng = np.random.default_rng(0)
   emb = rng.standard_normal((5, 16, config.text_embed_dim)).astype(np.float32)
   mask = np.arange(16)[None] < np.array([3, 16, 8, 5, 12])[:, None]
   jobs_emb, jobs_mask = np.repeat(emb, 2, 0), np.repeat(mask, 2, 0)
-  keys = engine.image_keys(100 + np.arange(10), 0)
+  keys = stage_sampler.image_keys(100 + np.arange(10), 0)
   setting = StageSettings(num_steps=3, guidance_scale=2.0)
-  one = engine.StageSampler(apply_fn, DiffusionConfig(), 16, super_resolution=False, batch_size=4,
+  one = stage_sampler.StageSampler(apply_fn, DiffusionConfig(), 16, super_resolution=False, batch_size=4,
                             mesh=partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1]))
-  eight = engine.StageSampler(apply_fn, DiffusionConfig(), 16, super_resolution=False, batch_size=8)
-  stats = engine.RunStats()
+  eight = stage_sampler.StageSampler(apply_fn, DiffusionConfig(), 16, super_resolution=False, batch_size=8)
+  stats = stage_sampler.RunStats()
   a = one.run(one.place_params(params), jobs_emb, jobs_mask, keys, setting, stats=stats)
   b = eight.run(eight.place_params(params), jobs_emb, jobs_mask, keys, setting)
   assert a.shape == b.shape == (10, 16, 16, 3)
@@ -96,7 +96,7 @@ def test_images_do_not_depend_on_batch_size_padding_or_device_count():
   np.testing.assert_allclose(a, b, atol=2e-5)
   again = one.run(one.place_params(params), jobs_emb, jobs_mask, keys, setting)
   np.testing.assert_array_equal(a, again)
-  other = one.run(one.place_params(params), jobs_emb, jobs_mask, engine.image_keys(200 + np.arange(10), 0), setting)
+  other = one.run(one.place_params(params), jobs_emb, jobs_mask, stage_sampler.image_keys(200 + np.arange(10), 0), setting)
   assert np.abs(other - a).mean() > 0.05
   # An image's own key decides it: image 3 drawn alone equals image 3 drawn in the batch.
   alone = one.run(one.place_params(params), jobs_emb[3:4], jobs_mask[3:4], keys[3:4], setting)
@@ -175,7 +175,7 @@ def test_sweep_rows_use_their_settings_and_the_sweep_compiles_once(tmp_path):
 def test_img2img_strength_zero_is_the_image_and_one_is_sampling_from_noise():
   st = standin_stage("base", 0, text_standin, 8)
   emb, mask = _text(3)
-  keys = engine.image_keys([5, 6, 7], 0)
+  keys = stage_sampler.image_keys([5, 6, 7], 0)
   init = np.random.default_rng(1).uniform(-1, 1, (3, 8, 8, 3)).astype(np.float32)
   setting = StageSettings(num_steps=4, guidance_scale=2.0)
   run = lambda **kw: st.sampler.run(st.params, emb, mask, keys, setting, **kw)  # noqa: E731
@@ -190,7 +190,7 @@ def test_core_sampler_per_example_keys_and_t_start():
   from imagen_jax.diffusion import samplers
   from imagen_jax.diffusion.schedules import CosineSchedule
   fn = lambda z, l, c: 0.5 * z                       # noqa: E731
-  keys = jnp.asarray(engine.image_keys([1, 2, 3], 0))
+  keys = jnp.asarray(stage_sampler.image_keys([1, 2, 3], 0))
   kw = dict(schedule=CosineSchedule(), num_steps=4, thresholding_method="static")
   batch = samplers.sample(fn, keys, (3, 4, 4, 3), **kw)
   alone = samplers.sample(fn, keys[1:2], (1, 4, 4, 3), **kw)
@@ -230,7 +230,7 @@ def _flags(**given):
 
 
 def test_settings_flags_sweeps_and_their_errors():
-  from imagen_jax.cli.common import UsageError, setting_overrides
+  from imagen_jax.cli.common import setting_overrides
   sweeps = stage_sweeps(setting_overrides(_flags(guidance=["base=1,3,5"], steps=["16"],
                                                  thresholding=["sr=none,dynamic:99.9"])), ["base", "sr"])
   assert sweeps == {"base": {"guidance_scale": [1.0, 3.0, 5.0], "num_steps": [16]},
@@ -242,7 +242,7 @@ def test_settings_flags_sweeps_and_their_errors():
   for flags, message in (({"sampler": ["euler"]}, "unknown sampler"), ({"steps": ["-3"]}, ">= 1"),
                          ({"thresholding": ["soft"]}, "unknown thresholding"), ({"guidance": ["x=2"]}, "no stage 'x'"),
                          ({"aug_level": ["sr=1.5"]}, "in \\[0, 1\\]"), ({"guidance": ["base=a,b"]}, "float")):
-    with pytest.raises((SettingsError, UsageError), match=message):   # the CLI's parse, or the settings' check
+    with pytest.raises(UserError, match=message):   # the CLI's parse (UsageError) or the settings' checks
       for stage, sweep in stage_sweeps(setting_overrides(_flags(**flags)), ["base", "sr"]).items():
         apply_sweep(StageSettings(), sweep)
 
@@ -284,7 +284,7 @@ def test_bad_inputs_to_a_cascade_are_refused_before_anything_is_written(tmp_path
 
 
 def test_training_writes_periodic_sample_grids_to_png_and_tensorboard(tmp_path):
-  from imagen_jax.sample.hook import SampleGridHook
+  from imagen_jax.sample.grid_hook import SampleGridHook
   from imagen_jax.train import data as tdata
   from imagen_jax.train import loop
   from tests.test_train import ADAM, BATCH, EMA

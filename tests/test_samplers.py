@@ -82,7 +82,17 @@ def test_deterministic_per_key_and_trajectory():
   assert float(jnp.abs(traj["x0"]).max()) <= 1.0 + 1e-6
 
 
+def _one_device_sampler(apply_fn, diffusion, image_size, channels):
+  from imagen_jax import partitioning
+  from imagen_jax.sample.stage_sampler import StageSampler
+  return StageSampler(apply_fn, diffusion, image_size, super_resolution=False, batch_size=8,
+                      mesh=partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1]), channels=channels)
+
+
 def test_sampler_compiles_once_whatever_the_step_count_and_guidance():
+  """The one sampler (sample.stage_sampler.StageSampler): step count and guidance weight are traced arguments."""
+  from imagen_jax.sample.stage_sampler import image_keys
+  from imagen_jax.sample.settings import StageSettings
   traces = []
 
   def apply_fn(params, z, log_snr, cond):
@@ -90,25 +100,32 @@ def test_sampler_compiles_once_whatever_the_step_count_and_guidance():
     m = cond[D.TEXT_MASK].astype(jnp.float32).mean(1)
     return params["scale"] * z * (1.0 + m)[:, None, None, None]
 
-  cfg = D.DiffusionConfig(num_sampling_steps=4, guidance_scale=3.0)
-  sampler = D.JittedSampler(apply_fn, cfg)
+  sampler = _one_device_sampler(apply_fn, D.DiffusionConfig(), 4, 3)
   params = {"scale": jnp.float32(0.5)}
-  cond = {D.TEXT_EMB: jnp.ones((2, 3, 4)), D.TEXT_MASK: jnp.ones((2, 3), bool)}
-  outs = [sampler(params, jax.random.PRNGKey(0), (2, 4, 4, 3), cond, num_steps=n) for n in (2, 5, 17)]
-  outs.append(sampler(params, jax.random.PRNGKey(0), (2, 4, 4, 3), cond, num_steps=5, guidance_scale=1.5))
+  emb, mask, keys = np.ones((2, 3, 4), np.float32), np.ones((2, 3), bool), image_keys([0, 1], 0)
+  run = lambda n, w, guided=True: sampler.run(params, emb, mask, keys, StageSettings(num_steps=n, guidance_scale=w),
+                                              guided=guided)
+  outs = [run(n, 3.0) for n in (2, 5, 17)] + [run(5, 1.5)]
   assert sampler.trace_count == 1
   assert traces == [4]              # one traced network call on the doubled batch, not one per step
   assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[1], outs[3])
-  # w = 1: a second program with a single, unguided network call.
-  sampler(params, jax.random.PRNGKey(0), (2, 4, 4, 3), cond, num_steps=3, guidance_scale=1.0)
+  # w = 1 unguided: a second program with a single, unguided network call.
+  run(3, 1.0, guided=False)
   assert sampler.trace_count == 2 and traces == [4, 2]
 
 
 def test_jitted_sampler_equals_the_pure_function():
+  from imagen_jax.diffusion import process
+  from imagen_jax.sample.stage_sampler import image_keys
+  from imagen_jax.sample.settings import StageSettings
   apply_fn = lambda params, z, log_snr, cond: ORACLE.model_fn("v")(z, log_snr, cond) * params
-  cfg = D.DiffusionConfig(objective="v", sampler="ddim", guidance_scale=1.0, thresholding="static")
-  got = D.JittedSampler(apply_fn, cfg)(jnp.float32(1.0), jax.random.PRNGKey(5), (8, 1, 1, 4), num_steps=12)
-  ref = D.sample(ORACLE.model_fn("v"), jax.random.PRNGKey(5), (8, 1, 1, 4), schedule=cfg.schedule, num_steps=12,
+  cfg = D.DiffusionConfig(objective="v")
+  keys = image_keys(range(8), 0)
+  setting = StageSettings(sampler="ddim", num_steps=12, guidance_scale=1.0, thresholding="static")
+  got = _one_device_sampler(apply_fn, cfg, 1, 4).run(jnp.float32(1.0), np.zeros((8, 2, 3), np.float32),
+                                                 np.ones((8, 2), bool), keys, setting)
+  _, k_sample = process.split_key(jnp.asarray(keys))      # the sampler's own split of each image's key
+  ref = D.sample(ORACLE.model_fn("v"), k_sample, (8, 1, 1, 4), schedule=cfg.schedule, num_steps=12,
                  objective="v", sampler="ddim", guidance_scale=1.0, thresholding_method="static")
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 

@@ -23,7 +23,7 @@ class Parser(argparse.ArgumentParser):
 # The modules whose configurables a training run's gin files bind.
 TRAIN_GIN_MODULES = ("imagen_jax.models", "imagen_jax.diffusion", "imagen_jax.train.loop",
                      "imagen_jax.train.optimizer", "imagen_jax.train.data", "imagen_jax.data.pipeline",
-                     "imagen_jax.data.tasks", "imagen_jax.sample.hook")
+                     "imagen_jax.data.tasks", "imagen_jax.sample.grid_hook")
 # What a training run's gin needs only to run (compile-check and bench build the step without them).
 RUN_ONLY_MACROS = ("MODEL_DIR", "TRAIN_DATA")
 # The modules whose configurables a sampling config binds.

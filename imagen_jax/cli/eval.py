@@ -119,12 +119,12 @@ def add_parsers(sub) -> None:
 def _cascade(args):
   """The cascade the sampling gin config describes, with --checkpoints, --steps and --batch_size applied."""
   from imagen_jax.sample import cascade
-  return cascade.configured(batch_size=args.batch_size, overrides=common.setting_overrides(args, ("steps",)),
-                            **common.checkpoints(args.checkpoints))
+  return cascade.prepare(cascade.cascade_config(), batch_size=args.batch_size,
+                         overrides=common.setting_overrides(args, ("steps",)), **common.checkpoints(args.checkpoints))
 
 
 def shapes(args) -> int:
-  from imagen_jax.eval import shapes_eval
+  from imagen_jax.eval.tasks import shapes_eval
   baselines = [shapes_eval.read_result(b) for b in args.baseline or []]
   result = shapes_eval.evaluate(
       _cascade(args), args.out, num_prompts=args.num_prompts, seed=args.seed, start=args.start,
@@ -140,7 +140,7 @@ def shapes(args) -> int:
 
 
 def fid_clip(args) -> int:
-  from imagen_jax.eval import quality
+  from imagen_jax.eval.tasks import fid_clip as quality
   result = quality.evaluate(
       _cascade(args), common.prompts(None, args.prompts_file), args.out, ref=args.ref, inception_weights=args.inception,
       clip_checkpoint=args.clip, guidance=common.float_list(args.guidance, "--guidance"),
@@ -155,7 +155,7 @@ def fid_clip(args) -> int:
 
 
 def drawbench(args) -> int:
-  from imagen_jax.eval import drawbench as db
+  from imagen_jax.eval.tasks import drawbench as db
   prompts = db.load_prompts(args.csv)
   manifest = db.sample_prompts(_cascade(args), prompts[: args.limit] if args.limit else prompts, args.out,
                                samples_per_prompt=args.samples_per_prompt, seed=args.seed, label=args.label,
@@ -165,7 +165,7 @@ def drawbench(args) -> int:
 
 
 def drawbench_page(args) -> int:
-  from imagen_jax.eval import drawbench as db
+  from imagen_jax.eval.tasks import drawbench as db
   key = db.write_page(args.a, args.b, args.out, key_path=args.key, seed=args.seed)
   key_path = args.key or db.default_key_path(args.out)
   print(f"eval drawbench-page: {len(key['prompts'])} prompts; open {Path(args.out) / 'index.html'} in a browser "
@@ -174,7 +174,7 @@ def drawbench_page(args) -> int:
 
 
 def drawbench_tally(args) -> int:
-  from imagen_jax.eval import drawbench as db
+  from imagen_jax.eval.tasks import drawbench as db
   result = db.tally_files(args.answers, args.key, args.out, resamples=args.resamples, seed=args.seed)
   print(db.format_tally(result))
   print(f"eval drawbench-tally: wrote {Path(args.out) / 'tally.json'} and {Path(args.out) / 'tally.png'}")
@@ -182,14 +182,14 @@ def drawbench_tally(args) -> int:
 
 
 def convert_inception(args) -> int:
-  from imagen_jax.eval import inception
+  from imagen_jax.eval.networks import inception
   out = inception.convert(args.src, args.dst)
   print(f"eval convert-inception: wrote {out} (safetensors; the only file `imagen-jax eval fid` reads)")
   return 0
 
 
 def fid(args) -> int:
-  from imagen_jax.eval import fid as fid_lib
+  from imagen_jax.eval.metrics import fid as fid_lib
   r = fid_lib.evaluate(args.samples, args.ref, args.weights, image_size=args.image_size,
                        center_crop=args.center_crop, resize=args.resize, batch_size=args.batch_size,
                        save_stats=args.save_stats, json_path=args.json)
@@ -209,7 +209,7 @@ def fid_bench(args) -> int:
 
 
 def coco_prompts(args) -> int:
-  from imagen_jax.eval import coco
+  from imagen_jax.eval.tasks import coco
   record = coco.make_prompts(args.annotations, args.images, args.out, num=args.num, seed=args.seed)
   out = Path(args.out)
   print(f"eval coco-prompts: {record['num']} captions in {out / 'prompts.txt'}, their images linked in "
@@ -218,7 +218,7 @@ def coco_prompts(args) -> int:
 
 
 def clip(args) -> int:
-  from imagen_jax.eval import clip as clip_lib
+  from imagen_jax.eval.networks import clip as clip_lib
   r = clip_lib.score_folder(args.samples, args.prompts, args.checkpoint, batch_size=args.batch_size,
                             json_path=args.json)
   print(f"CLIP score {r['clip_score']:.3f} over {r['pairs']} (image, prompt) pairs ({r['images_per_prompt']} "

@@ -47,7 +47,8 @@ def sample(args) -> int:
   import sys
 
   from imagen_jax.sample import cascade
-  result = cascade.sample(prompts=common.prompts(args.prompts, args.prompts_file), out_dir=args.out, seed=args.seed,
+  result = cascade.sample(cascade.cascade_config(), prompts=common.prompts(args.prompts, args.prompts_file),
+                          out_dir=args.out, seed=args.seed,
                           samples_per_prompt=args.samples_per_prompt, batch_size=args.batch_size,
                           only=common.name_list(args.stages or "") or None,
                           overrides=common.setting_overrides(args),

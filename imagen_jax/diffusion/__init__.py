@@ -4,7 +4,7 @@ Never imports TensorFlow (lent GPU machines have none).
 """
 
 from imagen_jax.diffusion.augmentation import noise_augment, noise_augment_random, sample_aug_levels
-from imagen_jax.diffusion.config import DiffusionConfig, JittedSampler
+from imagen_jax.diffusion.config import DiffusionConfig
 from imagen_jax.diffusion.guidance import (LOWRES, LOWRES_AUG_LEVEL, TEXT_EMB, TEXT_MASK, drop_condition, guided_x0_eps,
                                            null_condition)
 from imagen_jax.diffusion.losses import diffusion_loss, loss_weight, sample_times

@@ -1,2 +1,3 @@
-"""Evaluation: automatic alignment on the synthetic shapes (`shapes`), guidance/thresholding sweeps through the
-cascade (`sweep`), and DrawBench sampling, side-by-side rating page and tally (`drawbench`). No TensorFlow."""
+"""Evaluation in three kinds: `networks` (the FID Inception-v3 and CLIP in Flax), `metrics` (Fréchet
+distance, FID of folders, the shapes scorer) and `tasks` (what the `imagen-jax eval` commands run: sweeps,
+DrawBench, COCO inputs, plots). No TensorFlow."""

@@ -39,7 +39,7 @@ from imagen_jax import files, models
 from imagen_jax.diffusion import DiffusionConfig
 from imagen_jax.gin_utils import require
 from imagen_jax import images as imio
-from imagen_jax.sample.engine import RunStats, StageSampler, image_keys, model_apply_fn
+from imagen_jax.sample.stage_sampler import RunStats, StageSampler, image_keys, model_apply_fn
 from imagen_jax.sample.settings import StageSettings, apply_sweep, expand, stage_sweeps
 from imagen_jax.text.encoder import EncodedPrompts, encode_prompts
 from imagen_jax.train import checkpoints as ckpt
@@ -101,6 +101,46 @@ class LoadedStage:
       return None
     cfg = self.model_config
     return self.spec.image_size * cfg.lowres_size // cfg.image_size
+
+  @property
+  def setting(self) -> StageSettings:
+    """The stage's first setting: the one it passes on to the next stage."""
+    return self.spec.settings[0]
+
+  @property
+  def batch_size(self) -> int:
+    """Images per sampler call."""
+    return self.sampler.batch_size
+
+  @property
+  def programs(self) -> int:
+    """Sampler programs this stage has compiled so far."""
+    return self.sampler.programs
+
+  def images(self, emb: np.ndarray, mask: np.ndarray, seeds: Sequence[int], setting: StageSettings, *,
+             lowres: Optional[np.ndarray] = None, init: Optional[np.ndarray] = None, strength: float = 1.0,
+             guided: Optional[bool] = None, stats: Optional[RunStats] = None, on_batch=None) -> np.ndarray:
+    """This stage's images (uint8 (N, S, S, 3)), one per image seed.
+
+    Args:
+      emb: (N, L, D) text embeddings, one row per image.
+      mask: (N, L) text masks.
+      seeds: the images' seeds (each image's key: fold_in(PRNGKey(seed), the stage's index)).
+      setting: the sampling setting.
+      lowres: SR stages: the previous stage's output in [-1, 1].
+      init: img2img: images in [-1, 1] to start from at t = strength.
+      strength: img2img strength.
+      guided: compile the guided program even where w = 1 (a sweep over w compiles once).
+      stats: timings to add to.
+      on_batch: progress callback, on_batch(done, total).
+
+    Returns:
+      The 8-bit images (what the next stage and the PNGs see).
+    """
+    x = self.sampler.run(self.params, emb, mask, image_keys(seeds, self.index), setting,
+                         lowres=lowres if self.super_resolution else None, x_init=init, strength=strength,
+                         guided=guided, stats=stats, on_batch=on_batch)
+    return imio.to_uint8(x)
 
 
 def _describe(record: dict) -> str:
@@ -259,7 +299,6 @@ def run_cascade(stages: Sequence[LoadedStage], text: EncodedPrompts, out_dir, *,
   for st in stages:
     settings = list(st.spec.settings)
     guided = any(x.guidance_scale != 1.0 for x in settings)
-    keys = image_keys(seeds, st.index)
     stats = RunStats()
     traces0 = st.sampler.trace_count
     stage_files: List[List[str]] = []
@@ -267,10 +306,8 @@ def run_cascade(stages: Sequence[LoadedStage], text: EncodedPrompts, out_dir, *,
     bar = tqdm(total=len(settings) * -(-len(mine) // st.sampler.batch_size), desc=f"sample {st.spec.name}",
                unit="batch", disable=not (progress and lead), leave=False, file=sys.stdout)
     for r, setting in enumerate(settings):
-      x = st.sampler.run(st.params, emb, mask, keys, setting, lowres=prev if st.super_resolution else None,
-                         x_init=init if st is first else None, strength=strength, guided=guided, stats=stats,
-                         on_batch=lambda done, total: bar.update(1))
-      u8 = imio.to_uint8(x)
+      u8 = st.images(emb, mask, seeds, setting, lowres=prev, init=init if st is first else None,
+                     strength=strength, guided=guided, stats=stats, on_batch=lambda done, total: bar.update(1))
       sub = st.spec.name if len(settings) == 1 else f"{st.spec.name}/{setting.slug(st.super_resolution)}"
       names = [f"{sub}/p{j['input']:03d}_s{j['sample']:02d}_seed{j['seed']}.png" for j in jobs]
       for name, im in zip(names[share], u8):
@@ -347,6 +384,36 @@ def _write_record(out_dir: Path, stages, results, jobs, text: EncodedPrompts, *,
 # --------------------------------------------------------------------------------- the gin entry point
 
 
+@dataclasses.dataclass(frozen=True)
+class CascadeConfig:
+  """What a sampling config describes: the stages (`stage()` specs) and the text encoder they take."""
+  stages: Sequence[StageSpec]
+  vocab: str
+  encoder: str
+  max_text_length: int = 128
+  batch_size: int = 8
+
+
+@gin.configurable
+def cascade_config(*, stages: Sequence[StageSpec] = gin.REQUIRED, vocab: str = gin.REQUIRED,
+                   encoder: str = gin.REQUIRED, max_text_length: int = 128, batch_size: int = 8) -> CascadeConfig:
+  """The cascade of a sampling gin config (`gin_configs/runs/sample_*.gin`).
+
+  Args:
+    stages: the stages in order (`@base/stage()`, ...).
+    vocab: the sentencepiece model.
+    encoder: the T5 encoder checkpoint (ours, Hugging Face or T5X).
+    max_text_length: tokens per prompt.
+    batch_size: images per sampler call.
+
+  Returns:
+    The `CascadeConfig`.
+  """
+  require("cascade_config", stages=stages, vocab=vocab, encoder=encoder)
+  return CascadeConfig(stages=tuple(stages), vocab=str(vocab), encoder=str(encoder),
+                       max_text_length=int(max_text_length), batch_size=int(batch_size))
+
+
 @dataclasses.dataclass
 class Cascade:
   """Loaded, checked stages plus the text encoder they take: what `sample` and the evaluations share."""
@@ -356,6 +423,7 @@ class Cascade:
   max_text_length: int
 
   def encode(self, prompts: Sequence[str], warn=print) -> EncodedPrompts:
+    """The prompts' T5 embeddings, checked against the stages' text width."""
     text = encode_prompts(prompts, self.vocab, self.encoder, self.max_text_length, warn=warn)
     for st in self.stages:
       if st.model_config.text_embed_dim != text.emb.shape[-1]:
@@ -363,18 +431,60 @@ class Cascade:
                           f"embeddings, the text encoder gives {text.emb.shape[-1]}-d")
     return text
 
+  def generate(self, text: EncodedPrompts, prompt_index: Sequence[int], seeds: Sequence[int],
+               settings: Sequence[StageSettings], *, guided: Sequence[Optional[bool]],
+               stats: Optional[Sequence[RunStats]] = None) -> List[np.ndarray]:
+    """Every stage's images (uint8, N x S x S x 3), one setting per stage; each SR stage sees the previous
+    stage's 8-bit output (as `sample` passes it on).
+
+    Args:
+      text: the encoded prompts.
+      prompt_index: each image's prompt.
+      seeds: each image's seed.
+      settings: one setting per stage.
+      guided: per stage, compile the guided program even at w = 1 (None: guided unless w = 1).
+      stats: per stage, timings to add to.
+
+    Returns:
+      One uint8 array per stage.
+    """
+    idx = np.asarray(prompt_index, np.int64)
+    emb, mask = text.emb[idx], text.mask[idx]
+    prev, out = None, []
+    for i, (st, setting) in enumerate(zip(self.stages, settings)):
+      u8 = st.images(emb, mask, seeds, setting, lowres=prev, guided=guided[i],
+                     stats=stats[i] if stats is not None else None)
+      out.append(u8)
+      prev = imio.from_uint8(u8)
+    return out
+
 
 def _warn(message: str) -> None:
   print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def prepare(*, stages: Sequence[StageSpec], vocab: str, encoder: str, max_text_length: int = 128, batch_size: int = 8,
-            only: Optional[Sequence[str]] = None, overrides: Sequence = (),
-            checkpoint_steps: Optional[Dict[str, int]] = None, run_dirs: Optional[Dict[str, str]] = None,
-            has_lowres_input: bool = False, progress: bool = True, warn=_warn) -> Cascade:
-  """Chooses, configures (sweeps, checkpoint steps, run directories), loads and checks the stages named in `only`
-  (contiguous; default all). run_dirs: {stage: run directory} replacing the configured ones."""
-  specs = list(stages)
+def prepare(config: CascadeConfig, *, batch_size: Optional[int] = None, only: Optional[Sequence[str]] = None,
+            overrides: Sequence = (), checkpoint_steps: Optional[Dict[str, int]] = None,
+            run_dirs: Optional[Dict[str, str]] = None, has_lowres_input: bool = False, progress: bool = True,
+            warn=_warn) -> Cascade:
+  """Loads and checks a cascade's stages.
+
+  Args:
+    config: the cascade (`cascade_config()` of a sampling gin config).
+    batch_size: images per sampler call (default the config's).
+    only: the stages to load (contiguous; default all).
+    overrides: per-stage settings [(stage or None, field, values)] (`settings.stage_sweeps`).
+    checkpoint_steps: {stage: step} instead of the latest checkpoint.
+    run_dirs: {stage: run directory} replacing the configured ones.
+    has_lowres_input: the first stage is given low-resolution inputs (an SR stage).
+    progress: print a line per stage.
+    warn: called with warnings.
+
+  Returns:
+    The `Cascade`.
+  """
+  specs = list(config.stages)
+  batch_size = config.batch_size if batch_size is None else batch_size
   names = [s.name for s in specs]
   if len(set(names)) != len(names):
     raise SampleError(f"stage names must differ, got {names}")
@@ -384,7 +494,8 @@ def prepare(*, stages: Sequence[StageSpec], vocab: str, encoder: str, max_text_l
     raise SampleError(f"no stage {unknown[0]!r} (stages: {', '.join(names)})")
   pos = sorted(names.index(n) for n in chosen)
   if pos != list(range(pos[0], pos[-1] + 1)):
-    raise SampleError(f"the stages chosen (only) must be contiguous in the cascade ({' -> '.join(names)}), got {', '.join(chosen)}")
+    raise SampleError(f"the stages chosen (only) must be contiguous in the cascade ({' -> '.join(names)}), got "
+                      f"{', '.join(chosen)}")
   for what, given in (("checkpoint_steps", checkpoint_steps), ("run_dirs", run_dirs)):
     for name, value in (given or {}).items():
       if name not in names:
@@ -393,7 +504,7 @@ def prepare(*, stages: Sequence[StageSpec], vocab: str, encoder: str, max_text_l
   loaded = []
   for i in pos:
     spec = specs[i]
-    sweep = (sweeps or {}).get(spec.name)
+    sweep = sweeps.get(spec.name)
     if sweep:
       spec = dataclasses.replace(spec, settings=tuple(apply_sweep(spec.settings[0], sweep)))
     if checkpoint_steps and spec.name in checkpoint_steps:
@@ -407,39 +518,42 @@ def prepare(*, stages: Sequence[StageSpec], vocab: str, encoder: str, max_text_l
             f"{len(spec.settings)} setting(s): {'; '.join(x.label(st.super_resolution) for x in spec.settings)}",
             flush=True)
   check_chain(loaded, has_lowres_input)
-  return Cascade(stages=loaded, vocab=vocab, encoder=encoder, max_text_length=max_text_length)
+  return Cascade(stages=loaded, vocab=config.vocab, encoder=config.encoder, max_text_length=config.max_text_length)
 
 
-def configured(**kwargs_over) -> Cascade:
-  """`prepare` with the cascade a sampling gin config binds to `sample` (stages, vocab, encoder, text length,
-  batch size), `kwargs_over` replacing any of them: how the evaluations load the cascade they are given."""
-  bound = gin.get_bindings(sample)
-  keys = ("stages", "vocab", "encoder", "max_text_length", "batch_size")
-  kwargs = {k: bound[k] for k in keys if k in bound}
-  kwargs.update(kwargs_over)
-  require("sample", stages=kwargs.get("stages", gin.REQUIRED), vocab=kwargs.get("vocab", gin.REQUIRED),
-          encoder=kwargs.get("encoder", gin.REQUIRED))
-  return prepare(**kwargs)
-
-
-@gin.configurable
-def sample(*, prompts: Sequence[str], out_dir: str, stages: Sequence[StageSpec] = gin.REQUIRED,
-           vocab: str = gin.REQUIRED, encoder: str = gin.REQUIRED, max_text_length: int = 128, seed: int = 0,
-           samples_per_prompt: int = 1, batch_size: int = 8, only: Optional[Sequence[str]] = None,
+def sample(config: CascadeConfig, *, prompts: Sequence[str], out_dir: str, seed: int = 0,
+           samples_per_prompt: int = 1, batch_size: Optional[int] = None, only: Optional[Sequence[str]] = None,
            overrides: Sequence = (), checkpoint_steps: Optional[Dict[str, int]] = None,
            lowres_images: Optional[str] = None, init_images: Optional[str] = None, strength: float = 0.8,
            progress: bool = True, record_extra: Optional[dict] = None, grids: bool = True) -> CascadeResult:
-  """`imagen-jax sample`: loads, checks and samples the configured cascade (or the stages named in `only`,
-  contiguous). overrides: per-stage settings [(stage or None, field, values)] (`settings.stage_sweeps`);
-  checkpoint_steps: {stage: step}."""
-  require("sample", stages=stages, vocab=vocab, encoder=encoder)
+  """Loads, checks and samples a cascade (or the stages named in `only`) into `out_dir`.
+
+  Args:
+    config: the cascade (`cascade_config()` of a sampling gin config).
+    prompts: the prompts.
+    out_dir: the output folder (new or empty; layout in docs/guide.md).
+    seed: image (k, j) has seed + k * samples_per_prompt + j.
+    samples_per_prompt: images per prompt (or per input image).
+    batch_size: images per sampler call (default the config's).
+    only: contiguous stages to run (default all).
+    overrides: per-stage settings [(stage or None, field, values)] (`settings.stage_sweeps`).
+    checkpoint_steps: {stage: step}.
+    lowres_images: a folder of low-resolution inputs for a cascade that starts at an SR stage.
+    init_images: img2img: a folder of images the first stage starts from.
+    strength: img2img strength.
+    progress: progress bars and lines.
+    record_extra: more fields for settings.json.
+    grids: write grid images.
+
+  Returns:
+    The `CascadeResult`.
+  """
   if not prompts:
     raise SampleError("no prompts")
   out = Path(out_dir)
   if out.exists() and any(out.iterdir()):
     raise SampleError(f"out_dir {out} is not empty; choose a new directory")
-  cascade = prepare(stages=stages, vocab=vocab, encoder=encoder, max_text_length=max_text_length,
-                    batch_size=batch_size, only=only, overrides=overrides, checkpoint_steps=checkpoint_steps,
+  cascade = prepare(config, batch_size=batch_size, only=only, overrides=overrides, checkpoint_steps=checkpoint_steps,
                     has_lowres_input=lowres_images is not None, progress=progress)
   loaded = cascade.stages
   text = cascade.encode(prompts, warn=_warn)

@@ -14,28 +14,26 @@ import dataclasses
 import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from imagen_jax.diffusion import DiffusionConfig, thresholding
-from imagen_jax.errors import UserError
+from imagen_jax.diffusion import samplers, thresholding
+from imagen_jax.errors import ConfigError
 
 
-class SettingsError(UserError):
+class SettingsError(ConfigError):
   """A bad setting (unknown sampler or thresholding name, a step count below 1, ...): one line, exit code 2."""
-
-
-# The defaults and the checks are DiffusionConfig's (the paper's, docs/paper.md §2): one source for each.
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DiffusionConfig)}
 
 
 @dataclasses.dataclass(frozen=True)
 class StageSettings:
-  """One sampling setting of one stage; defaults and validation are those of `DiffusionConfig`."""
-  sampler: str = _DEFAULTS["sampler"]                      # ddpm (ancestral) | ddim
-  num_steps: int = _DEFAULTS["num_sampling_steps"]
-  guidance_scale: float = _DEFAULTS["guidance_scale"]      # w; 1 = unguided
-  thresholding: str = _DEFAULTS["thresholding"]            # none | static | dynamic
-  percentile: float = _DEFAULTS["dynamic_percentile"]      # dynamic thresholding's percentile
-  aug_level: float = _DEFAULTS["sample_aug_level"]         # SR stages: noise-conditioning augmentation level
-  ddim_eta: float = _DEFAULTS["ddim_eta"]
+  """One sampling setting of one stage: the one spelling of sampling settings (the sampler, `settings`
+  sweeps, the gin stages and the command line all use these names). Defaults: the paper's base stage
+  (docs/paper.md §2)."""
+  sampler: str = "ddpm"                  # ddpm (ancestral) | ddim
+  num_steps: int = 256
+  guidance_scale: float = 1.35           # w; 1 = unguided (one network call)
+  thresholding: str = "dynamic"          # none | static | dynamic
+  percentile: float = 99.5               # dynamic thresholding's percentile
+  aug_level: float = 0.0                 # SR stages: noise-conditioning augmentation level (0: best FID)
+  ddim_eta: float = 0.0                  # DDIM stochasticity (1: ancestral)
 
   def __post_init__(self):
     if isinstance(self.num_steps, bool) or int(self.num_steps) != self.num_steps or self.num_steps < 1:
@@ -43,12 +41,16 @@ class StageSettings:
     object.__setattr__(self, "num_steps", int(self.num_steps))
     for name in ("guidance_scale", "percentile", "aug_level", "ddim_eta"):
       object.__setattr__(self, name, float(getattr(self, name)))
-    try:
-      DiffusionConfig(sampler=self.sampler, num_sampling_steps=self.num_steps, guidance_scale=self.guidance_scale,
-                      thresholding=self.thresholding, dynamic_percentile=self.percentile,
-                      sample_aug_level=self.aug_level, ddim_eta=self.ddim_eta)
-    except ValueError as e:
-      raise SettingsError(str(e)) from None
+    samplers.check_sampler(self.sampler)              # the one check of each kind of name (a ConfigError)
+    thresholding.check_thresholding(self.thresholding)
+    if self.guidance_scale < 0:
+      raise SettingsError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+    if not 0.0 < self.percentile <= 100.0:
+      raise SettingsError(f"percentile must be in (0, 100], got {self.percentile}")
+    if not 0.0 <= self.aug_level <= 1.0:
+      raise SettingsError(f"aug_level must be in [0, 1], got {self.aug_level}")
+    if not 0.0 <= self.ddim_eta <= 1.0:
+      raise SettingsError(f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
 
   def label(self, super_resolution: bool = False) -> str:
     thr = f"dynamic {self.percentile:g}" if self.thresholding == "dynamic" else self.thresholding

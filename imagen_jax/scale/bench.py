@@ -135,7 +135,7 @@ def bench_sample(run, *, batch_size: int = 8, num_steps: int = 16, guidance: flo
   import flax.linen as nn
   import jax
   from imagen_jax import models
-  from imagen_jax.sample.engine import StageSampler, image_keys, model_apply_fn
+  from imagen_jax.sample.stage_sampler import StageSampler, image_keys, model_apply_fn
   from imagen_jax.sample.settings import StageSettings
   cfg = run.model_config
   sr = models.is_super_resolution(cfg)
@@ -176,7 +176,7 @@ def bench_fid(*, batch_size: int = 64, image_size: int = 256, resize: str = "tf1
   import jax
   import jax.numpy as jnp
 
-  from imagen_jax.eval import inception
+  from imagen_jax.eval.networks import inception
   check_counts(repeats, warmup)
   if image_size < 1 or batch_size < 1:
     raise UserError(f"image_size and batch_size must be positive, got {image_size} and {batch_size}")

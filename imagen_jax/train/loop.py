@@ -321,7 +321,7 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
     text_encoder_checkpoint: embed tokens on the fly (StageDataConfig.embeddings = 'on_the_fly').
     sample_every: steps per sample grid (0: none).
     sample_hook: called as sample_hook(step=, state=, model_dir=, write_images=) every `sample_every`
-      steps (`imagen_jax.sample.hook.SampleGridHook`; its `prepare` gets the first batch).
+      steps (`imagen_jax.sample.grid_hook.SampleGridHook`; its `prepare` gets the first batch).
     progress: print progress lines.
     devices: (Python only) the mesh's devices (default: all).
 

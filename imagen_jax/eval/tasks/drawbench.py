@@ -109,7 +109,6 @@ def done_prompts(out: Path, prompts: Sequence[Prompt], samples_per_prompt: int) 
 def sample_prompts(cascade, prompts: Sequence[Prompt], out_dir, *, samples_per_prompt: int = 8, seed: int = 0,
                    label: Optional[str] = None, command: Optional[List[str]] = None, log=print) -> dict:
   """Samples every prompt not done yet (see the module doc); returns the manifest."""
-  from imagen_jax.eval.sweep import cascade_images
   from imagen_jax import images as imio
   if samples_per_prompt < 1:
     raise DrawBenchError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
@@ -120,7 +119,7 @@ def sample_prompts(cascade, prompts: Sequence[Prompt], out_dir, *, samples_per_p
   manifest = {"what": "drawbench samples", "label": label or out.name, "samples_per_prompt": samples_per_prompt,
               "seed": seed, "prompts": [dataclasses.asdict(p) | {"folder": p.folder} for p in prompts],
               "stages": [{"name": st.spec.name, "network": st.description, "checkpoint": st.checkpoint,
-                          "setting": vars(st.spec.settings[0])} for st in stages],
+                          "setting": vars(st.setting)} for st in stages],
               "seed_rule": "image j of prompt k: seed + k * samples_per_prompt + j", "command": command}
   if manifest_path.is_file():
     old = files.read_json(manifest_path, "manifest")
@@ -136,14 +135,13 @@ def sample_prompts(cascade, prompts: Sequence[Prompt], out_dir, *, samples_per_p
   if not todo:
     return manifest
   text = cascade.encode([p.prompt for p in todo])
-  per_call = max(1, stages[0].sampler.batch_size // samples_per_prompt)
+  per_call = max(1, stages[0].batch_size // samples_per_prompt)
   t0, n_images = time.perf_counter(), 0
   for c in range(0, len(todo), per_call):
     chunk = list(range(c, min(c + per_call, len(todo))))
     idx = np.repeat(np.array(chunk), samples_per_prompt)
     seeds = [seed + todo[k].index * samples_per_prompt + j for k in chunk for j in range(samples_per_prompt)]
-    final = cascade_images(stages, text, idx, seeds, [st.spec.settings[0] for st in stages],
-                           guided=[None] * len(stages))[-1]
+    final = cascade.generate(text, idx, seeds, [st.setting for st in stages], guided=[None] * len(stages))[-1]
     for n, k in enumerate(chunk):
       p = todo[k]
       folder = out / p.folder
@@ -340,7 +338,7 @@ def format_tally(result: dict) -> str:
 def plot_tally(path, result: dict) -> None:
   """Bars like the paper's Fig. 3: per category and overall, the preference rate for A per question, with the
   95% intervals; 50% = no preference."""
-  from imagen_jax.eval import plots
+  from imagen_jax.eval.tasks import plots
   plt = plots.plt
   cats = list(result["questions"][QUESTIONS[0]])
   fig, axes = plt.subplots(1, len(QUESTIONS), figsize=(5.5 * len(QUESTIONS), 0.45 * len(cats) + 1.4), sharey=True)

@@ -27,8 +27,9 @@ import numpy as np
 
 from imagen_jax.files import write_json
 from imagen_jax.data import synthetic
-from imagen_jax.eval import plots, shapes
-from imagen_jax.eval.sweep import SweepPoint, run_sweep, sweep_points, swept_stage
+from imagen_jax.eval.tasks import plots
+from imagen_jax.eval.metrics import shapes
+from imagen_jax.eval.tasks.sweep import SweepPoint, run_sweep, sweep_points, swept_stage
 from imagen_jax import images as imio
 from imagen_jax.sample.cascade import Cascade, SampleError
 
@@ -68,7 +69,7 @@ def evaluate(cascade: Cascade, out_dir, *, num_prompts: int = 64, seed: int = 10
   out.mkdir(parents=True, exist_ok=True)
   stages = cascade.stages
   swept = swept_stage(cascade, sweep_stage)
-  pct = swept.spec.settings[0].percentile if percentile is None else percentile
+  pct = swept.setting.percentile if percentile is None else percentile
   points = sweep_points(list(guidance), list(thresholding), pct)
   scenes = held_out_scenes(seed, start, num_prompts)
   captions = [s.caption for s in scenes]
@@ -98,7 +99,7 @@ def evaluate(cascade: Cascade, out_dir, *, num_prompts: int = 64, seed: int = 10
                    "train_examples": train_examples, "unseen_captions": sum(unseen) if unseen is not None else None},
       "swept_stage": swept.spec.name,
       "stages": [{"name": st.spec.name, "network": st.description, "checkpoint": st.checkpoint,
-                  "image_size": st.spec.image_size, "setting": vars(st.spec.settings[0]),
+                  "image_size": st.spec.image_size, "setting": vars(st.setting),
                   "programs_compiled": sweep.programs[st.spec.name],
                   "sampling_seconds": round(sweep.stats[st.spec.name].seconds, 3),
                   "compile_seconds": round(sweep.stats[st.spec.name].compile_seconds, 3),
@@ -106,7 +107,7 @@ def evaluate(cascade: Cascade, out_dir, *, num_prompts: int = 64, seed: int = 10
       "guidance": [float(w) for w in guidance], "thresholding": list(thresholding), "percentile": pct,
       "rows": sweep.rows, "seconds": round(time.perf_counter() - t0, 2),
       "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({platform.node()})",
-      "scorer": "imagen_jax.eval.shapes (palette blends, connected components, moments; module doc)",
+      "scorer": "imagen_jax.eval.metrics.shapes (palette blends, connected components, moments; module doc)",
       "command": command,
   }
   result["best"] = best_settings(result)

@@ -116,7 +116,7 @@ class Attention(nn.Module):
     return _Dense(d, name="out_proj")(out)
 
 
-class EncoderLayer(nn.Module):
+class ClipEncoderLayer(nn.Module):
   config: TowerConfig
 
   @nn.compact
@@ -135,11 +135,11 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x, bias):
     for i in range(self.config.num_hidden_layers):
-      x = EncoderLayer(self.config, name=f"layers_{i}")(x, bias)
+      x = ClipEncoderLayer(self.config, name=f"layers_{i}")(x, bias)
     return x
 
 
-class TextEncoder(nn.Module):
+class ClipTextEncoder(nn.Module):
   """input_ids, attention_mask (B, L) -> projected text embeddings (B, projection_dim)."""
   config: ClipConfig
 
@@ -243,11 +243,11 @@ class Clip:
   config: ClipConfig
   text_params: Dict
   vision_params: Dict
-  tokenizer: "Tokenizer"
+  tokenizer: "ClipTokenizer"
   preprocess: "Preprocess"
 
   def __post_init__(self):
-    self._text = jax.jit(lambda p, ids, m: TextEncoder(self.config).apply({"params": p}, ids, m))
+    self._text = jax.jit(lambda p, ids, m: ClipTextEncoder(self.config).apply({"params": p}, ids, m))
     self._image = jax.jit(lambda p, x: VisionEncoder(self.config).apply({"params": p}, x))
 
   def text_embeddings(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -297,10 +297,10 @@ def load(directory) -> Clip:
   text = _hf_to_tree(state, "text_model.", {"text_projection.weight": "text_projection"})
   vision = _hf_to_tree(state, "vision_model.", {"visual_projection.weight": "visual_projection"})
   ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
-  _check(text, jax.eval_shape(lambda: TextEncoder(config).init(jax.random.PRNGKey(0), ids, ids))["params"], "text")
+  _check(text, jax.eval_shape(lambda: ClipTextEncoder(config).init(jax.random.PRNGKey(0), ids, ids))["params"], "text")
   px = jnp.zeros((1, config.image_size, config.image_size, config.num_channels))
   _check(vision, jax.eval_shape(lambda: VisionEncoder(config).init(jax.random.PRNGKey(0), px))["params"], "vision")
-  tokenizer = Tokenizer(d, config.max_position_embeddings)
+  tokenizer = ClipTokenizer(d, config.max_position_embeddings)
   return Clip(config, jax.tree_util.tree_map(jnp.asarray, text), jax.tree_util.tree_map(jnp.asarray, vision),
               tokenizer, Preprocess.from_dir(d, config.image_size))
 
@@ -308,7 +308,7 @@ def load(directory) -> Clip:
 # ------------------------------------------------------------------------------ tokenizer, pixels
 
 
-class Tokenizer:
+class ClipTokenizer:
   """CLIP's BPE from the checkpoint's tokenizer.json: start and end tokens, truncation to the context length
   (the end token kept), padding with the pad token (CLIP's is the end token) and a mask."""
 

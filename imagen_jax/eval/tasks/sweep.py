@@ -17,7 +17,7 @@ import numpy as np
 
 from imagen_jax import images as imio
 from imagen_jax.sample.cascade import Cascade, EncodedPrompts, LoadedStage
-from imagen_jax.sample.engine import RunStats, image_keys
+from imagen_jax.sample.stage_sampler import RunStats
 from imagen_jax.sample.settings import SettingsError, StageSettings, parse_thresholding
 
 
@@ -65,23 +65,6 @@ def swept_stage(cascade: Cascade, sweep_stage: Optional[str] = None) -> LoadedSt
   return cascade.stages[names.index(sweep_stage)]
 
 
-def cascade_images(stages: Sequence[LoadedStage], text: EncodedPrompts, prompt_index: np.ndarray, seeds: Sequence[int],
-                   settings: Sequence[StageSettings], *, guided: Sequence[Optional[bool]],
-                   stats: Optional[Sequence[RunStats]] = None) -> List[np.ndarray]:
-  """Every stage's images (uint8, N x S x S x 3) for prompts `prompt_index` and image seeds, with one setting per
-  stage; each SR stage sees the previous stage's 8-bit output (as `imagen-jax sample` passes it on)."""
-  emb, mask = text.emb[prompt_index], text.mask[prompt_index]
-  prev, out = None, []
-  for i, (st, setting) in enumerate(zip(stages, settings)):
-    keys = image_keys(seeds, st.index)
-    x = st.sampler.run(st.params, emb, mask, keys, setting, lowres=prev if st.super_resolution else None,
-                       guided=guided[i], stats=stats[i] if stats is not None else None)
-    u8 = imio.to_uint8(x)
-    out.append(u8)
-    prev = imio.from_uint8(u8)
-  return out
-
-
 @dataclasses.dataclass
 class Sweep:
   points: List[SweepPoint]
@@ -102,13 +85,13 @@ def run_sweep(cascade: Cascade, text: EncodedPrompts, prompt_index: Sequence[int
   swept = stages.index(swept_stage(cascade, sweep_stage))
   idx = np.asarray(prompt_index, np.int64)
   stats = {n: RunStats() for n in names}
-  before = {st.spec.name: st.sampler.programs for st in stages}
+  before = {st.spec.name: st.programs for st in stages}
   rows = []
   t0 = time.perf_counter()
   for k, point in enumerate(points):
     settings, guided = [], []
     for i, st in enumerate(stages):
-      base = st.spec.settings[0]
+      base = st.setting
       if i == swept:
         settings.append(dataclasses.replace(base, guidance_scale=point.guidance, thresholding=point.thresholding,
                                             percentile=point.percentile))
@@ -118,7 +101,7 @@ def run_sweep(cascade: Cascade, text: EncodedPrompts, prompt_index: Sequence[int
         guided.append(None)
     # Stages before the swept one do not change with the point; they run for every point all the same (their
     # seeds and settings are fixed, so their images are identical), which keeps this loop simple.
-    images = cascade_images(stages, text, idx, seeds, settings, guided=guided, stats=[stats[n] for n in names])
+    images = cascade.generate(text, idx, seeds, settings, guided=guided, stats=[stats[n] for n in names])
     for name, im in zip(names, images):
       if on_images is not None:
         on_images(point, name, im)
@@ -127,7 +110,7 @@ def run_sweep(cascade: Cascade, text: EncodedPrompts, prompt_index: Sequence[int
                    "metrics": score(name, im)})
     log(f"sweep {k + 1}/{len(points)} {point.label}: " + ", ".join(
         f"{r['stage']} {_headline(r['metrics'])}" for r in rows[-len(names):]))
-  programs = {st.spec.name: st.sampler.programs - before[st.spec.name] for st in stages}
+  programs = {st.spec.name: st.programs - before[st.spec.name] for st in stages}
   return Sweep(points=list(points), rows=rows, programs=programs, seconds=time.perf_counter() - t0, stats=stats)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from imagen_jax import batch_keys as K
 from imagen_jax import models
 from imagen_jax import images as imio
-from imagen_jax.sample.engine import StageSampler, image_keys, model_apply_fn
+from imagen_jax.sample.stage_sampler import StageSampler, image_keys, model_apply_fn
 from imagen_jax.sample.settings import StageSettings
 from imagen_jax.errors import ConfigError
 

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from imagen_jax.files import write_json
 from imagen_jax import images as imio
-from imagen_jax.eval import frechet, inception
+from imagen_jax.eval.metrics import frechet
+from imagen_jax.eval.networks import inception
 from imagen_jax.errors import UserError
 
 

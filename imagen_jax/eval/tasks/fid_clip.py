@@ -18,8 +18,12 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from imagen_jax.files import write_json
-from imagen_jax.eval import clip, fid, frechet, inception, plots
-from imagen_jax.eval.sweep import run_sweep, sweep_points, swept_stage
+from imagen_jax.eval.networks import clip
+from imagen_jax.eval.metrics import fid
+from imagen_jax.eval.metrics import frechet
+from imagen_jax.eval.networks import inception
+from imagen_jax.eval.tasks import plots
+from imagen_jax.eval.tasks.sweep import run_sweep, sweep_points, swept_stage
 from imagen_jax import images as imio
 from imagen_jax.sample.cascade import Cascade, SampleError
 
@@ -61,7 +65,7 @@ def evaluate(cascade: Cascade, prompts: Sequence[str], out_dir, *, ref, inceptio
   stages = cascade.stages
   names = [s.spec.name for s in stages]
   swept = swept_stage(cascade, sweep_stage)
-  points = sweep_points(list(guidance), list(thresholding), swept.spec.settings[0].percentile)
+  points = sweep_points(list(guidance), list(thresholding), swept.setting.percentile)
   text = cascade.encode(list(prompts))
   text_emb = clip_model.embed_texts(list(prompts))
   last = names[-1]
