@@ -52,6 +52,12 @@ format: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m imagen_jax.cli.reference > docs/cli.md
 
+# The quick loop: the unit tier (pure functions, networks, architecture checks; a few minutes). `make test`
+# runs every tier: tests/unit, tests/integration (commands in-process, data, training, sampling, metrics)
+# and tests/e2e (kill/resume, several processes, the installed wheel, launch scripts).
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit
+
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 

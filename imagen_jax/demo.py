@@ -1,15 +1,17 @@
-"""What `make demo` needs before it can cache and train, made on this machine with nothing downloaded.
+"""What `make demo` needs before it can cache and train, made on this machine with nothing
+downloaded.
 
   python -m imagen_jax.demo prepare --out out/demo
 
 writes
-  spiece.model   a sentencepiece vocabulary trained on the synthetic captions (T5's ids: pad 0, EOS 1, unk 2)
+  spiece.model   a sentencepiece vocabulary of the synthetic captions (T5's ids: pad 0, EOS 1)
   t5/            a tiny T5 v1.1 encoder with RANDOM weights, in our checkpoint format
   prompts.txt    the prompts the demo samples at the end
 
-The demo's text encoder is untrained: it maps each caption to a fixed, distinct sequence of embeddings,
-which is all a diffusion model needs to learn the synthetic captions, but it knows nothing of language.
-Real runs load T5-XXL (`imagen-jax t5 convert`). Files already present are kept (re-running is cheap).
+The demo's text encoder is untrained: it maps each caption to a fixed, distinct sequence of
+embeddings, which is all a diffusion model needs to learn the synthetic captions, but it knows
+nothing of language. Real runs load T5-XXL (`imagen-jax t5 convert`). Files already present are kept
+(re-running is cheap).
 """
 
 from __future__ import annotations
@@ -25,11 +27,21 @@ def train_vocabulary(path: Path, num_captions: int = 4000, seed: int = 0) -> Non
   import sentencepiece as spm
 
   from imagen_jax.data import synthetic
+
   captions = [synthetic.make_scene(seed, i).caption for i in range(num_captions)]
   prefix = str(path.with_suffix(""))
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(captions), model_prefix=prefix, vocab_size=64,
-                                 pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-                                 model_type="unigram", minloglevel=2)
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(captions),
+    model_prefix=prefix,
+    vocab_size=64,
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+    hard_vocab_limit=False,
+    model_type="unigram",
+    minloglevel=2,
+  )
   Path(prefix + ".vocab").unlink(missing_ok=True)
 
 
@@ -39,15 +51,25 @@ def random_encoder(directory: Path, vocab_size: int, seed: int = 0) -> None:
   import numpy as np
 
   from imagen_jax.text import checkpoints, t5
+
   config = t5.T5Config(vocab_size=vocab_size, **DEMO_T5)
-  params = jax.tree_util.tree_map(np.asarray, nn.unbox(t5.init_random_encoder_params(config, jax.random.PRNGKey(seed))))
+  params = jax.tree_util.tree_map(
+    np.asarray, nn.unbox(t5.init_random_encoder_params(config, jax.random.PRNGKey(seed)))
+  )
   checkpoints.save_params(directory, config, params)
 
 
 # What `make demo` samples at the end (captions in the synthetic dataset's own forms).
-DEMO_PROMPTS = ("a red circle", "a blue square", "a green triangle", "two yellow circles",
-                "three purple squares", "a red circle to the left of a blue square",
-                "an orange triangle to the right of a green circle", "a yellow square")
+DEMO_PROMPTS = (
+  "a red circle",
+  "a blue square",
+  "a green triangle",
+  "two yellow circles",
+  "three purple squares",
+  "a red circle to the left of a blue square",
+  "an orange triangle to the right of a green circle",
+  "a yellow square",
+)
 
 
 def prepare(out: Path) -> None:
@@ -63,15 +85,21 @@ def prepare(out: Path) -> None:
   encoder = out / "t5"
   if not (encoder / "t5_config.json").is_file():
     import sentencepiece as spm
+
     size = spm.SentencePieceProcessor(model_file=str(vocab)).get_piece_size()
     random_encoder(encoder, vocab_size=max(size, 64))
-    print(f"demo: wrote a tiny T5 encoder with RANDOM weights (untrained; real runs load T5-XXL) -> {encoder}")
+    print(
+      "demo: wrote a tiny T5 encoder with RANDOM weights (untrained; real runs load T5-XXL) -> "
+      f"{encoder}"
+    )
   else:
     print(f"demo: encoder {encoder} (kept; random weights, untrained)")
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m imagen_jax.demo", description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m imagen_jax.demo", description=__doc__.split("\n\n")[0]
+  )
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("prepare", help="vocabulary and random tiny encoder for the demo")
   p.add_argument("--out", default="out/demo")

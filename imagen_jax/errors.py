@@ -16,7 +16,8 @@ class UserError(ValueError):
 
 
 class ConfigError(UserError):
-  """A configuration value out of range, or an unknown name (sampler, schedule, remat policy, ...)."""
+  """A configuration value out of range, or an unknown name (sampler, schedule, remat policy,
+  ...)."""
 
 
 class MissingFileError(UserError, FileNotFoundError):

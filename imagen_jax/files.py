@@ -1,4 +1,5 @@
-"""Small file helpers shared by every room: atomic JSON, prompt files, and pairing images with prompts.
+"""Small file helpers shared by every room: atomic JSON, prompt files, and pairing images with
+prompts.
 
 JSON is written atomically (a temporary name, then a rename), so a reader never sees half a file;
 paths may be local or cloud (`etils.epath`).
@@ -7,7 +8,7 @@ paths may be local or cloud (`etils.epath`).
 from __future__ import annotations
 
 import json
-from typing import Any, List, Sequence
+from typing import Any, List
 
 from etils import epath
 
@@ -94,8 +95,9 @@ def pair_prompts(n_images: int, n_prompts: int, what: str = "images") -> List[in
   if n_prompts == 1:
     return [0] * n_images
   if n_images % n_prompts:
-    raise UserError(f"{what}: {n_images} images but {n_prompts} prompts (give one prompt, one per image, "
-                    "or the same number of images for each prompt)")
+    raise UserError(
+      f"{what}: {n_images} images but {n_prompts} prompts (give one prompt, one per image, "
+      "or the same number of images for each prompt)"
+    )
   per = n_images // n_prompts
   return [k // per for k in range(n_images)]
-

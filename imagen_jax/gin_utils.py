@@ -1,8 +1,10 @@
-"""Parsing gin files the t5x way: `--gin_file` paths relative to `gin_configs/`, then `--gin.KEY=VALUE`.
+"""Parsing gin files the t5x way: `--gin_file` paths relative to `gin_configs/`, then
+`--gin.KEY=VALUE`.
 
-Every gin problem a user can cause (a file that is not found or does not parse, a value gin cannot parse,
-an unknown configurable or parameter, a required value left unset) is raised as a `GinConfigError` whose
-message is one line naming what the user wrote or must write; the CLI prints it and exits 2.
+Every gin problem a user can cause (a file that is not found or does not parse, a value gin cannot
+parse, an unknown configurable or parameter, a required value left unset) is raised as a
+`GinConfigError` whose message is one line naming what the user wrote or must write; the CLI prints
+it and exits 2.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import gin
+
 from imagen_jax.errors import UserError
 
 
@@ -22,9 +25,9 @@ class GinConfigError(UserError):
 
 
 def configs_dir() -> Optional[Path]:
-  """The shipped gin configs: `imagen_jax/gin_configs/` in an installed wheel (package data mapped from the
-  repository's top-level folder, see pyproject.toml), the repository's `gin_configs/` in a source tree or
-  an editable install."""
+  """The shipped gin configs: `imagen_jax/gin_configs/` in an installed wheel (package data
+  mapped from the repository's top-level folder, see pyproject.toml), the repository's
+  `gin_configs/` in a source tree or an editable install."""
   here = Path(__file__).resolve().parent
   for candidate in (here / "gin_configs", here.parent / "gin_configs"):
     if candidate.is_dir():
@@ -33,8 +36,8 @@ def configs_dir() -> Optional[Path]:
 
 
 class _QuietGinIncludes(logging.Filter):
-  """gin first looks an `include` up as a Python package and logs 'Path not found' before it tries the
-  search paths, where the file is; that message is noise."""
+  """gin first looks an `include` up as a Python package and logs 'Path not found' before it
+  tries the search paths, where the file is; that message is noise."""
 
   def filter(self, record):
     return not (record.levelno == logging.ERROR and str(record.msg).startswith("Path not found"))
@@ -71,7 +74,9 @@ def _binding_error(binding: str, e: BaseException) -> GinConfigError:
 
 def _file_error(gin_file: str, e: BaseException) -> GinConfigError:
   if isinstance(e, SyntaxError):
-    where = f"{e.filename or gin_file}, line {e.lineno}" if e.lineno else str(e.filename or gin_file)
+    where = (
+      f"{e.filename or gin_file}, line {e.lineno}" if e.lineno else str(e.filename or gin_file)
+    )
     text = f": {e.text.strip()}" if e.text else ""
     return GinConfigError(f"gin file {where} does not parse ({str(e.msg).split(' (')[0]}){text}")
   if isinstance(e, OSError):
@@ -81,12 +86,20 @@ def _file_error(gin_file: str, e: BaseException) -> GinConfigError:
   return GinConfigError(f"{lines[0] if lines else type(e).__name__} ({where})")
 
 
-def parse_gin(gin_files: Iterable[str] = (), bindings: Iterable[str] = (), extra_search_paths: Iterable[str] = (),
-              finalize: bool = False, clear: bool = True, optional_macros: Iterable[str] = ()) -> None:
-  """Parses gin files (found in the search paths), then each binding in order; clears previous config.
+def parse_gin(
+  gin_files: Iterable[str] = (),
+  bindings: Iterable[str] = (),
+  extra_search_paths: Iterable[str] = (),
+  finalize: bool = False,
+  clear: bool = True,
+  optional_macros: Iterable[str] = (),
+) -> None:
+  """Parses gin files (found in the search paths), then each binding in order; clears previous
+  config.
 
-  Raises `GinConfigError` (one line, naming the file or the `--gin.KEY=VALUE` at fault) for anything the
-  user has to fix. optional_macros: required macros the caller does not use (compile-check needs no MODEL_DIR).
+  Raises `GinConfigError` (one line, naming the file or the `--gin.KEY=VALUE` at fault) for anything
+  the user has to fix. optional_macros: required macros the caller does not use (compile-check needs
+  no MODEL_DIR).
   """
   if clear:
     gin.clear_config()
@@ -112,8 +125,10 @@ def parse_gin(gin_files: Iterable[str] = (), bindings: Iterable[str] = (), extra
           gin.parse_config(f"{m} = None")
       unset = required_macros_left()
       if unset:
-        raise GinConfigError(f"required gin value(s) not set: {', '.join(unset)} (set them in a gin file or with "
-                             f"--gin.{unset[0]}=VALUE; strings in quotes)")
+        raise GinConfigError(
+          f"required gin value(s) not set: {', '.join(unset)} (set them in a gin file or with "
+          f"--gin.{unset[0]}=VALUE; strings in quotes)"
+        )
       try:
         gin.finalize()
       except ValueError as e:
@@ -123,23 +138,28 @@ def parse_gin(gin_files: Iterable[str] = (), bindings: Iterable[str] = (), extra
 
 
 def required_macros_left() -> List[str]:
-  """Macros still bound to %gin.REQUIRED (the values a run's header says the user must set), in order."""
+  """Macros still bound to %gin.REQUIRED (the values a run's header says the user must set), in
+  order."""
   import re
+
   return re.findall(r"^(\S+) = %gin\.REQUIRED\s*$", gin.config_str(), flags=re.MULTILINE)
 
 
 def bindings_from_flags(flags: Sequence[str]) -> Tuple[List[str], List[str]]:
-  """Pulls t5x-style `--gin.KEY=VALUE` flags out of argv; returns (other args, ['KEY = VALUE', ...]).
+  """Pulls t5x-style `--gin.KEY=VALUE` flags out of argv; returns (other args, ['KEY = VALUE',
+  ...]).
 
   A `--gin.KEY` without `=VALUE` is a `GinConfigError`.
   """
   rest, bindings = [], []
   for a in flags:
     if a.startswith("--gin."):
-      key, eq, value = a[len("--gin."):].partition("=")
+      key, eq, value = a[len("--gin.") :].partition("=")
       if not eq or not key.strip():
-        raise GinConfigError(f"{a} has no value: write --gin.KEY=VALUE (string values in quotes, as in "
-                             f"--gin.{key or 'KEY'}=\"'text'\")")
+        raise GinConfigError(
+          f"{a} has no value: write --gin.KEY=VALUE (string values in quotes, as in "
+          f"--gin.{key or 'KEY'}=\"'text'\")"
+        )
       bindings.append(f"{key} = {value}")
     else:
       rest.append(a)
@@ -159,14 +179,15 @@ def _is_required_ref(ref) -> bool:
 
 
 def _what_to_set(configurable: str, parameter: str) -> str:
-  """What the user has to bind so that `configurable.parameter` gets a value: the last macro of the chain
-  `configurable.parameter = %A`, `A = %B`, `B = %gin.REQUIRED` (here B), or the parameter itself."""
+  """What the user has to bind so that `configurable.parameter` gets a value: the last macro of
+  the chain `configurable.parameter = %A`, `A = %B`, `B = %gin.REQUIRED` (here B), or the
+  parameter itself."""
   try:
     value = gin.query_parameter(f"{configurable}.{parameter}")
   except ValueError:
     return f"{configurable}.{parameter}"
   name = None
-  for _ in range(32):   # macro chains are short; the bound guards against a cycle
+  for _ in range(32):  # macro chains are short; the bound guards against a cycle
     macro = _macro_name(value)
     if macro is None:
       break
@@ -181,22 +202,26 @@ def _what_to_set(configurable: str, parameter: str) -> str:
 
 
 def require(configurable: str, **values) -> None:
-  """Raises a `GinConfigError` naming what the user must set (a macro such as VOCAB, or a binding such as
-  `cache_embeddings.output_dir`) for every argument of `configurable` still equal to gin.REQUIRED."""
+  """Raises a `GinConfigError` naming what the user must set (a macro such as VOCAB, or a binding
+  such as `cache_embeddings.output_dir`) for every argument of `configurable` still equal to
+  gin.REQUIRED."""
   missing = [k for k, v in values.items() if v is gin.REQUIRED]
   if missing:
     names = list(dict.fromkeys(_what_to_set(configurable, k) for k in missing))
     example = names[0]
-    raise GinConfigError(f"required gin value(s) not set: {', '.join(names)} (set them in a gin file or with "
-                         f"--gin.{example}=VALUE; strings in quotes)")
+    raise GinConfigError(
+      f"required gin value(s) not set: {', '.join(names)} (set them in a gin file or with "
+      f"--gin.{example}=VALUE; strings in quotes)"
+    )
 
 
 def from_gin_runtime_error(e: RuntimeError) -> Optional[GinConfigError]:
-  """gin's own error for a configurable called with a parameter whose default is gin.REQUIRED and which no
-  binding sets ("Required bindings for `f` not provided in config: ['a']"), as a `GinConfigError` naming
-  `f.a`; None for any other RuntimeError."""
+  """gin's own error for a configurable called with a parameter whose default is gin.REQUIRED and
+  which no binding sets ("Required bindings for `f` not provided in config: ['a']"), as a
+  `GinConfigError` naming `f.a`; None for any other RuntimeError."""
   import ast
   import re
+
   m = re.match(r"Required bindings for `([^`]+)` not provided in config: (\[.*\])", str(e))
   if not m:
     return None
@@ -205,5 +230,7 @@ def from_gin_runtime_error(e: RuntimeError) -> Optional[GinConfigError]:
   except (ValueError, SyntaxError):
     params = [m.group(2)]
   names = [f"{m.group(1)}.{p}" for p in params]
-  return GinConfigError(f"required gin value(s) not set: {', '.join(names)} (set them in a gin file or with "
-                        f"--gin.{names[0]}=VALUE; strings in quotes)")
+  return GinConfigError(
+    f"required gin value(s) not set: {', '.join(names)} (set them in a gin file or with "
+    f"--gin.{names[0]}=VALUE; strings in quotes)"
+  )

@@ -1,4 +1,5 @@
-"""Images on disk and on screen: [-1, 1] floats <-> uint8 PNG, reading input folders, labelled grids.
+"""Images on disk and on screen: [-1, 1] floats <-> uint8 PNG, reading input folders, labelled
+grids.
 
 Pillow does the encoding and the text; nothing here imports TensorFlow.
 """
@@ -11,14 +12,18 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
+
 from imagen_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MIN_CELL = 128          # grid cells are at least this wide: small images are enlarged (nearest) for the labels
+MIN_CELL = (
+  128  # grid cells are at least this wide: small images are enlarged (nearest) for the labels
+)
 
 
 class ImageError(UserError):
-  """An input image that cannot be used (unreadable, wrong size): reported in one line, exit code 2."""
+  """An input image that cannot be used (unreadable, wrong size): reported in one line, exit code
+  2."""
 
 
 def to_uint8(x) -> np.ndarray:
@@ -34,6 +39,7 @@ def from_uint8(x) -> np.ndarray:
 def save_png(path, image_uint8: np.ndarray) -> None:
   """Writes atomically (temporary name, then rename): a reader never sees half a file."""
   from PIL import Image
+
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
@@ -44,52 +50,68 @@ def save_png(path, image_uint8: np.ndarray) -> None:
 def read_image(path) -> np.ndarray:
   """(H, W, 3) uint8; ImageError when the file is not a readable image."""
   from PIL import Image, UnidentifiedImageError
+
   try:
     with Image.open(path) as im:
       return np.asarray(im.convert("RGB"), np.uint8)
   except (OSError, UnidentifiedImageError, ValueError) as e:
-    raise ImageError(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") \
-        from None
+    raise ImageError(
+      f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    ) from None
 
 
 def image_files(folder) -> List[Path]:
-  """The image files of a folder, sorted by name (grids are not inputs: '*grid*' and 'sweep*' are left out)."""
+  """The image files of a folder, sorted by name (grids are not inputs: '*grid*' and 'sweep*' are
+  left out)."""
   folder = Path(folder)
   if not folder.is_dir():
     raise ImageError(f"image folder not found: {folder}")
-  files = sorted(p for p in folder.iterdir()
-                 if p.suffix.lower() in IMAGE_SUFFIXES and "grid" not in p.stem and not p.stem.startswith("sweep"))
+  files = sorted(
+    p
+    for p in folder.iterdir()
+    if p.suffix.lower() in IMAGE_SUFFIXES
+    and "grid" not in p.stem
+    and not p.stem.startswith("sweep")
+  )
   if not files:
     raise ImageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
   return files
 
 
 def read_folder(folder, size: int, what: str) -> "tuple[np.ndarray, List[Path]]":
-  """Every image of a folder as (N, size, size, 3) floats in [-1, 1]; ImageError on an unreadable one or one
-  of another size (nothing is resized behind the user's back)."""
+  """Every image of a folder as (N, size, size, 3) floats in [-1, 1]; ImageError on an unreadable
+  one or one of another size (nothing is resized behind the user's back)."""
   files = image_files(folder)
   out = []
   for f in files:
     im = read_image(f)
     if im.shape[:2] != (size, size):
-      raise ImageError(f"{what} {f} is {im.shape[1]}x{im.shape[0]}, but this stage takes {size}x{size}")
+      raise ImageError(
+        f"{what} {f} is {im.shape[1]}x{im.shape[0]}, but this stage takes {size}x{size}"
+      )
     out.append(from_uint8(im))
   return np.stack(out), files
 
 
 def _font():
   from PIL import ImageFont
+
   try:
     return ImageFont.load_default(size=11)
-  except TypeError:          # Pillow without FreeType: the fixed bitmap font
+  except TypeError:  # Pillow without FreeType: the fixed bitmap font
     return ImageFont.load_default()
 
 
-def grid(rows: Sequence[Sequence[np.ndarray]], col_labels: Sequence[str] = (), row_labels: Sequence[str] = (),
-         title: Optional[str] = None) -> np.ndarray:
-  """A labelled grid (uint8 (H, W, 3)): rows of equally sized uint8 images, the column labels (prompts) under
-  each column, row labels (settings) on the left, an optional title line on top."""
+def grid(
+  rows: Sequence[Sequence[np.ndarray]],
+  col_labels: Sequence[str] = (),
+  row_labels: Sequence[str] = (),
+  title: Optional[str] = None,
+) -> np.ndarray:
+  """A labelled grid (uint8 (H, W, 3)): rows of equally sized uint8 images, the column labels
+  (prompts) under each column, row labels (settings) on the left, an optional title line on top."""
   from PIL import Image, ImageDraw
+
   h, w = rows[0][0].shape[:2]
   scale = max(1, -(-MIN_CELL // w))
   cw, ch, gap = w * scale, h * scale, 4

@@ -19,34 +19,35 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from imagen_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # (logical name, mesh axis or axes or None). First match wins.
 AXIS_RULES: Tuple[Tuple[str, object], ...] = (
-    # Activations.
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_height", None),
-    ("activation_width", None),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("activation_kv", None),
-    ("activation_mlp", "tensor"),
-    # Parameters.
-    ("embed", "fsdp"),            # model width of dense layers (time / text embedding, T5 d_model)
-    ("mlp", "tensor"),            # hidden width of MLPs
-    ("heads", "tensor"),          # attention heads
-    ("kv", None),                 # per-head width
-    ("joined_kv", "tensor"),      # heads x per-head width, flattened (T5 attention kernels)
-    ("conv_in", "fsdp"),          # input channels of a convolution kernel
-    ("conv_out", "tensor"),       # output channels of a convolution kernel (and its bias)
-    ("text_embed", "fsdp"),       # width of the text encoder's output, as consumed by the U-Nets
-    ("vocab", "tensor"),          # token-embedding rows
-    ("norm", None),               # normalisation scales and biases
-    ("relpos_buckets", None),
-    ("layers", None),             # the stacking axis of scanned layers (nn.scan): never sharded
+  # Activations.
+  ("activation_batch", ("data", "fsdp")),
+  ("activation_height", None),
+  ("activation_width", None),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_heads", "tensor"),
+  ("activation_kv", None),
+  ("activation_mlp", "tensor"),
+  # Parameters.
+  ("embed", "fsdp"),  # model width of dense layers (time / text embedding, T5 d_model)
+  ("mlp", "tensor"),  # hidden width of MLPs
+  ("heads", "tensor"),  # attention heads
+  ("kv", None),  # per-head width
+  ("joined_kv", "tensor"),  # heads x per-head width, flattened (T5 attention kernels)
+  ("conv_in", "fsdp"),  # input channels of a convolution kernel
+  ("conv_out", "tensor"),  # output channels of a convolution kernel (and its bias)
+  ("text_embed", "fsdp"),  # width of the text encoder's output, as consumed by the U-Nets
+  ("vocab", "tensor"),  # token-embedding rows
+  ("norm", None),  # normalisation scales and biases
+  ("relpos_buckets", None),
+  ("layers", None),  # the stacking axis of scanned layers (nn.scan): never sharded
 )
 
 
@@ -71,15 +72,20 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> Tuple[int
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if known < 1 or num_devices % known:
-      raise ConfigError(f"{num_devices} devices do not divide into fsdp/tensor sizes with product {known}")
+      raise ConfigError(
+        f"{num_devices} devices do not divide into fsdp/tensor sizes with product {known}"
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have "
-                      f"{num_devices}")
+    raise ConfigError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {num_devices}"
+    )
   return tuple(sizes)
 
 
-def create_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence] = None) -> Mesh:
+def create_mesh(
+  data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence] = None
+) -> Mesh:
   """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices.
 
   Built with `Mesh` over a reshaped device array (Auto axis types): `jax.make_mesh` defaults to
@@ -114,12 +120,15 @@ def check_batch_split(global_batch: int, mesh) -> None:
   """
   ways = data_ways(mesh)
   if global_batch < 1 or global_batch % ways:
-    raise ConfigError(f"global batch {global_batch} does not split over data x fsdp = {ways} devices")
+    raise ConfigError(
+      f"global batch {global_batch} does not split over data x fsdp = {ways} devices"
+    )
 
 
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh):
-  """The one way to run sharded code: `mesh` set and the logical-axis rules of `AXIS_RULES` in force."""
+  """The one way to run sharded code: `mesh` set and the logical-axis rules of `AXIS_RULES` in
+  force."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(AXIS_RULES):
     yield
 
@@ -134,7 +143,9 @@ def _axis_size(mesh: Mesh, axis) -> int:
 def fit_spec(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
   """Drops the mesh axes of dimensions they do not divide (e.g. 3 RGB channels over tensor=2)."""
   dims = tuple(spec) + (None,) * (len(shape) - len(spec))
-  return PartitionSpec(*(ax if size % _axis_size(mesh, ax) == 0 else None for size, ax in zip(shape, dims)))
+  return PartitionSpec(
+    *(ax if size % _axis_size(mesh, ax) == 0 else None for size, ax in zip(shape, dims))
+  )
 
 
 def mesh_shardings(boxed_tree, mesh: Mesh, rules=AXIS_RULES):
@@ -146,8 +157,12 @@ def mesh_shardings(boxed_tree, mesh: Mesh, rules=AXIS_RULES):
   mesh_specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_tree), rules)
   shapes = nn.unbox(boxed_tree)
   is_spec = lambda x: isinstance(x, PartitionSpec)
-  return jax.tree_util.tree_map(lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
-                                mesh_specs, shapes, is_leaf=is_spec)
+  return jax.tree_util.tree_map(
+    lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
+    mesh_specs,
+    shapes,
+    is_leaf=is_spec,
+  )
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -155,9 +170,16 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
-def pad_shard_unpad(fn: Callable[[np.ndarray], Any], num_rows: int, batch_size: int, *, multiple: int = 1,
-                    on_batch: Optional[Callable[[int, int], None]] = None) -> Any:
-  """Runs `fn` over `num_rows` rows in batches of one shape, and returns the outputs of the real rows.
+def pad_shard_unpad(
+  fn: Callable[[np.ndarray], Any],
+  num_rows: int,
+  batch_size: int,
+  *,
+  multiple: int = 1,
+  on_batch: Optional[Callable[[int, int], None]] = None,
+) -> Any:
+  """Runs `fn` over `num_rows` rows in batches of one shape, and returns the outputs of the real
+  rows.
 
   The one recipe for ragged work (big_vision's pad_shard_unpad): rows are cut into batches of
   min(batch_size, num_rows rounded up to `multiple`) rows, the last batch is padded by repeating its
@@ -173,8 +195,8 @@ def pad_shard_unpad(fn: Callable[[np.ndarray], Any], num_rows: int, batch_size: 
     on_batch: called as on_batch(batches done, batches in all) after each batch.
 
   Returns:
-    The outputs of the `num_rows` rows concatenated as NumPy (a tuple where `fn` returns one), or None
-    when there are no rows.
+    The outputs of the `num_rows` rows concatenated as NumPy (a tuple where `fn` returns one), or
+    None when there are no rows.
   """
   b = min(batch_size, -(-max(num_rows, 1) // multiple) * multiple)
   outs = []
@@ -183,7 +205,9 @@ def pad_shard_unpad(fn: Callable[[np.ndarray], Any], num_rows: int, batch_size: 
     rows = np.arange(start, min(start + b, num_rows))
     valid = len(rows)
     rows = np.concatenate([rows, np.full(b - valid, rows[0])])
-    outs.append(jax.tree_util.tree_map(lambda x, n=valid: np.asarray(jax.device_get(x))[:n], fn(rows)))
+    outs.append(
+      jax.tree_util.tree_map(lambda x, n=valid: np.asarray(jax.device_get(x))[:n], fn(rows))
+    )
     if on_batch is not None:
       on_batch(i + 1, total)
   if not outs:

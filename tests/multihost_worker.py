@@ -1,8 +1,9 @@
-"""One process of a simulated multi-host training run (tests/test_train_cli.py starts several on 127.0.0.1).
+"""One process of a simulated multi-host training run (tests/test_train_cli.py starts several on
+127.0.0.1).
 
-python tests/multihost_worker.py MODEL_DIR NUM_PROCESSES PROCESS_ID PORT LOCAL_DEVICES
-Trains the micro base U-Net (tests/conftest.py MICRO_BASE) for 2 steps on in-memory word-vector shapes
-(global batch 16, mesh data 4 x fsdp 2) and exits 0.
+python tests/multihost_worker.py MODEL_DIR NUM_PROCESSES PROCESS_ID PORT LOCAL_DEVICES Trains the
+micro base U-Net (tests/conftest.py MICRO_BASE) for 2 steps on in-memory word-vector shapes (global
+batch 16, mesh data 4 x fsdp 2) and exits 0.
 """
 
 import os
@@ -25,16 +26,28 @@ from imagen_jax import models as M  # noqa: E402
 from imagen_jax.gin_utils import parse_gin  # noqa: E402
 from imagen_jax.train import data as tdata  # noqa: E402
 from imagen_jax.train import loop, optimizer  # noqa: E402
-from tests.conftest import MICRO_BASE  # noqa: E402
+from tests.helpers import MICRO_BASE  # noqa: E402
 
-assert jax.device_count() == 8 and jax.process_count() == num_processes, (jax.device_count(), jax.process_count())
+assert jax.device_count() == 8 and jax.process_count() == num_processes, (
+  jax.device_count(),
+  jax.process_count(),
+)
 parse_gin(MICRO_BASE[:1], MICRO_BASE[1:])
 config = M.model_config()
 arrays = tdata.word_vector_shapes(64, 16, 32, 16, one_object=True)
 arrays.pop(K.CAPTION)
-summary = loop.train(model_dir=model_dir, num_steps=2, batch_source=tdata.InMemorySource(arrays, 16),
-                     model_config=config, mesh_shape=(4, 2, 1), log_every=2, checkpoint_every=2, progress=False,
-                     optimizer=optimizer.OptimizerConfig(name="adam", learning_rate=1e-3, warmup_steps=0,
-                                                         decay_steps=None),
-                     compilation_cache_dir=os.environ.get("IMAGEN_TEST_XLA_CACHE"))
+summary = loop.train(
+  model_dir=model_dir,
+  num_steps=2,
+  batch_source=tdata.InMemorySource(arrays, 16),
+  model_config=config,
+  mesh_shape=(4, 2, 1),
+  log_every=2,
+  checkpoint_every=2,
+  progress=False,
+  optimizer=optimizer.OptimizerConfig(
+    name="adam", learning_rate=1e-3, warmup_steps=0, decay_steps=None
+  ),
+  compilation_cache_dir=os.environ.get("IMAGEN_TEST_XLA_CACHE"),
+)
 print(f"process {process_id}: {summary.stopped} at step {summary.final_step}", flush=True)

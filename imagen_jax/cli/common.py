@@ -21,9 +21,16 @@ class Parser(argparse.ArgumentParser):
 
 
 # The modules whose configurables a training run's gin files bind.
-TRAIN_GIN_MODULES = ("imagen_jax.models", "imagen_jax.diffusion", "imagen_jax.train.loop",
-                     "imagen_jax.train.optimizer", "imagen_jax.train.data", "imagen_jax.data.pipeline",
-                     "imagen_jax.data.tasks", "imagen_jax.sample.grid_hook")
+TRAIN_GIN_MODULES = (
+  "imagen_jax.models",
+  "imagen_jax.diffusion",
+  "imagen_jax.train.loop",
+  "imagen_jax.train.optimizer",
+  "imagen_jax.train.data",
+  "imagen_jax.data.pipeline",
+  "imagen_jax.data.tasks",
+  "imagen_jax.sample.grid_hook",
+)
 # What a training run's gin needs only to run (compile-check and bench build the step without them).
 RUN_ONLY_MACROS = ("MODEL_DIR", "TRAIN_DATA")
 # The modules whose configurables a sampling config binds.
@@ -32,8 +39,13 @@ SAMPLE_GIN_MODULES = ("imagen_jax.sample.cascade",)
 RUN_DIR_MACROS = ("BASE_DIR", "SR_DIR", "SR256_DIR", "SR1024_DIR")
 
 
-def gin_command(parser: argparse.ArgumentParser, fn, modules: Sequence[str], example: str,
-                optional_macros: Sequence[str] = ()) -> None:
+def gin_command(
+  parser: argparse.ArgumentParser,
+  fn,
+  modules: Sequence[str],
+  example: str,
+  optional_macros: Sequence[str] = (),
+) -> None:
   """Makes `parser` a gin-configured command.
 
   `--gin_file` (repeatable) plus `--gin.KEY=VALUE`; `main` imports `modules` (which register the
@@ -46,11 +58,19 @@ def gin_command(parser: argparse.ArgumentParser, fn, modules: Sequence[str], exa
     example: a gin file to name when none is given.
     optional_macros: required macros that may stay unset (the command does not use them).
   """
-  parser.add_argument("--gin_file", action="append", default=[],
-                      help="gin file, relative to gin_configs/ or a path (repeatable)")
-  parser.epilog = ("gin bindings: --gin.KEY=VALUE (repeatable, after the files; string values in quotes, as in "
-                   "--gin.MODEL_DIR=\"'out/run'\")")
-  parser.set_defaults(fn=fn, gin_modules=tuple(modules), gin_example=example, gin_optional=tuple(optional_macros))
+  parser.add_argument(
+    "--gin_file",
+    action="append",
+    default=[],
+    help="gin file, relative to gin_configs/ or a path (repeatable)",
+  )
+  parser.epilog = (
+    "gin bindings: --gin.KEY=VALUE (repeatable, after the files; string values in quotes, as in "
+    "--gin.MODEL_DIR=\"'out/run'\")"
+  )
+  parser.set_defaults(
+    fn=fn, gin_modules=tuple(modules), gin_example=example, gin_optional=tuple(optional_macros)
+  )
 
 
 def prompts(texts: Optional[Sequence[str]], prompts_file: Optional[str]) -> List[str]:
@@ -63,8 +83,13 @@ def prompts(texts: Optional[Sequence[str]], prompts_file: Optional[str]) -> List
   return out
 
 
-def stage_values(items: Optional[Sequence[str]], flag: str, example: str, need_stage: bool = True,
-                 form: str = "STAGE=VALUE") -> List[Tuple[Optional[str], str]]:
+def stage_values(
+  items: Optional[Sequence[str]],
+  flag: str,
+  example: str,
+  need_stage: bool = True,
+  form: str = "STAGE=VALUE",
+) -> List[Tuple[Optional[str], str]]:
   """The one parser of `STAGE=VALUE` flags: [(stage or None, value)] for each comma-separated item.
 
   Args:
@@ -102,11 +127,13 @@ def checkpoint_steps(items: Optional[Sequence[str]]) -> Dict[str, int]:
 
 
 def checkpoints(items: Optional[Sequence[str]]) -> Dict[str, dict]:
-  """--checkpoints STAGE=RUN_DIR[@STEP][,...] ... -> {'run_dirs': {stage: dir}, 'checkpoint_steps': {stage: step}}."""
+  """--checkpoints STAGE=RUN_DIR[@STEP][,...] ... -> {'run_dirs': {stage: dir},
+  'checkpoint_steps': {stage: step}}."""
   parts = [p for item in items or [] for p in item.split(",")]
   dirs, steps = {}, {}
-  for name, value in stage_values(parts, "--checkpoints", "base=out/demo/base",
-                                  form="STAGE=RUN_DIR or STAGE=RUN_DIR@STEP"):
+  for name, value in stage_values(
+    parts, "--checkpoints", "base=out/demo/base", form="STAGE=RUN_DIR or STAGE=RUN_DIR@STEP"
+  ):
     path, at, step = value.rpartition("@") if "@" in value else (value, "", "")
     if at and not step.isdigit():
       raise UsageError(f"--checkpoints {name}={value}: the step after @ must be a number")
@@ -117,18 +144,27 @@ def checkpoints(items: Optional[Sequence[str]]) -> Dict[str, dict]:
 
 
 # Setting flags of `sample` and the evaluations -> StageSettings fields, and their types.
-SETTING_FLAGS = {"sampler": ("sampler", str), "steps": ("num_steps", int), "guidance": ("guidance_scale", float),
-                 "thresholding": ("thresholding", str), "aug_level": ("aug_level", float),
-                 "ddim_eta": ("ddim_eta", float)}
+SETTING_FLAGS = {
+  "sampler": ("sampler", str),
+  "steps": ("num_steps", int),
+  "guidance": ("guidance_scale", float),
+  "thresholding": ("thresholding", str),
+  "aug_level": ("aug_level", float),
+  "ddim_eta": ("ddim_eta", float),
+}
 
 
-def setting_overrides(args, flags: Sequence[str] = tuple(SETTING_FLAGS)) -> List[Tuple[Optional[str], str, list]]:
-  """The setting flags `--FLAG [STAGE=]V1,V2 ...` -> [(stage or None for every stage, field, values)]."""
+def setting_overrides(
+  args, flags: Sequence[str] = tuple(SETTING_FLAGS)
+) -> List[Tuple[Optional[str], str, list]]:
+  """The setting flags `--FLAG [STAGE=]V1,V2 ...` -> [(stage or None for every stage, field,
+  values)]."""
   out = []
   for flag in flags:
     field, cast = SETTING_FLAGS[flag]
-    for stage, text in stage_values(getattr(args, flag, None), f"--{flag}", "base=1,3,5", need_stage=False,
-                                    form="[STAGE=]V1,V2"):
+    for stage, text in stage_values(
+      getattr(args, flag, None), f"--{flag}", "base=1,3,5", need_stage=False, form="[STAGE=]V1,V2"
+    ):
       try:
         values = [cast(v) for v in text.split(",") if v != ""]
       except ValueError:

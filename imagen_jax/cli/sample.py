@@ -8,57 +8,110 @@ from imagen_jax.cli import common
 
 
 def add_parsers(sub) -> None:
-  p = sub.add_parser("sample", help="sample a cascade (or part of it) from training runs: PNGs, grids, sweeps")
+  p = sub.add_parser(
+    "sample", help="sample a cascade (or part of it) from training runs: PNGs, grids, sweeps"
+  )
   common.gin_command(p, sample, common.SAMPLE_GIN_MODULES, example="runs/sample_demo.gin")
   p.add_argument("--prompts", nargs="*", help="prompt texts")
   p.add_argument("--prompts_file", help="a text file, one prompt per line")
   p.add_argument("--out", required=True, help="output directory (new or empty)")
-  p.add_argument("--stages", help="comma-separated contiguous stages to run (default: the whole cascade)")
-  p.add_argument("--seed", type=int, default=0, help="image (prompt k, sample j) gets seed + k * "
-                 "samples_per_prompt + j (settings.json lists every image's seed)")
-  p.add_argument("--samples_per_prompt", type=int, default=1, help="images per prompt (or per input image)")
-  p.add_argument("--batch_size", type=int, default=8, help="images per device batch call (rounded up to a "
-                 "multiple of the local device count)")
+  p.add_argument(
+    "--stages", help="comma-separated contiguous stages to run (default: the whole cascade)"
+  )
+  p.add_argument(
+    "--seed",
+    type=int,
+    default=0,
+    help="image (prompt k, sample j) gets seed + k * "
+    "samples_per_prompt + j (settings.json lists every image's seed)",
+  )
+  p.add_argument(
+    "--samples_per_prompt", type=int, default=1, help="images per prompt (or per input image)"
+  )
+  p.add_argument(
+    "--batch_size",
+    type=int,
+    default=8,
+    help="images per device batch call (rounded up to a multiple of the local device count)",
+  )
   add_setting_flags(p, ("guidance", "steps", "thresholding", "aug_level", "sampler", "ddim_eta"))
-  p.add_argument("--checkpoint_step", action="append", metavar="STAGE=STEP",
-                 help="a checkpoint other than the latest")
-  p.add_argument("--lowres_images", help="folder of low-resolution inputs for a cascade that starts at an SR stage")
+  p.add_argument(
+    "--checkpoint_step",
+    action="append",
+    metavar="STAGE=STEP",
+    help="a checkpoint other than the latest",
+  )
+  p.add_argument(
+    "--lowres_images",
+    help="folder of low-resolution inputs for a cascade that starts at an SR stage",
+  )
   p.add_argument("--init_images", help="img2img: folder of images the first stage starts from")
-  p.add_argument("--no_grids", action="store_true", help="write no grid images (large runs, e.g. COCO FID-30K: "
-                 "the stage folders then hold only samples)")
-  p.add_argument("--strength", type=float, default=0.8, help="img2img: start at t = strength (0: the image, "
-                 "1: pure noise)")
+  p.add_argument(
+    "--no_grids",
+    action="store_true",
+    help="write no grid images (large runs, e.g. COCO FID-30K: "
+    "the stage folders then hold only samples)",
+  )
+  p.add_argument(
+    "--strength",
+    type=float,
+    default=0.8,
+    help="img2img: start at t = strength (0: the image, 1: pure noise)",
+  )
 
 
-SETTING_HELP = {"guidance": "guidance weight(s) w", "steps": "sampling step count(s)",
-                "thresholding": "none | static | dynamic[:PERCENTILE], or a list",
-                "aug_level": "SR noise-conditioning augmentation level(s) in [0, 1]", "sampler": "ddpm | ddim",
-                "ddim_eta": "DDIM stochasticity in [0, 1]"}
+SETTING_HELP = {
+  "guidance": "guidance weight(s) w",
+  "steps": "sampling step count(s)",
+  "thresholding": "none | static | dynamic[:PERCENTILE], or a list",
+  "aug_level": "SR noise-conditioning augmentation level(s) in [0, 1]",
+  "sampler": "ddpm | ddim",
+  "ddim_eta": "DDIM stochasticity in [0, 1]",
+}
 
 
 def add_setting_flags(parser, flags) -> None:
-  """The per-stage setting flags `--FLAG [STAGE=]V[,V...]` (repeatable; several values make a sweep)."""
+  """The per-stage setting flags `--FLAG [STAGE=]V[,V...]` (repeatable; several values make a
+  sweep)."""
   for flag in flags:
-    parser.add_argument(f"--{flag}", action="append", metavar="[STAGE=]V[,V...]",
-                        help=f"{SETTING_HELP[flag]}; several comma-separated values make a sweep grid")
+    parser.add_argument(
+      f"--{flag}",
+      action="append",
+      metavar="[STAGE=]V[,V...]",
+      help=f"{SETTING_HELP[flag]}; several comma-separated values make a sweep grid",
+    )
 
 
 def sample(args) -> int:
   import sys
 
   from imagen_jax.sample import cascade
-  result = cascade.sample(cascade.cascade_config(), prompts=common.prompts(args.prompts, args.prompts_file),
-                          out_dir=args.out, seed=args.seed,
-                          samples_per_prompt=args.samples_per_prompt, batch_size=args.batch_size,
-                          only=common.name_list(args.stages or "") or None,
-                          overrides=common.setting_overrides(args),
-                          checkpoint_steps=common.checkpoint_steps(args.checkpoint_step),
-                          lowres_images=args.lowres_images, init_images=args.init_images, strength=args.strength,
-                          grids=not args.no_grids, record_extra={"command": ["imagen-jax"] + list(sys.argv[1:])})
+
+  result = cascade.sample(
+    cascade.cascade_config(),
+    prompts=common.prompts(args.prompts, args.prompts_file),
+    out_dir=args.out,
+    seed=args.seed,
+    samples_per_prompt=args.samples_per_prompt,
+    batch_size=args.batch_size,
+    only=common.name_list(args.stages or "") or None,
+    overrides=common.setting_overrides(args),
+    checkpoint_steps=common.checkpoint_steps(args.checkpoint_step),
+    lowres_images=args.lowres_images,
+    init_images=args.init_images,
+    strength=args.strength,
+    grids=not args.no_grids,
+    record_extra={"command": ["imagen-jax"] + list(sys.argv[1:])},
+  )
   grid = "no grids" if args.no_grids else f"grid {Path(result.out_dir) / 'grid.png'}"
-  print(f"sample: wrote {len(result.jobs)} image(s) per stage setting to {result.out_dir}; {grid}; settings "
-        f"{Path(result.out_dir) / 'settings.json'}")
+  print(
+    f"sample: wrote {len(result.jobs)} image(s) per stage setting to {result.out_dir}; {grid}; "
+    "settings "
+    f"{Path(result.out_dir) / 'settings.json'}"
+  )
   for st in result.stages:
     if len(st.settings) > 1 and not args.no_grids:
-      print(f"sample: sweep grid of stage {st.name}: {Path(result.out_dir) / st.name / 'sweep.png'}")
+      print(
+        f"sample: sweep grid of stage {st.name}: {Path(result.out_dir) / st.name / 'sweep.png'}"
+      )
   return 0

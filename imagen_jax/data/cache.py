@@ -2,9 +2,9 @@
 TFRecords holding the image, the caption, the token ids and the embeddings (bfloat16 bytes, unpadded
 tokens only).
 
-Shard i holds source records i, i + n, i + 2n, ... A shard is written to a temporary file and renamed
-when complete, with its statistics beside it, so a rerun skips finished shards (resumable) and a
-half-written shard is never mistaken for a finished one.
+Shard i holds source records i, i + n, i + 2n, ... A shard is written to a temporary file and
+renamed when complete, with its statistics beside it, so a rerun skips finished shards (resumable)
+and a half-written shard is never mistaken for a finished one.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import gin
 import numpy as np
 from tqdm import tqdm
 
-from imagen_jax.files import write_json
 from imagen_jax import batch_keys as K
 from imagen_jax.data import sources as sources_lib
 from imagen_jax.data import tasks as tasks_lib
 from imagen_jax.data import tf_setup
+from imagen_jax.files import write_json
 from imagen_jax.text.tokenizer import trim_with_eos
 
 tf = tf_setup()
@@ -52,9 +52,12 @@ class CacheSummary:
   def line(self) -> str:
     rate = self.examples / self.seconds if self.seconds > 0 else float("nan")
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.bad_by_reason.items()))
-    return (f"examples={self.examples} tokens={self.tokens} truncated={self.truncated} "
-            f"bad_records={self.bad_records}{f' ({reasons})' if reasons else ''} bytes={self.bytes_written} "
-            f"shards written={self.shards_written} skipped={self.shards_skipped} examples/s={rate:.1f}")
+    return (
+      f"examples={self.examples} tokens={self.tokens} truncated={self.truncated} "
+      f"bad_records={self.bad_records}{f' ({reasons})' if reasons else ''} "
+      f"bytes={self.bytes_written} "
+      f"shards written={self.shards_written} skipped={self.shards_skipped} examples/s={rate:.1f}"
+    )
 
 
 def shard_path(output_dir: Path, split: str, index: int, count: int) -> Path:
@@ -65,17 +68,28 @@ def _bytes(v):
   return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
 
 
-def serialize(key: bytes, image: bytes, caption: bytes, ground_truth: bytes, tokens: np.ndarray,
-              embeddings: np.ndarray) -> bytes:
+def serialize(
+  key: bytes,
+  image: bytes,
+  caption: bytes,
+  ground_truth: bytes,
+  tokens: np.ndarray,
+  embeddings: np.ndarray,
+) -> bytes:
   """One cache record; `embeddings` is (num_tokens, d_model) and stored as bfloat16 bytes."""
   import ml_dtypes
+
   n = int(tokens.shape[0])
   feats = {
-      K.KEY: _bytes(key), K.IMAGE: _bytes(image), K.CAPTION: _bytes(caption),
-      K.GROUND_TRUTH: _bytes(ground_truth),
-      K.TOKENS: tf.train.Feature(int64_list=tf.train.Int64List(value=tokens.astype(np.int64).tolist())),
-      "num_tokens": tf.train.Feature(int64_list=tf.train.Int64List(value=[n])),
-      "embeddings": _bytes(np.ascontiguousarray(embeddings[:n].astype(ml_dtypes.bfloat16)).tobytes()),
+    K.KEY: _bytes(key),
+    K.IMAGE: _bytes(image),
+    K.CAPTION: _bytes(caption),
+    K.GROUND_TRUTH: _bytes(ground_truth),
+    K.TOKENS: tf.train.Feature(
+      int64_list=tf.train.Int64List(value=tokens.astype(np.int64).tolist())
+    ),
+    "num_tokens": tf.train.Feature(int64_list=tf.train.Int64List(value=[n])),
+    "embeddings": _bytes(np.ascontiguousarray(embeddings[:n].astype(ml_dtypes.bfloat16)).tobytes()),
   }
   return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
 
@@ -87,47 +101,76 @@ def _write_metadata(output_dir: Path, meta: dict) -> None:
     fixed = ("task", "d_model", "max_length", "num_shards", "encoder")
     diff = [f"{k}: {old.get(k)!r} -> {meta.get(k)!r}" for k in fixed if old.get(k) != meta.get(k)]
     if diff:
-      raise sources_lib.DataError(f"{output_dir} holds a cache made with other settings ({'; '.join(diff)}); "
-                                  "use a new output directory")
+      raise sources_lib.DataError(
+        f"{output_dir} holds a cache made with other settings ({'; '.join(diff)}); "
+        "use a new output directory"
+      )
     meta = dict(old, splits=sorted(set(old["splits"]) | set(meta["splits"])))
   write_json(path, meta, indent=2)
 
 
 @gin.configurable
-def cache_embeddings(task_name: str = gin.REQUIRED, output_dir: str = gin.REQUIRED,
-                     encoder_checkpoint: str = gin.REQUIRED, encoder_size: Optional[str] = None,
-                     split: str = "train", num_shards: int = 4, batch_size: int = 64, max_length: int = 128,
-                     max_examples: Optional[int] = None, stop_after_shards: Optional[int] = None,
-                     progress: bool = True) -> CacheSummary:
+def cache_embeddings(
+  task_name: str = gin.REQUIRED,
+  output_dir: str = gin.REQUIRED,
+  encoder_checkpoint: str = gin.REQUIRED,
+  encoder_size: Optional[str] = None,
+  split: str = "train",
+  num_shards: int = 4,
+  batch_size: int = 64,
+  max_length: int = 128,
+  max_examples: Optional[int] = None,
+  stop_after_shards: Optional[int] = None,
+  progress: bool = True,
+) -> CacheSummary:
   """Encodes `task_name`'s examples with the frozen T5 encoder and writes the cache (resumable).
 
-  max_examples caps each shard (for smoke tests); stop_after_shards stops after writing that many new
-  shards (to test resumption).
+  max_examples caps each shard (for smoke tests); stop_after_shards stops after writing that many
+  new shards (to test resumption).
   """
+  import jax
+
   from imagen_jax import partitioning
+  from imagen_jax.gin_utils import require
   from imagen_jax.text import checkpoints as ckpt_lib
   from imagen_jax.text import t5
   from imagen_jax.text.encoder import TextEncoder
-  import jax
 
-  from imagen_jax.gin_utils import require
-  require("cache_embeddings", task_name=task_name, output_dir=output_dir, encoder_checkpoint=encoder_checkpoint)
+  require(
+    "cache_embeddings",
+    task_name=task_name,
+    output_dir=output_dir,
+    encoder_checkpoint=encoder_checkpoint,
+  )
   t0 = time.perf_counter()
   task = seqio.get_mixture_or_task(task_name)
   config = None if encoder_size is None else t5.t5_config(encoder_size)
   config, params = ckpt_lib.load_any(encoder_checkpoint, config)
   out = Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
-  encoder_id = f"{Path(encoder_checkpoint).resolve()} d_model={config.d_model} layers={config.num_layers}"
-  _write_metadata(out, {"task": task_name, "d_model": config.d_model, "max_length": max_length,
-                        "num_shards": num_shards, "encoder": encoder_id, "splits": [split],
-                        "embedding_dtype": "bfloat16"})
+  encoder_id = (
+    f"{Path(encoder_checkpoint).resolve()} d_model={config.d_model} layers={config.num_layers}"
+  )
+  _write_metadata(
+    out,
+    {
+      "task": task_name,
+      "d_model": config.d_model,
+      "max_length": max_length,
+      "num_shards": num_shards,
+      "encoder": encoder_id,
+      "splits": [split],
+      "embedding_dtype": "bfloat16",
+    },
+  )
   n_dev = jax.device_count()
   mesh = partitioning.create_mesh(data=-1) if n_dev > 1 and batch_size % n_dev == 0 else None
   encoder = TextEncoder(config, params, mesh=mesh, batch_size=batch_size)
 
   summary = CacheSummary()
-  bar = tqdm(total=num_shards, desc=f"cache {task_name}/{split}", unit="shard", disable=not progress)
+  bar = tqdm(
+    total=num_shards, desc=f"cache {task_name}/{split}", unit="shard", disable=not progress
+  )
   for index in range(num_shards):
     final = shard_path(out, split, index, num_shards)
     stats_file = out / f"{split}.stats-{index:05d}-of-{num_shards:05d}.json"
@@ -138,7 +181,9 @@ def cache_embeddings(task_name: str = gin.REQUIRED, output_dir: str = gin.REQUIR
       continue
     if stop_after_shards is not None and summary.shards_written >= stop_after_shards:
       break
-    shard = _write_shard(task, split, index, num_shards, final, encoder, batch_size, max_length, max_examples)
+    shard = _write_shard(
+      task, split, index, num_shards, final, encoder, batch_size, max_length, max_examples
+    )
     stats_file.write_text(json.dumps(shard))
     summary.add_shard(shard)
     summary.shards_written += 1
@@ -148,9 +193,17 @@ def cache_embeddings(task_name: str = gin.REQUIRED, output_dir: str = gin.REQUIR
   return summary
 
 
-def _write_shard(task, split, index, count, final: Path, encoder, batch_size, max_length, max_examples) -> dict:
-  ds = task.get_dataset(split=split, shuffle=False, shard_info=seqio.ShardInfo(index=index, num_shards=count),
-                        sequence_length=None, use_cached=False, try_in_mem_cache=False)
+def _write_shard(
+  task, split, index, count, final: Path, encoder, batch_size, max_length, max_examples
+) -> dict:
+  ds = task.get_dataset(
+    split=split,
+    shuffle=False,
+    shard_info=seqio.ShardInfo(index=index, num_shards=count),
+    sequence_length=None,
+    use_cached=False,
+    try_in_mem_cache=False,
+  )
   if max_examples is not None:
     ds = ds.take(max_examples)
   tmp = final.with_name(final.name + ".incomplete")
@@ -165,7 +218,9 @@ def _write_shard(task, split, index, count, final: Path, encoder, batch_size, ma
       emb, _ = encoder.encode(tokens)
       for i, p in enumerate(pending):
         n = len(p["ids"])
-        writer.write(serialize(p[K.KEY], p[K.IMAGE], p[K.CAPTION], p[K.GROUND_TRUTH], p["ids"], emb[i, :n]))
+        writer.write(
+          serialize(p[K.KEY], p[K.IMAGE], p[K.CAPTION], p[K.GROUND_TRUTH], p["ids"], emb[i, :n])
+        )
         stats["tokens"] += n
       stats["examples"] += len(pending)
       pending.clear()
@@ -173,8 +228,15 @@ def _write_shard(task, split, index, count, final: Path, encoder, batch_size, ma
     for ex in ds.as_numpy_iterator():
       ids, truncated = trim_with_eos(np.asarray(ex[K.TOKENS]), max_length)
       stats["truncated"] += int(truncated)
-      pending.append({K.KEY: ex[K.KEY], K.IMAGE: ex[K.IMAGE], K.CAPTION: ex[K.CAPTION],
-                      K.GROUND_TRUTH: ex[K.GROUND_TRUTH], "ids": ids})
+      pending.append(
+        {
+          K.KEY: ex[K.KEY],
+          K.IMAGE: ex[K.IMAGE],
+          K.CAPTION: ex[K.CAPTION],
+          K.GROUND_TRUTH: ex[K.GROUND_TRUTH],
+          "ids": ids,
+        }
+      )
       if len(pending) == batch_size:
         flush()
     if pending:

@@ -1,10 +1,10 @@
 """Image-caption sources and the validation every record passes through.
 
 A source yields raw records {'key', 'image' (encoded bytes or an HxWxC uint8 array), 'caption'}.
-`clean_records` decodes each image with Pillow, converts any mode (greyscale, RGBA, CMYK, palette, 16-bit)
-to RGB, rejects tiny images and missing/empty captions, resizes to the cache resolution and re-encodes
-as PNG. Bad records are skipped and counted by reason; a source where most records are bad fails with
-a clear error.
+`clean_records` decodes each image with Pillow, converts any mode (greyscale, RGBA, CMYK, palette,
+16-bit) to RGB, rejects tiny images and missing/empty captions, resizes to the cache resolution and
+re-encodes as PNG. Bad records are skipped and counted by reason; a source where most records are
+bad fails with a clear error.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Dict, Iterable, Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
 from imagen_jax.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -41,7 +42,10 @@ class SourceStats:
   def summary(self) -> str:
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
     conv = ", ".join(f"{k}={v}" for k, v in sorted(self.converted.items())) or "none"
-    return f"records seen={self.seen} kept={self.kept} skipped={self.bad} ({reasons}); mode conversions: {conv}"
+    return (
+      f"records seen={self.seen} kept={self.kept} skipped={self.bad} ({reasons}); "
+      f"mode conversions: {conv}"
+    )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -56,7 +60,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     arr = np.asarray(img, np.float64)
     arr = (255.0 * arr / max(arr.max(), 1.0)).astype(np.uint8)
     return Image.fromarray(arr, "L").convert("RGB")
-  return img.convert("RGB")   # L, 1, CMYK, YCbCr, P without transparency, F, ...
+  return img.convert("RGB")  # L, 1, CMYK, YCbCr, P without transparency, F, ...
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -64,12 +68,18 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
   return ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
 
 
-def clean_records(records: Iterable[dict], stats: SourceStats, image_size: Optional[int] = None,
-                  min_image_size: int = 16, max_bad_fraction: float = 0.5, check_after: int = 20) -> Iterator[dict]:
+def clean_records(
+  records: Iterable[dict],
+  stats: SourceStats,
+  image_size: Optional[int] = None,
+  min_image_size: int = 16,
+  max_bad_fraction: float = 0.5,
+  check_after: int = 20,
+) -> Iterator[dict]:
   """Validated records {'key', 'image' (PNG bytes, RGB), 'caption' (str), ...extra fields kept}."""
   for rec in records:
     stats.seen += 1
-    reason = rec.get("error")          # set by a source that could not even parse the record
+    reason = rec.get("error")  # set by a source that could not even parse the record
     caption = rec.get("caption")
     if isinstance(caption, bytes):
       try:
@@ -120,11 +130,14 @@ def _check_bad_fraction(stats: SourceStats, max_bad_fraction: float, check_after
 
 
 def folder_records(folder) -> Iterator[dict]:
-  """img2dataset layout: every image file with a same-named .txt caption beside it (sorted order)."""
+  """img2dataset layout: every image file with a same-named .txt caption beside it (sorted
+  order)."""
   folder = Path(folder)
   if not folder.is_dir():
     raise DataError(f"image folder not found: {folder}")
-  files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+  files = sorted(
+    p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+  )
   if not files:
     raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
   for p in files:
@@ -134,7 +147,8 @@ def folder_records(folder) -> Iterator[dict]:
 
 
 def jsonl_records(path) -> Iterator[dict]:
-  """A JSONL file of {"image": path (relative to the file's folder or absolute), "caption": text}."""
+  """A JSONL file of {"image": path (relative to the file's folder or absolute), "caption":
+  text}."""
   path = Path(path)
   if not path.is_file():
     raise DataError(f"JSONL file not found: {path}")
@@ -152,13 +166,21 @@ def jsonl_records(path) -> Iterator[dict]:
       yield {"key": f"{path.name}:{lineno}", "image": image, "caption": rec.get("caption")}
 
 
-def tfds_records(name: str, split: str = "train", image_field: str = "image", caption_field: str = "captions/text",
-                 all_captions: bool = False, data_dir: Optional[str] = None) -> Iterator[dict]:
+def tfds_records(
+  name: str,
+  split: str = "train",
+  image_field: str = "image",
+  caption_field: str = "captions/text",
+  all_captions: bool = False,
+  data_dir: Optional[str] = None,
+) -> Iterator[dict]:
   """Any tfds image-caption dataset. `caption_field` is a '/'-path into the features; a sequence of
   captions gives its first (or, with all_captions, one record per caption)."""
   from imagen_jax.data import tf_setup
+
   tf_setup()
   import tensorflow_datasets as tfds
+
   ds = tfds.load(name, split=split, data_dir=data_dir, shuffle_files=False)
   for i, ex in enumerate(tfds.as_numpy(ds)):
     image = _get_path(ex, image_field)
@@ -174,6 +196,9 @@ def tfds_records(name: str, split: str = "train", image_field: str = "image", ca
 def _get_path(tree, path: str):
   for k in path.split("/"):
     if not isinstance(tree, dict) or k not in tree:
-      raise DataError(f"feature {path!r} not found (have {sorted(tree) if isinstance(tree, dict) else type(tree)})")
+      raise DataError(
+        f"feature {path!r} not found (have "
+        f"{sorted(tree) if isinstance(tree, dict) else type(tree)})"
+      )
     tree = tree[k]
   return tree

@@ -17,16 +17,19 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 COLORS: Dict[str, Tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 60),
-    "blue": (40, 70, 220),
-    "yellow": (240, 210, 20),
-    "purple": (140, 50, 170),
-    "orange": (250, 130, 20),
+  "red": (220, 30, 30),
+  "green": (30, 170, 60),
+  "blue": (40, 70, 220),
+  "yellow": (240, 210, 20),
+  "purple": (140, 50, 170),
+  "orange": (250, 130, 20),
 }
 SHAPES = ("circle", "square", "triangle")
-BACKGROUNDS: Dict[str, Tuple[int, int, int]] = {"white": (245, 245, 245), "gray": (128, 128, 128),
-                                                "black": (15, 15, 15)}
+BACKGROUNDS: Dict[str, Tuple[int, int, int]] = {
+  "white": (245, 245, 245),
+  "gray": (128, 128, 128),
+  "black": (15, 15, 15),
+}
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 
@@ -35,9 +38,9 @@ PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 class ShapeObject:
   shape: str
   color: str
-  x: float          # centre, in [0, 1] of the width
-  y: float          # centre, in [0, 1] of the height
-  size: float       # half-extent, in [0, 1] of the side
+  x: float  # centre, in [0, 1] of the width
+  y: float  # centre, in [0, 1] of the height
+  size: float  # half-extent, in [0, 1] of the side
 
   def to_dict(self):
     return dataclasses.asdict(self)
@@ -48,11 +51,14 @@ class Scene:
   objects: Tuple[ShapeObject, ...]
   background: str
   caption: str
-  relation: str      # 'count' | 'left_of' | 'list'
+  relation: str  # 'count' | 'left_of' | 'list'
 
   def ground_truth(self) -> dict:
-    return {"objects": [o.to_dict() for o in self.objects], "background": self.background,
-            "relation": self.relation}
+    return {
+      "objects": [o.to_dict() for o in self.objects],
+      "background": self.background,
+      "relation": self.relation,
+    }
 
 
 def _article(word: str) -> str:
@@ -77,7 +83,7 @@ def make_scene(seed: int, index: int) -> Scene:
   else:
     n = int(rng.integers(2, 5))
     specs = []
-    while len(specs) < n:   # distinct (shape, colour) pairs, so each is named once
+    while len(specs) < n:  # distinct (shape, colour) pairs, so each is named once
       s = (str(rng.choice(SHAPES)), str(rng.choice(color_names)))
       if s not in specs:
         specs.append(s)
@@ -94,15 +100,23 @@ def make_scene(seed: int, index: int) -> Scene:
 
   if kind == "count":
     o = objects[0]
-    caption = (f"{_article(o.color)} {o.color} {o.shape}" if n == 1 else f"{NUMBERS[n]} {o.color} {PLURAL[o.shape]}")
+    caption = (
+      f"{_article(o.color)} {o.color} {o.shape}"
+      if n == 1
+      else f"{NUMBERS[n]} {o.color} {PLURAL[o.shape]}"
+    )
   elif kind == "left_of":
     left, right = objects
     if rng.random() < 0.5:
-      caption = (f"{_article(left.color)} {left.color} {left.shape} to the left of "
-                 f"{_article(right.color)} {right.color} {right.shape}")
+      caption = (
+        f"{_article(left.color)} {left.color} {left.shape} to the left of "
+        f"{_article(right.color)} {right.color} {right.shape}"
+      )
     else:
-      caption = (f"{_article(right.color)} {right.color} {right.shape} to the right of "
-                 f"{_article(left.color)} {left.color} {left.shape}")
+      caption = (
+        f"{_article(right.color)} {right.color} {right.shape} to the right of "
+        f"{_article(left.color)} {left.color} {left.shape}"
+      )
   else:
     names = [f"{_article(o.color)} {o.color} {o.shape}" for o in objects]
     caption = ", ".join(names[:-1]) + " and " + names[-1]
@@ -135,11 +149,16 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def examples(seed: int, num_examples: int, resolution: int, start: int = 0) -> Iterator[dict]:
-  """{'key', 'image' (PNG bytes), 'caption', 'ground_truth' (JSON)} for indices [start, start + n)."""
+  """{'key', 'image' (PNG bytes), 'caption', 'ground_truth' (JSON)} for indices [start, start +
+  n)."""
   for index in range(start, start + num_examples):
     scene = make_scene(seed, index)
-    yield {"key": f"synthetic-{seed}-{index}", "image": encode_png(render(scene, resolution)),
-           "caption": scene.caption, "ground_truth": json.dumps(scene.ground_truth())}
+    yield {
+      "key": f"synthetic-{seed}-{index}",
+      "image": encode_png(render(scene, resolution)),
+      "caption": scene.caption,
+      "ground_truth": json.dumps(scene.ground_truth()),
+    }
 
 
 def parse_caption(caption: str) -> List[Tuple[str, str]]:

@@ -11,29 +11,38 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import gin
 
-from imagen_jax.errors import ConfigError, MissingFileError
 from imagen_jax import batch_keys as K
-from imagen_jax.data import tf_setup
 from imagen_jax.data import sources as sources_lib
-from imagen_jax.data import synthetic
+from imagen_jax.data import synthetic, tf_setup
+from imagen_jax.errors import ConfigError, MissingFileError
 from imagen_jax.gin_utils import require
 
 tf = tf_setup()
 import seqio  # noqa: E402  (after tf_setup: TensorFlow must not grab the accelerators)
 
-RECORD_SIGNATURE = {K.KEY: tf.TensorSpec((), tf.string), K.IMAGE: tf.TensorSpec((), tf.string),
-                    K.CAPTION: tf.TensorSpec((), tf.string), K.GROUND_TRUTH: tf.TensorSpec((), tf.string)}
+RECORD_SIGNATURE = {
+  K.KEY: tf.TensorSpec((), tf.string),
+  K.IMAGE: tf.TensorSpec((), tf.string),
+  K.CAPTION: tf.TensorSpec((), tf.string),
+  K.GROUND_TRUTH: tf.TensorSpec((), tf.string),
+}
 
 
 class CaptionedImageSource(seqio.DataSource):
   """A seqio DataSource over a Python record iterator, validated by `sources.clean_records`.
 
-  Sharding happens *before* validation (record i goes to shard i mod num_shards), so each shard decodes
-  only its own images and its bad-record counts are its own (`stats[(split, shard)]`).
+  Sharding happens *before* validation (record i goes to shard i mod num_shards), so each shard
+  decodes only its own images and its bad-record counts are its own (`stats[(split, shard)]`).
   """
 
-  def __init__(self, records_fn: Callable[[str], Iterable[dict]], image_size: Optional[int],
-               splits: Tuple[str, ...] = ("train",), min_image_size: int = 16, max_bad_fraction: float = 0.5):
+  def __init__(
+    self,
+    records_fn: Callable[[str], Iterable[dict]],
+    image_size: Optional[int],
+    splits: Tuple[str, ...] = ("train",),
+    min_image_size: int = 16,
+    max_bad_fraction: float = 0.5,
+  ):
     super().__init__(splits=splits, num_input_examples=None, caching_permitted=True)
     self._records_fn = records_fn
     self._image_size = image_size
@@ -48,20 +57,38 @@ class CaptionedImageSource(seqio.DataSource):
   def list_shards(self, split: str):
     return [split]
 
-  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
-                  shard_info: Optional[seqio.ShardInfo] = None, *, sequence_length=None, use_cached=False,
-                  num_epochs: Optional[int] = 1):
-    del shuffle, seed, sequence_length, use_cached   # records come in source order; shuffle downstream
+  def get_dataset(
+    self,
+    split: str = "train",
+    shuffle: bool = True,
+    seed: Optional[int] = None,
+    shard_info: Optional[seqio.ShardInfo] = None,
+    *,
+    sequence_length=None,
+    use_cached=False,
+    num_epochs: Optional[int] = 1,
+  ):
+    del (
+      shuffle,
+      seed,
+      sequence_length,
+      use_cached,
+    )  # records come in source order; shuffle downstream
     index, count = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
     stats = sources_lib.SourceStats()
     self.stats[(split, index)] = stats
 
     def gen():
       raw = (r for i, r in enumerate(self._records_fn(split)) if i % count == index)
-      for rec in sources_lib.clean_records(raw, stats, self._image_size, self._min_image_size,
-                                           self._max_bad_fraction):
-        yield {K.KEY: str(rec.get(K.KEY, "")), K.IMAGE: rec[K.IMAGE], K.CAPTION: rec[K.CAPTION],
-               K.GROUND_TRUTH: rec.get(K.GROUND_TRUTH, "")}
+      for rec in sources_lib.clean_records(
+        raw, stats, self._image_size, self._min_image_size, self._max_bad_fraction
+      ):
+        yield {
+          K.KEY: str(rec.get(K.KEY, "")),
+          K.IMAGE: rec[K.IMAGE],
+          K.CAPTION: rec[K.CAPTION],
+          K.GROUND_TRUTH: rec.get(K.GROUND_TRUTH, ""),
+        }
 
     ds = tf.data.Dataset.from_generator(gen, output_signature=RECORD_SIGNATURE)
     return ds.repeat(num_epochs) if num_epochs != 1 else ds
@@ -82,17 +109,29 @@ def _add(name: str, source, preprocessors, vocab_path, replace: bool):
     seqio.TaskRegistry.remove(name)
   vocab = vocabulary(vocab_path) if vocab_path is not None else seqio.PassThroughVocabulary(size=0)
   output_features = {K.TOKENS: seqio.Feature(vocab, add_eos=True, dtype=tf.int32)}
-  return seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors, output_features=output_features)
+  return seqio.TaskRegistry.add(
+    name, source=source, preprocessors=preprocessors, output_features=output_features
+  )
 
 
 @gin.configurable
-def register_source_task(name: str = gin.REQUIRED, kind: str = gin.REQUIRED, vocab_path: str = gin.REQUIRED,
-                         image_size: Optional[int] = None, path: Optional[str] = None,
-                         tfds_name: Optional[str] = None, tfds_data_dir: Optional[str] = None,
-                         image_field: str = "image", caption_field: str = "captions/text",
-                         all_captions: bool = False, seed: int = 0, num_examples: int = 1000,
-                         splits: Optional[Tuple[str, ...]] = None, max_bad_fraction: float = 0.5,
-                         replace: bool = True) -> seqio.Task:
+def register_source_task(
+  name: str = gin.REQUIRED,
+  kind: str = gin.REQUIRED,
+  vocab_path: str = gin.REQUIRED,
+  image_size: Optional[int] = None,
+  path: Optional[str] = None,
+  tfds_name: Optional[str] = None,
+  tfds_data_dir: Optional[str] = None,
+  image_field: str = "image",
+  caption_field: str = "captions/text",
+  all_captions: bool = False,
+  seed: int = 0,
+  num_examples: int = 1000,
+  splits: Optional[Tuple[str, ...]] = None,
+  max_bad_fraction: float = 0.5,
+  replace: bool = True,
+) -> seqio.Task:
   """Registers a source as a seqio Task whose examples carry 'tokens' (the caption, T5-tokenized,
   not yet trimmed: the cache writer trims, appends EOS and counts truncation).
 
@@ -101,8 +140,14 @@ def register_source_task(name: str = gin.REQUIRED, kind: str = gin.REQUIRED, voc
   num_examples; 'validation' uses seed + 1). image_size: resolution the stored images are resized /
   centre-cropped to (the largest stage's; None keeps the original, synthetic renders at 64).
   """
-  require("register_source_task", name=name, kind=kind, vocab_path=vocab_path, path=path,
-          tfds_data_dir=tfds_data_dir)
+  require(
+    "register_source_task",
+    name=name,
+    kind=kind,
+    vocab_path=vocab_path,
+    path=path,
+    tfds_data_dir=tfds_data_dir,
+  )
   if kind in ("folder", "jsonl") and not path:
     raise ConfigError(f"a {kind} source needs path")
   if kind in ("folder", "jsonl") and "://" not in str(path) and not Path(path).exists():
@@ -114,17 +159,25 @@ def register_source_task(name: str = gin.REQUIRED, kind: str = gin.REQUIRED, voc
   elif kind == "tfds":
     if not tfds_name:
       raise ConfigError("a tfds source needs tfds_name")
-    records = lambda split: sources_lib.tfds_records(tfds_name, split, image_field, caption_field, all_captions,
-                                                     tfds_data_dir)
+    records = lambda split: sources_lib.tfds_records(
+      tfds_name, split, image_field, caption_field, all_captions, tfds_data_dir
+    )
   elif kind == "synthetic":
     res = image_size or 64
-    records = lambda split: synthetic.examples(seed if split == "train" else seed + 1, num_examples, res)
+    records = lambda split: synthetic.examples(
+      seed if split == "train" else seed + 1, num_examples, res
+    )
   else:
     raise ConfigError(f"unknown source kind {kind!r}; expected folder, jsonl, tfds or synthetic")
   if splits is None:
     splits = ("train", "validation") if kind in ("tfds", "synthetic") else ("train",)
-  source = CaptionedImageSource(records, image_size, splits=tuple(splits), max_bad_fraction=max_bad_fraction)
-  preprocessors = [_caption_to_tokens, functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)]
+  source = CaptionedImageSource(
+    records, image_size, splits=tuple(splits), max_bad_fraction=max_bad_fraction
+  )
+  preprocessors = [
+    _caption_to_tokens,
+    functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+  ]
   return _add(name, source, preprocessors, vocab_path, replace)
 
 
@@ -133,13 +186,13 @@ def register_source_task(name: str = gin.REQUIRED, kind: str = gin.REQUIRED, voc
 METADATA = "metadata.json"
 
 FEATURES = {
-    K.KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
-    K.IMAGE: tf.io.FixedLenFeature([], tf.string),
-    K.CAPTION: tf.io.FixedLenFeature([], tf.string),
-    K.GROUND_TRUTH: tf.io.FixedLenFeature([], tf.string, default_value=""),
-    K.TOKENS: tf.io.VarLenFeature(tf.int64),
-    "num_tokens": tf.io.FixedLenFeature([], tf.int64),
-    "embeddings": tf.io.FixedLenFeature([], tf.string),
+  K.KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
+  K.IMAGE: tf.io.FixedLenFeature([], tf.string),
+  K.CAPTION: tf.io.FixedLenFeature([], tf.string),
+  K.GROUND_TRUTH: tf.io.FixedLenFeature([], tf.string, default_value=""),
+  K.TOKENS: tf.io.VarLenFeature(tf.int64),
+  "num_tokens": tf.io.FixedLenFeature([], tf.int64),
+  "embeddings": tf.io.FixedLenFeature([], tf.string),
 }
 
 
@@ -157,11 +210,13 @@ def decode_cached(ex, max_length: int, d_model: int):
   emb = tf.reshape(tf.io.decode_raw(ex["embeddings"], tf.bfloat16), [n, d_model])
   pad = max_length - n
   return {
-      K.KEY: ex[K.KEY], K.IMAGE: ex[K.IMAGE], K.CAPTION: ex[K.CAPTION],
-      K.GROUND_TRUTH: ex[K.GROUND_TRUTH],
-      K.TOKENS: tf.pad(tokens, [[0, pad]]),
-      K.TEXT_EMB: tf.ensure_shape(tf.pad(emb, [[0, pad], [0, 0]]), [max_length, d_model]),
-      K.TEXT_MASK: tf.range(max_length) < n,
+    K.KEY: ex[K.KEY],
+    K.IMAGE: ex[K.IMAGE],
+    K.CAPTION: ex[K.CAPTION],
+    K.GROUND_TRUTH: ex[K.GROUND_TRUTH],
+    K.TOKENS: tf.pad(tokens, [[0, pad]]),
+    K.TEXT_EMB: tf.ensure_shape(tf.pad(emb, [[0, pad], [0, 0]]), [max_length, d_model]),
+    K.TEXT_MASK: tf.range(max_length) < n,
   }
 
 
@@ -170,14 +225,19 @@ def cached_file_pattern(cache_dir, split: str) -> str:
 
 
 @gin.configurable
-def register_cached_task(name: str, cache_dir: str, vocab_path: Optional[str] = None,
-                         replace: bool = True) -> seqio.Task:
+def register_cached_task(
+  name: str, cache_dir: str, vocab_path: Optional[str] = None, replace: bool = True
+) -> seqio.Task:
   """The written cache as a seqio Task: records with image bytes, caption, tokens and embeddings.
   vocab_path (optional: the records hold token ids already) only labels the task's token feature."""
   meta = read_metadata(cache_dir)
   source = seqio.TFExampleDataSource(
-      split_to_filepattern={s: cached_file_pattern(cache_dir, s) for s in meta["splits"]},
-      feature_description=FEATURES, reader_cls=tf.data.TFRecordDataset)
-  decode = lambda ds: ds.map(functools.partial(decode_cached, max_length=meta["max_length"], d_model=meta["d_model"]),
-                             num_parallel_calls=tf.data.AUTOTUNE)
+    split_to_filepattern={s: cached_file_pattern(cache_dir, s) for s in meta["splits"]},
+    feature_description=FEATURES,
+    reader_cls=tf.data.TFRecordDataset,
+  )
+  decode = lambda ds: ds.map(
+    functools.partial(decode_cached, max_length=meta["max_length"], d_model=meta["d_model"]),
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
   return _add(name, source, [decode], vocab_path, replace)

@@ -19,17 +19,20 @@ from imagen_jax.errors import ConfigError
 def sample_aug_levels(key, batch_size: int, level_range=(0.0, 1.0)):
   lo, hi = level_range
   if not 0.0 <= lo <= hi <= 1.0:
-    raise ConfigError(f"augmentation level range must satisfy 0 <= lo <= hi <= 1, got {level_range}")
+    raise ConfigError(
+      f"augmentation level range must satisfy 0 <= lo <= hi <= 1, got {level_range}"
+    )
   return jax.random.uniform(key, (batch_size,), jnp.float32, lo, hi)
 
 
 def noise_augment(lowres, key, schedule: NoiseSchedule, aug_level):
-  """The low-res image corrupted by the forward process at `aug_level` (a scalar or a (B,) array; there is
-  no default: sampling must say which level it uses). Returns (image, per-example level of shape (B,))."""
+  """The low-res image corrupted by the forward process at `aug_level` (a scalar or a (B,) array;
+  there is no default: sampling must say which level it uses). Returns (image, per-example level
+  of shape (B,))."""
   lowres = jnp.asarray(lowres, jnp.float32)
   level = jnp.broadcast_to(jnp.asarray(aug_level, jnp.float32), (lowres.shape[0],))
   alpha, sigma = schedule.alpha_sigma_exact_ends(level)
-  eps = process.standard_normal(key, lowres.shape)      # a key, or one key per example (B, 2)
+  eps = process.standard_normal(key, lowres.shape)  # a key, or one key per example (B, 2)
   return process.diffuse(lowres, eps, alpha, sigma), level
 
 

@@ -1,8 +1,10 @@
-"""Per-stage diffusion settings of training (gin-configurable): what a stage's network is trained for.
+"""Per-stage diffusion settings of training (gin-configurable): what a stage's network is trained
+for.
 
-Defaults are the paper's base-stage choices (docs/paper.md §2); the stage files in `gin_configs/diffusion/`
-override what differs per stage. Sampling settings are not here: one sampling setting of a stage is a
-`sample.settings.StageSettings`, taken by the one sampler, `sample.stage_sampler.StageSampler`.
+Defaults are the paper's base-stage choices (docs/paper.md §2); the stage files in
+`gin_configs/diffusion/` override what differs per stage. Sampling settings are not here: one
+sampling setting of a stage is a `sample.settings.StageSettings`, taken by the one sampler,
+`sample.stage_sampler.StageSampler`.
 """
 
 from __future__ import annotations
@@ -13,24 +15,31 @@ from typing import Tuple
 import gin
 
 from imagen_jax.diffusion import augmentation, losses, process
-from imagen_jax.diffusion.schedules import (CosineSchedule, NoiseSchedule, get_schedule, schedule_from_record,
-                                            schedule_record)
+from imagen_jax.diffusion.schedules import (
+  CosineSchedule,
+  NoiseSchedule,
+  get_schedule,
+  schedule_from_record,
+  schedule_record,
+)
 from imagen_jax.errors import ConfigError
 
-# What a sampler must reproduce of how a stage was trained (the rest of DiffusionConfig is training-only).
+# What a sampler must reproduce of how a stage was trained (the rest of DiffusionConfig is training-
+# only).
 TRAINED_FIELDS = ("objective", "schedule", "noise_aug_schedule")
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
-  """How one cascade stage is trained: schedule, objective, loss weighting, condition dropout and (SR
-  stages) noise-conditioning augmentation. Hashable: a static jit argument."""
+  """How one cascade stage is trained: schedule, objective, loss weighting, condition dropout and
+  (SR stages) noise-conditioning augmentation. Hashable: a static jit argument."""
+
   schedule: NoiseSchedule = CosineSchedule()
-  objective: str = "eps"                     # eps | x0 | v
-  loss_weighting: str = "uniform"            # uniform | min_snr
+  objective: str = "eps"  # eps | x0 | v
+  loss_weighting: str = "uniform"  # uniform | min_snr
   min_snr_gamma: float = 5.0
-  cond_drop_prob: float = 0.1                # text -> null condition, per example, in training
+  cond_drop_prob: float = 0.1  # text -> null condition, per example, in training
   low_discrepancy_time: bool = False
   # Noise-conditioning augmentation (super-resolution stages only).
   noise_aug_schedule: NoiseSchedule = CosineSchedule()
@@ -39,7 +48,9 @@ class DiffusionConfig:
   def __post_init__(self):
     object.__setattr__(self, "schedule", get_schedule(self.schedule))
     object.__setattr__(self, "noise_aug_schedule", get_schedule(self.noise_aug_schedule))
-    object.__setattr__(self, "train_aug_level_range", tuple(float(v) for v in self.train_aug_level_range))
+    object.__setattr__(
+      self, "train_aug_level_range", tuple(float(v) for v in self.train_aug_level_range)
+    )
     process.check_objective(self.objective)
     losses.check_weighting(self.loss_weighting)
     if not 0.0 <= self.cond_drop_prob <= 1.0:
@@ -47,23 +58,40 @@ class DiffusionConfig:
 
   def training_record(self) -> dict:
     """TRAINED_FIELDS as JSON: the trainer writes them to run.json, a sampler reads them back."""
-    return {"objective": self.objective, "schedule": schedule_record(self.schedule),
-            "noise_aug_schedule": schedule_record(self.noise_aug_schedule)}
+    return {
+      "objective": self.objective,
+      "schedule": schedule_record(self.schedule),
+      "noise_aug_schedule": schedule_record(self.noise_aug_schedule),
+    }
 
   @classmethod
   def from_training_record(cls, record: dict) -> "DiffusionConfig":
     """The config a stage trained with (its `training_record`)."""
-    return cls(objective=record["objective"], schedule=schedule_from_record(record["schedule"]),
-               noise_aug_schedule=schedule_from_record(record["noise_aug_schedule"]))
+    return cls(
+      objective=record["objective"],
+      schedule=schedule_from_record(record["schedule"]),
+      noise_aug_schedule=schedule_from_record(record["noise_aug_schedule"]),
+    )
 
   def loss(self, model_fn, x, cond, key):
-    """The stage's training loss (`losses.diffusion_loss`) of a network `model_fn(z, log_snr, cond)`."""
+    """The stage's training loss (`losses.diffusion_loss`) of a network `model_fn(z, log_snr,
+    cond)`."""
     return losses.diffusion_loss(
-        model_fn, x, cond, key, schedule=self.schedule, objective=self.objective,
-        weighting=self.loss_weighting, min_snr_gamma=self.min_snr_gamma,
-        cond_drop_prob=self.cond_drop_prob, low_discrepancy=self.low_discrepancy_time)
+      model_fn,
+      x,
+      cond,
+      key,
+      schedule=self.schedule,
+      objective=self.objective,
+      weighting=self.loss_weighting,
+      min_snr_gamma=self.min_snr_gamma,
+      cond_drop_prob=self.cond_drop_prob,
+      low_discrepancy=self.low_discrepancy_time,
+    )
 
   def augment_lowres_for_training(self, lowres, key):
-    """Noise-conditioning augmentation in training: a random level per example from train_aug_level_range.
-    Returns (augmented low-res image, levels (B,))."""
-    return augmentation.noise_augment_random(lowres, key, self.noise_aug_schedule, self.train_aug_level_range)
+    """Noise-conditioning augmentation in training: a random level per example from
+    train_aug_level_range. Returns (augmented low-res image, levels (B,))."""
+    return augmentation.noise_augment_random(
+      lowres, key, self.noise_aug_schedule, self.train_aug_level_range
+    )

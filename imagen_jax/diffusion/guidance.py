@@ -1,7 +1,7 @@
 """Text conditions, the null condition, condition dropout and classifier-free guidance.
 
-A condition is a dict of per-example arrays (leading batch axis), keyed by `imagen_jax.batch_keys`. The
-text part is
+A condition is a dict of per-example arrays (leading batch axis), keyed by `imagen_jax.batch_keys`.
+The text part is
   TEXT_EMB:  (B, L, D) token embeddings of the frozen text encoder
   TEXT_MASK: (B, L)    bool, True for real tokens
 Other entries (the low-resolution image and noise-augmentation level of super-resolution stages)
@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The condition's field names live in `imagen_jax.batch_keys`; re-exported here for the diffusion API.
+# The condition's field names live in `imagen_jax.batch_keys`; re-exported here for the diffusion
+# API.
 from imagen_jax.batch_keys import LOWRES, LOWRES_AUG_LEVEL, TEXT_EMB, TEXT_MASK  # noqa: F401
 from imagen_jax.diffusion import process
 from imagen_jax.diffusion.schedules import alpha_sigma_from_log_snr
@@ -58,7 +59,11 @@ def is_unguided(guidance_scale) -> bool:
   """True when the scale is statically 1 (a Python or NumPy number): one network call suffices."""
   if isinstance(guidance_scale, (int, float, np.number)):
     return float(guidance_scale) == 1.0
-  return isinstance(guidance_scale, np.ndarray) and guidance_scale.shape == () and float(guidance_scale) == 1.0
+  return (
+    isinstance(guidance_scale, np.ndarray)
+    and guidance_scale.shape == ()
+    and float(guidance_scale) == 1.0
+  )
 
 
 def guided_x0_eps(model_fn, z, log_snr, cond, guidance_scale, objective: str):
@@ -74,8 +79,12 @@ def guided_x0_eps(model_fn, z, log_snr, cond, guidance_scale, objective: str):
     pred = model_fn(z, log_snr, cond)
     return process.prediction_to_x0_eps(pred, z, alpha, sigma, objective)
   b = z.shape[0]
-  both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, null_condition(cond))
-  pred = model_fn(jnp.concatenate([z, z], axis=0), jnp.concatenate([log_snr, log_snr], axis=0), both)
+  both = jax.tree_util.tree_map(
+    lambda c, u: jnp.concatenate([c, u], axis=0), cond, null_condition(cond)
+  )
+  pred = model_fn(
+    jnp.concatenate([z, z], axis=0), jnp.concatenate([log_snr, log_snr], axis=0), both
+  )
   pred = jnp.asarray(pred, jnp.float32)
   x0_c, eps_c = process.prediction_to_x0_eps(pred[:b], z, alpha, sigma, objective)
   x0_u, eps_u = process.prediction_to_x0_eps(pred[b:], z, alpha, sigma, objective)

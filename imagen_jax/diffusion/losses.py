@@ -52,9 +52,19 @@ def loss_weight(log_snr, objective: str, weighting: str = "uniform", min_snr_gam
   return clipped / (snr + 1.0)
 
 
-def diffusion_loss(model_fn, x, cond, key, *, schedule: NoiseSchedule, objective: str = "eps",
-                   weighting: str = "uniform", min_snr_gamma: float = 5.0, cond_drop_prob: float = 0.1,
-                   low_discrepancy: bool = False):
+def diffusion_loss(
+  model_fn,
+  x,
+  cond,
+  key,
+  *,
+  schedule: NoiseSchedule,
+  objective: str = "eps",
+  weighting: str = "uniform",
+  min_snr_gamma: float = 5.0,
+  cond_drop_prob: float = 0.1,
+  low_discrepancy: bool = False,
+):
   """Mean weighted loss over the batch, and per-example diagnostics.
 
   model_fn(z, log_snr, cond) -> prediction; x: (B, H, W, C) in [-1, 1]; cond: see `guidance`.

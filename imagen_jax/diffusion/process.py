@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from imagen_jax.errors import ConfigError
 
 OBJECTIVES = ("eps", "x0", "v")
@@ -40,8 +41,9 @@ def per_example_keys(key) -> bool:
 
 
 def standard_normal(key, shape):
-  """N(0, I) of `shape` = (B, ...). With one key per example (B, 2), example b's noise depends on its own key
-  only: the same whatever the batch it is drawn in (batch size, padding, device count)."""
+  """N(0, I) of `shape` = (B, ...). With one key per example (B, 2), example b's noise depends on
+  its own key only: the same whatever the batch it is drawn in (batch size, padding, device
+  count)."""
   if per_example_keys(key):
     return jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), jnp.float32))(key)
   return jax.random.normal(key, tuple(shape), jnp.float32)
@@ -50,7 +52,7 @@ def standard_normal(key, shape):
 def split_key(key, num: int = 2):
   """jax.random.split, per example for a batch of keys: returns `num` keys (or key batches)."""
   if per_example_keys(key):
-    keys = jax.vmap(lambda k: jax.random.split(k, num))(key)      # (B, num, 2)
+    keys = jax.vmap(lambda k: jax.random.split(k, num))(key)  # (B, num, 2)
     return tuple(keys[:, i] for i in range(num))
   return tuple(jax.random.split(key, num))
 

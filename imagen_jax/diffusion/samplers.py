@@ -50,7 +50,9 @@ def ancestral_update(z, x0, log_snr_t, log_snr_s, noise):
   alpha_t, _ = alpha_sigma_from_log_snr(log_snr_t)
   alpha_s, sigma_s = alpha_sigma_from_log_snr(log_snr_s)
   c = -jnp.expm1(log_snr_t - log_snr_s)
-  mean = process.bcast(alpha_s, z) * (process.bcast((1.0 - c) / alpha_t, z) * z + process.bcast(c, z) * x0)
+  mean = process.bcast(alpha_s, z) * (
+    process.bcast((1.0 - c) / alpha_t, z) * z + process.bcast(c, z) * x0
+  )
   std = jnp.sqrt(c) * sigma_s
   return mean + process.bcast(std, z) * noise
 
@@ -61,13 +63,18 @@ def ddim_update(x0, eps, log_snr_t, log_snr_s, noise, eta):
   c = -jnp.expm1(log_snr_t - log_snr_s)
   c_eta2 = jnp.square(eta) * c * jnp.square(sigma_s)
   dir_coef = jnp.sqrt(jnp.maximum(jnp.square(sigma_s) - c_eta2, 0.0))
-  return (process.bcast(alpha_s, x0) * x0 + process.bcast(dir_coef, x0) * eps
-          + process.bcast(jnp.sqrt(c_eta2), x0) * noise)
+  return (
+    process.bcast(alpha_s, x0) * x0
+    + process.bcast(dir_coef, x0) * eps
+    + process.bcast(jnp.sqrt(c_eta2), x0) * noise
+  )
 
 
-def denoise(model_fn, z, log_snr, cond, *, objective, guidance_scale, thresholding_method, percentile):
-  """Guided, thresholded (x0, eps) at one noise level. log_snr has shape (B,). thresholding_method: a name,
-  or a traced index into `thresholding.THRESHOLDING`."""
+def denoise(
+  model_fn, z, log_snr, cond, *, objective, guidance_scale, thresholding_method, percentile
+):
+  """Guided, thresholded (x0, eps) at one noise level. log_snr has shape (B,).
+  thresholding_method: a name, or a traced index into `thresholding.THRESHOLDING`."""
   x0, eps = guidance.guided_x0_eps(model_fn, z, log_snr, cond, guidance_scale, objective)
   if isinstance(thresholding_method, str) and thresholding_method == "none":
     return x0, eps
@@ -75,21 +82,36 @@ def denoise(model_fn, z, log_snr, cond, *, objective, guidance_scale, thresholdi
   return thresholding.threshold_x0_eps(x0, eps, z, alpha, sigma, thresholding_method, percentile)
 
 
-def sample(model_fn, key, shape, cond=None, *, schedule: NoiseSchedule, num_steps, objective: str = "eps",
-           sampler: str = "ddpm", ddim_eta: float = 0.0, guidance_scale=1.0, thresholding_method="dynamic",
-           percentile: float = 99.5, return_trajectory: bool = False, z_init=None, x_init=None, t_start=1.0):
+def sample(
+  model_fn,
+  key,
+  shape,
+  cond=None,
+  *,
+  schedule: NoiseSchedule,
+  num_steps,
+  objective: str = "eps",
+  sampler: str = "ddpm",
+  ddim_eta: float = 0.0,
+  guidance_scale=1.0,
+  thresholding_method="dynamic",
+  percentile: float = 99.5,
+  return_trajectory: bool = False,
+  z_init=None,
+  x_init=None,
+  t_start=1.0,
+):
   """Draws samples of `shape` = (B, H, W, C). Pure and jittable; see the module docstring.
 
   Deterministic for a given key; with one key per example (`key` of shape (B, 2)) every example's
-  randomness is its own, so an image does not depend on the batch it is drawn in.
-  num_steps, guidance_scale, ddim_eta, percentile and t_start may be traced; thresholding_method is a name
-  or a traced index into `thresholding.THRESHOLDING`.
-  z_init: the state at t = 1 (instead of N(0, I)).
-  x_init, t_start (img2img, SDEdit): start from x_init forward-noised to t = t_start in [0, 1] with the noise
-  the sampler would start from, and walk t_start -> 0 in num_steps steps. t_start = 1 is exactly sampling
-  from noise (the process is pure noise at t = 1); t_start = 0 returns x_init.
-  With return_trajectory=True (num_steps a Python int) returns
-  (x, {'z': (N + 1, B, H, W, C) states from t = t_start to the output, 'x0': (N, ...) x0 predictions}).
+  randomness is its own, so an image does not depend on the batch it is drawn in. num_steps,
+  guidance_scale, ddim_eta, percentile and t_start may be traced; thresholding_method is a name or a
+  traced index into `thresholding.THRESHOLDING`. z_init: the state at t = 1 (instead of N(0, I)).
+  x_init, t_start (img2img, SDEdit): start from x_init forward-noised to t = t_start in [0, 1] with
+  the noise the sampler would start from, and walk t_start -> 0 in num_steps steps. t_start = 1 is
+  exactly sampling from noise (the process is pure noise at t = 1); t_start = 0 returns x_init. With
+  return_trajectory=True (num_steps a Python int) returns (x, {'z': (N + 1, B, H, W, C) states from
+  t = t_start to the output, 'x0': (N, ...) x0 predictions}).
   """
   check_sampler(sampler)
   process.check_objective(objective)
@@ -107,8 +129,14 @@ def sample(model_fn, key, shape, cond=None, *, schedule: NoiseSchedule, num_step
   b = shape[0]
   n = jnp.asarray(num_steps, jnp.int32)
   nf = n.astype(jnp.float32)
-  den = functools.partial(denoise, model_fn, objective=objective, guidance_scale=guidance_scale,
-                          thresholding_method=thresholding_method, percentile=percentile)
+  den = functools.partial(
+    denoise,
+    model_fn,
+    objective=objective,
+    guidance_scale=guidance_scale,
+    thresholding_method=thresholding_method,
+    percentile=percentile,
+  )
 
   def step(i, z):
     t = (nf - i) / nf * t0
@@ -121,14 +149,15 @@ def sample(model_fn, key, shape, cond=None, *, schedule: NoiseSchedule, num_step
       z_s = ancestral_update(z, x0, log_snr_t, log_snr_s, noise)
     else:
       z_s = ddim_update(x0, eps, log_snr_t, log_snr_s, noise, jnp.asarray(ddim_eta, jnp.float32))
-    # The last step lands on clean data, where both updates reduce to x0: select it rather than trust
+    # The last step lands on clean data, where both updates reduce to x0: select it rather than
+    # trust
     # (1 - c) / alpha_t * z + c * x0 to round to exactly x0.
     return jnp.where(i == n - 1, x0, z_s), x0
 
   def finish(x):
     if x_init is None:
       return x
-    return jnp.where(t0 <= 0, x_init, x)     # nothing to denoise: the init image itself
+    return jnp.where(t0 <= 0, x_init, x)  # nothing to denoise: the init image itself
 
   if not return_trajectory:
     return finish(jax.lax.fori_loop(0, n, lambda i, z: step(i, z)[0], z))
@@ -141,7 +170,8 @@ def sample(model_fn, key, shape, cond=None, *, schedule: NoiseSchedule, num_step
     return z_s, (z_s, x0)
 
   _, (zs, x0s) = jax.lax.scan(scan_body, z, jnp.arange(num_steps, dtype=jnp.int32))
-  # XLA may evaluate the last x0 once for the carry and once for the stacked output, rounding each its
+  # XLA may evaluate the last x0 once for the carry and once for the stacked output, rounding each
+  # its
   # own way (an ulp apart); the output is defined as the stacked last x0.
   out = finish(x0s[-1])
   return out, {"z": jnp.concatenate([z[None], zs[:-1], out[None]], axis=0), "x0": x0s}

@@ -19,6 +19,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from imagen_jax.errors import ConfigError
 
 
@@ -65,15 +66,19 @@ class CosineSchedule(NoiseSchedule):
   [logsnr_min, logsnr_max]: log-SNR(t) = -2 log tan(a t + b), with log-SNR(0) = logsnr_max and
   log-SNR(1) = logsnr_min.
   """
+
   logsnr_min: float = -20.0
   logsnr_max: float = 20.0
 
   def __post_init__(self):
     if not self.logsnr_min < self.logsnr_max:
-      raise ConfigError(f"CosineSchedule needs logsnr_min < logsnr_max, got {self.logsnr_min}, {self.logsnr_max}")
+      raise ConfigError(
+        f"CosineSchedule needs logsnr_min < logsnr_max, got {self.logsnr_min}, {self.logsnr_max}"
+      )
 
   def _angles(self):
-    """(a, b, c) in float64: the angle is a t + b, and c = pi/2 - a - b is its complement at t = 1."""
+    """(a, b, c) in float64: the angle is a t + b, and c = pi/2 - a - b is its complement at t =
+    1."""
     b = math.atan(math.exp(-0.5 * self.logsnr_max))
     a = math.atan(math.exp(-0.5 * self.logsnr_min)) - b
     return a, b, math.pi / 2 - a - b
@@ -81,10 +86,10 @@ class CosineSchedule(NoiseSchedule):
   def log_snr(self, t):
     """-2 log tan(a t + b), evaluated so that float32 keeps its precision on all of [0, 1].
 
-    Next to t = 1 the angle a t + b approaches pi/2, where tan is steep and the float32 sum a t + b has
-    lost the digits that matter (log_snr(1) would be -20.0011). On the upper half the complementary angle
-    pi/2 - (a t + b) = c + a (1 - t) is used instead: 1 - t is exact in float32 for t >= 1/2 (Sterbenz),
-    and -2 log tan(x) = 2 log tan(pi/2 - x).
+    Next to t = 1 the angle a t + b approaches pi/2, where tan is steep and the float32 sum a t + b
+    has lost the digits that matter (log_snr(1) would be -20.0011). On the upper half the
+    complementary angle pi/2 - (a t + b) = c + a (1 - t) is used instead: 1 - t is exact in float32
+    for t >= 1/2 (Sterbenz), and -2 log tan(x) = 2 log tan(pi/2 - x).
     """
     t = jnp.asarray(t, jnp.float32)
     a, b, c = self._angles()
@@ -104,6 +109,7 @@ class LinearSchedule(NoiseSchedule):
   log alpha_bar = 0 at t = 0), so the schedule is *exact* at the discrete times and strictly
   decreasing everywhere. log-SNR is clipped above at logsnr_max (it is +inf at t = 0).
   """
+
   beta_start: float = 1e-4
   beta_end: float = 0.02
   num_timesteps: int = 1000
@@ -111,7 +117,10 @@ class LinearSchedule(NoiseSchedule):
 
   def __post_init__(self):
     if not 0 < self.beta_start < self.beta_end < 1:
-      raise ConfigError(f"LinearSchedule needs 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+      raise ConfigError(
+        f"LinearSchedule needs 0 < beta_start < beta_end < 1, got {self.beta_start}, "
+        f"{self.beta_end}"
+      )
     if self.num_timesteps < 1:
       raise ConfigError(f"LinearSchedule needs num_timesteps >= 1, got {self.num_timesteps}")
 
@@ -138,15 +147,20 @@ def get_schedule(schedule) -> NoiseSchedule:
     return schedule
   if isinstance(schedule, str) and schedule in SCHEDULES:
     return SCHEDULES[schedule]()
-  raise ConfigError(f"unknown noise schedule {schedule!r}; expected one of {sorted(SCHEDULES)} or a NoiseSchedule")
+  raise ConfigError(
+    f"unknown noise schedule {schedule!r}; expected one of {sorted(SCHEDULES)} or a NoiseSchedule"
+  )
 
 
 def schedule_record(schedule: NoiseSchedule) -> dict:
-  """A registered schedule as JSON ({'name': ..., its fields}); the inverse of `schedule_from_record`."""
+  """A registered schedule as JSON ({'name': ..., its fields}); the inverse of
+  `schedule_from_record`."""
   schedule = get_schedule(schedule)
   names = [name for name, cls in SCHEDULES.items() if type(schedule) is cls]
   if not names or not dataclasses.is_dataclass(schedule):
-    raise ValueError(f"{type(schedule).__name__} is not a registered dataclass schedule; register it in SCHEDULES")
+    raise ValueError(
+      f"{type(schedule).__name__} is not a registered dataclass schedule; register it in SCHEDULES"
+    )
   return {"name": names[0], **dataclasses.asdict(schedule)}
 
 
@@ -154,5 +168,7 @@ def schedule_from_record(record: dict) -> NoiseSchedule:
   record = dict(record)
   name = record.pop("name", None)
   if name not in SCHEDULES:
-    raise ConfigError(f"unknown noise schedule {name!r} in record; expected one of {sorted(SCHEDULES)}")
+    raise ConfigError(
+      f"unknown noise schedule {name!r} in record; expected one of {sorted(SCHEDULES)}"
+    )
   return SCHEDULES[name](**record)

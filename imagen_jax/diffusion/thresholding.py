@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from imagen_jax.errors import ConfigError
 
 THRESHOLDING = ("none", "static", "dynamic")
@@ -45,25 +46,28 @@ def threshold(x0, method: str = "dynamic", percentile: float = 99.5):
 
 
 def thresholding_index(method: str) -> int:
-  """The method's index in THRESHOLDING: what a sampler takes as a traced argument (one compilation serves
-  every thresholding setting; `lax.switch` runs only the chosen branch)."""
+  """The method's index in THRESHOLDING: what a sampler takes as a traced argument (one
+  compilation serves every thresholding setting; `lax.switch` runs only the chosen branch)."""
   return THRESHOLDING.index(check_thresholding(method))
 
 
 def threshold_x0_eps(x0, eps, z, alpha, sigma, method, percentile=99.5):
-  """Thresholds x0 and re-derives eps from it (eps = (z - alpha x0) / sigma); 'none' returns the pair
-  untouched. `method` is a name (static) or a traced index into THRESHOLDING."""
+  """Thresholds x0 and re-derives eps from it (eps = (z - alpha x0) / sigma); 'none' returns the
+  pair untouched. `method` is a name (static) or a traced index into THRESHOLDING."""
   from imagen_jax.diffusion import process
 
   def clipped(fn):
     def branch(x0, eps):
       x0 = fn(x0)
       return x0, process.eps_from_x0(z, x0, alpha, sigma)
+
     return branch
 
-  branches = [lambda x0, eps: (jnp.asarray(x0, jnp.float32), jnp.asarray(eps, jnp.float32)),
-              clipped(lambda x: static_threshold(jnp.asarray(x, jnp.float32))),
-              clipped(lambda x: dynamic_threshold(x, percentile))]
+  branches = [
+    lambda x0, eps: (jnp.asarray(x0, jnp.float32), jnp.asarray(eps, jnp.float32)),
+    clipped(lambda x: static_threshold(jnp.asarray(x, jnp.float32))),
+    clipped(lambda x: dynamic_threshold(x, percentile)),
+  ]
   if isinstance(method, str):
     return branches[thresholding_index(method)](x0, eps)
   return jax.lax.switch(jnp.asarray(method, jnp.int32), branches, x0, eps)

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax.batch_keys import LOWRES, LOWRES_AUG_LEVEL, TEXT_EMB, TEXT_MASK
+from imagen_jax.errors import ConfigError
 from imagen_jax.models.efficient_unet import EfficientUNet, EfficientUNetConfig
 from imagen_jax.models.unet import UNet, UNetConfig
-from imagen_jax.errors import ConfigError
 
 ModelConfig = Union[UNetConfig, EfficientUNetConfig]
 
@@ -31,7 +31,8 @@ def model_config(config: ModelConfig = gin.REQUIRED) -> ModelConfig:
 
 
 def model_config_from_record(network: str, fields: dict) -> ModelConfig:
-  """The network config a training run recorded (run.json's 'network' and 'config'; JSON lists -> tuples)."""
+  """The network config a training run recorded (run.json's 'network' and 'config'; JSON lists ->
+  tuples)."""
   classes = {cls.__name__: cls for cls in (UNetConfig, EfficientUNetConfig)}
   if network not in classes:
     raise ConfigError(f"unknown network {network!r}; expected one of {sorted(classes)}")
@@ -60,8 +61,10 @@ def example_inputs(config: ModelConfig, batch_size: int = 1, image_size=None, te
   length = config.max_text_length if text_length is None else text_length
   z = jnp.zeros((batch_size, size, size, config.in_channels), jnp.float32)
   log_snr = jnp.zeros((batch_size,), jnp.float32)
-  cond = {TEXT_EMB: jnp.zeros((batch_size, length, config.text_embed_dim), jnp.float32),
-          TEXT_MASK: jnp.ones((batch_size, length), bool)}
+  cond = {
+    TEXT_EMB: jnp.zeros((batch_size, length, config.text_embed_dim), jnp.float32),
+    TEXT_MASK: jnp.ones((batch_size, length), bool),
+  }
   if is_super_resolution(config):
     low = size * config.lowres_size // config.image_size
     cond[LOWRES] = jnp.zeros((batch_size, low, low, config.in_channels), jnp.float32)
@@ -76,8 +79,9 @@ def _jitted_init(config: ModelConfig, batch_size: int):
 
 
 def init_boxed_params(config: ModelConfig, key, batch_size: int = 1):
-  """Random initial parameters of the model of `config`, boxed with their logical axis names (unbox with
-  `nn.unbox`). The compiled initialiser is cached per (config, batch size): configs are hashable."""
+  """Random initial parameters of the model of `config`, boxed with their logical axis names
+  (unbox with `nn.unbox`). The compiled initialiser is cached per (config, batch size): configs
+  are hashable."""
   return _jitted_init(config, batch_size)(key)
 
 
@@ -91,17 +95,22 @@ def count_params(params) -> int:
 
 
 def convert_layout(params, config: ModelConfig, scanned: bool):
-  """The (unboxed) parameters of the model of `config` in the scanned layout (`scanned=True`: each level's
-  repeated blocks stacked on a leading axis under `<path>_<level>_layers/{res,attn}`) or the unscanned
-  one (`<path>_<level>_res_<i>`, `<path>_<level>_attn_<i>`), whichever they are in now. The mapping comes
-  from the config's `scan_runs()`, the one the networks are built from; values are not changed."""
+  """The (unboxed) parameters of the model of `config` in the scanned layout (`scanned=True`:
+  each level's repeated blocks stacked on a leading axis under
+  `<path>_<level>_layers/{res,attn}`) or the unscanned one (`<path>_<level>_res_<i>`,
+  `<path>_<level>_attn_<i>`), whichever they are in now. The mapping comes from the config's
+  `scan_runs()`, the one the networks are built from; values are not changed."""
   runs = dataclasses.replace(config, scan_layers=True).scan_runs()
   out = dict(params)
   for name, blocks in runs.items():
     if scanned and name not in out:
-      entry = {"res": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[out.pop(r) for r, _ in blocks])}
+      entry = {
+        "res": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[out.pop(r) for r, _ in blocks])
+      }
       if blocks[0][1] is not None:
-        entry["attn"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[out.pop(a) for _, a in blocks])
+        entry["attn"] = jax.tree_util.tree_map(
+          lambda *xs: jnp.stack(xs), *[out.pop(a) for _, a in blocks]
+        )
       out[name] = entry
     elif not scanned and name in out:
       entry = out.pop(name)

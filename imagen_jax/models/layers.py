@@ -24,10 +24,10 @@ IMAGE_AXES = ("activation_batch", "activation_height", "activation_width", "acti
 TOKEN_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 REMAT_POLICIES = {
-    "none": None,
-    "full": "full",                                          # save nothing but the block inputs
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "none": None,
+  "full": "full",  # save nothing but the block inputs
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -55,26 +55,35 @@ def maybe_remat(module_cls, remat: str, static_argnums=()):
   policy = REMAT_POLICIES[check_remat(remat)]
   if policy is None:
     return module_cls
-  return nn.remat(module_cls, static_argnums=static_argnums, policy=None if policy == "full" else policy)
+  return nn.remat(
+    module_cls, static_argnums=static_argnums, policy=None if policy == "full" else policy
+  )
 
 
 def scanned(module_cls, remat: str, length: int):
-  """`nn.scan` of a layer class over `length` repetitions (maxtext's scan_layers): one traced body instead
-  of `length` copies, so the compiler sees a program that does not grow with depth. Parameters are stacked
-  on a leading axis named 'layers' (left unsharded by AXIS_RULES); the remat policy applies inside the
-  scan (each repetition saves only what the policy keeps); every repetition draws its own dropout key.
-  The scanned class is called (carry, xs, *broadcast) -> (carry, ys)."""
+  """`nn.scan` of a layer class over `length` repetitions (maxtext's scan_layers): one traced
+  body instead of `length` copies, so the compiler sees a program that does not grow with depth.
+  Parameters are stacked on a leading axis named 'layers' (left unsharded by AXIS_RULES); the
+  remat policy applies inside the scan (each repetition saves only what the policy keeps); every
+  repetition draws its own dropout key. The scanned class is called (carry, xs, *broadcast) ->
+  (carry, ys)."""
   policy = REMAT_POLICIES[check_remat(remat)]
   body = module_cls
   if policy is not None:
     body = nn.remat(module_cls, prevent_cse=False, policy=None if policy == "full" else policy)
-  return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=length,
-                 metadata_params={nn.PARTITION_NAME: "layers"})
+  return nn.scan(
+    body,
+    variable_axes={"params": 0},
+    split_rngs={"params": True, "dropout": True},
+    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+    length=length,
+    metadata_params={nn.PARTITION_NAME: "layers"},
+  )
 
 
 def noise_level_to_unit(log_snr):
-  """Maps log-SNR in [-inf, inf] to the cosine-equivalent time (2/pi) atan(exp(-log_snr / 2)) in [0, 1].
+  """Maps log-SNR in [-inf, inf] to the cosine-equivalent time (2/pi) atan(exp(-log_snr / 2)) in [0,
+  1].
 
   Finite at both ends and independent of the training schedule, so the network can be sampled with
   another schedule or step count.
@@ -83,7 +92,8 @@ def noise_level_to_unit(log_snr):
 
 
 def sinusoidal_embedding(x, dim: int, max_period: float = 10000.0, scale: float = 1000.0):
-  """Transformer sinusoidal features of scale * x; x: (B,) float in [0, 1]. Returns (B, dim) float32."""
+  """Transformer sinusoidal features of scale * x; x: (B,) float in [0, 1]. Returns (B, dim)
+  float32."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args = scale * jnp.asarray(x, jnp.float32)[:, None] * freqs[None, :]
@@ -103,9 +113,14 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x):
     kinit = nn.initializers.zeros_init() if self.zero_init else nn.initializers.lecun_normal()
-    return nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=_init(kinit, self.axes),
-                    bias_init=_init(nn.initializers.zeros_init(), self.axes[-1:]))(x)
+    return nn.Dense(
+      self.features,
+      use_bias=self.use_bias,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_init(kinit, self.axes),
+      bias_init=_init(nn.initializers.zeros_init(), self.axes[-1:]),
+    )(x)
 
 
 class Conv(nn.Module):
@@ -119,14 +134,22 @@ class Conv(nn.Module):
   def __call__(self, x):
     k = self.kernel_size
     kinit = nn.initializers.zeros_init() if self.zero_init else nn.initializers.lecun_normal()
-    return nn.Conv(self.features, (k, k), strides=(self.strides, self.strides), padding="SAME", dtype=self.dtype,
-                   param_dtype=jnp.float32, kernel_init=_init(kinit, (None, None, "conv_in", "conv_out")),
-                   bias_init=_init(nn.initializers.zeros_init(), ("conv_out",)))(x)
+    return nn.Conv(
+      self.features,
+      (k, k),
+      strides=(self.strides, self.strides),
+      padding="SAME",
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_init(kinit, (None, None, "conv_in", "conv_out")),
+      bias_init=_init(nn.initializers.zeros_init(), ("conv_out",)),
+    )(x)
 
 
 class HeadsProjection(nn.Module):
   """(..., D) -> (..., heads, head_dim), no bias. Written out (not nn.DenseGeneral, which builds its
   kernel flat and so cannot carry 3-D logical axis names under a mesh)."""
+
   heads: int
   head_dim: int
   axes: tuple = ("embed", "heads", "kv")
@@ -135,12 +158,15 @@ class HeadsProjection(nn.Module):
   @nn.compact
   def __call__(self, x):
     init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
-    kernel = self.param("kernel", _init(init, self.axes), (x.shape[-1], self.heads, self.head_dim), jnp.float32)
+    kernel = self.param(
+      "kernel", _init(init, self.axes), (x.shape[-1], self.heads, self.head_dim), jnp.float32
+    )
     return jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 class HeadsOutput(nn.Module):
   """(..., heads, head_dim) -> (..., features), with bias."""
+
   features: int
   axes: tuple = ("heads", "kv", "embed")
   dtype: Dtype = jnp.float32
@@ -148,14 +174,25 @@ class HeadsOutput(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    init = nn.initializers.zeros_init() if self.zero_init else nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
-    kernel = self.param("kernel", _init(init, self.axes), (x.shape[-2], x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", _init(nn.initializers.zeros_init(), self.axes[-1:]), (self.features,), jnp.float32)
-    return jnp.einsum("...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    init = (
+      nn.initializers.zeros_init()
+      if self.zero_init
+      else nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+    )
+    kernel = self.param(
+      "kernel", _init(init, self.axes), (x.shape[-2], x.shape[-1], self.features), jnp.float32
+    )
+    bias = self.param(
+      "bias", _init(nn.initializers.zeros_init(), self.axes[-1:]), (self.features,), jnp.float32
+    )
+    return jnp.einsum(
+      "...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype)
+    ) + bias.astype(self.dtype)
 
 
 class GroupNorm(nn.Module):
   """GroupNorm computed in float32; returns `dtype`."""
+
   groups: int = 32
   dtype: Dtype = jnp.float32
 
@@ -163,26 +200,37 @@ class GroupNorm(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     groups = math.gcd(self.groups, c)
-    y = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
-                     scale_init=_init(nn.initializers.ones_init(), ("norm",)),
-                     bias_init=_init(nn.initializers.zeros_init(), ("norm",)))(x.astype(jnp.float32))
+    y = nn.GroupNorm(
+      num_groups=groups,
+      epsilon=1e-5,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      scale_init=_init(nn.initializers.ones_init(), ("norm",)),
+      bias_init=_init(nn.initializers.zeros_init(), ("norm",)),
+    )(x.astype(jnp.float32))
     return y.astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
   """LayerNorm computed in float32; returns `dtype`."""
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    y = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
-                     scale_init=_init(nn.initializers.ones_init(), ("norm",)),
-                     bias_init=_init(nn.initializers.zeros_init(), ("norm",)))(x.astype(jnp.float32))
+    y = nn.LayerNorm(
+      epsilon=1e-5,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      scale_init=_init(nn.initializers.ones_init(), ("norm",)),
+      bias_init=_init(nn.initializers.zeros_init(), ("norm",)),
+    )(x.astype(jnp.float32))
     return y.astype(self.dtype)
 
 
 class NoiseLevelEmbedding(nn.Module):
   """Sinusoidal features of a level in [0, 1] through a 2-layer SiLU MLP."""
+
   features: int
   dtype: Dtype = jnp.float32
 
@@ -222,6 +270,7 @@ class AttentionBlock(nn.Module):
     null key/value is always present, so a fully masked (dropped) text is well defined.
   self_attention=True, text=False: plain self-attention.
   """
+
   num_heads: Optional[int] = None
   head_dim: Optional[int] = 64
   self_attention: bool = True
@@ -247,15 +296,21 @@ class AttentionBlock(nn.Module):
       keys.append(proj("text_key")(t))
       values.append(proj("text_value")(t))
       masks.append(text_mask.astype(bool))
-      null = self.param("null_kv", _init(nn.initializers.normal(1.0), (None, "heads", "kv")), (2, heads, dh),
-                        jnp.float32)
+      null = self.param(
+        "null_kv",
+        _init(nn.initializers.normal(1.0), (None, "heads", "kv")),
+        (2, heads, dh),
+        jnp.float32,
+      )
       keys.append(jnp.broadcast_to(null[0].astype(self.dtype), (b, 1, heads, dh)))
       values.append(jnp.broadcast_to(null[1].astype(self.dtype), (b, 1, heads, dh)))
       masks.append(jnp.ones((b, 1), bool))
     k = jnp.concatenate(keys, axis=1)
     v = jnp.concatenate(values, axis=1)
     mask = jnp.concatenate(masks, axis=1)
-    q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+    q = nn.with_logical_constraint(
+      q, ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+    )
     out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.attention_impl)
     out = HeadsOutput(c, dtype=self.dtype, zero_init=True, name="out")(out)
     return constrain_image(x + out.reshape(b, hgt, wid, c).astype(x.dtype))
@@ -267,6 +322,7 @@ class TextPooling(nn.Module):
   The query is the masked mean of the projected tokens; keys/values are the tokens plus a learned
   null token, so dropped text (all masked) pools to a learned vector.
   """
+
   features: int
   num_heads: int = 8
   dtype: Dtype = jnp.float32
@@ -281,7 +337,9 @@ class TextPooling(nn.Module):
     t = Dense(width, ("embed", "mlp"), self.dtype, use_bias=False)(t)
     m = text_mask.astype(jnp.float32)[..., None]
     mean = jnp.sum(t.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-    null = self.param("null_token", _init(nn.initializers.normal(1.0), (None, "embed")), (1, width), jnp.float32)
+    null = self.param(
+      "null_token", _init(nn.initializers.normal(1.0), (None, "embed")), (1, width), jnp.float32
+    )
     tokens = jnp.concatenate([jnp.broadcast_to(null.astype(t.dtype), (b, 1, width)), t], axis=1)
     mask = jnp.concatenate([jnp.ones((b, 1), bool), text_mask.astype(bool)], axis=1)
     proj = lambda name: HeadsProjection(heads, dh, dtype=self.dtype, name=name)
@@ -305,10 +363,11 @@ def upsample(x):
 class ResBlock(nn.Module):
   """BigGAN-style residual block with scale-shift conditioning (Improved DDPM / Imagen).
 
-  GN -> SiLU -> [resample] -> conv3x3 -> GN * (1 + scale) + shift -> SiLU -> dropout -> conv3x3 (zero
-  init), plus a shortcut (resampled, and a 1x1 conv when the width changes). `resample` is 'down'
-  (2x2 average pooling) or 'up' (nearest) inside the block, as in BigGAN.
+  GN -> SiLU -> [resample] -> conv3x3 -> GN * (1 + scale) + shift -> SiLU -> dropout -> conv3x3
+  (zero init), plus a shortcut (resampled, and a 1x1 conv when the width changes). `resample` is
+  'down' (2x2 average pooling) or 'up' (nearest) inside the block, as in BigGAN.
   """
+
   features: int
   resample: Optional[str] = None
   dropout: float = 0.0
@@ -341,6 +400,7 @@ class TextConditioning(nn.Module):
   The text embeddings are layer-normed and projected once to `text_dim` (shared by the pooling and
   by every attention layer, which layer-norms them again before its own key/value projections).
   """
+
   embed_dim: int
   text_dim: int
   pool_heads: int = 8
@@ -349,24 +409,28 @@ class TextConditioning(nn.Module):
 
   @nn.compact
   def __call__(self, log_snr, cond, extra_levels=()):
-    emb = NoiseLevelEmbedding(self.embed_dim, self.dtype, name="time_embed")(noise_level_to_unit(log_snr))
+    emb = NoiseLevelEmbedding(self.embed_dim, self.dtype, name="time_embed")(
+      noise_level_to_unit(log_snr)
+    )
     for i, level in enumerate(extra_levels):
       emb = emb + NoiseLevelEmbedding(self.embed_dim, self.dtype, name=f"level_embed_{i}")(level)
     text_mask = cond[TEXT_MASK].astype(bool)
     text = LayerNorm(self.dtype, name="text_norm")(constrain_tokens(cond[TEXT_EMB]))
     text = Dense(self.text_dim, ("text_embed", "embed"), self.dtype, name="text_proj")(text)
     text = constrain_tokens(text)
-    emb = emb + TextPooling(self.embed_dim, self.pool_heads, self.dtype, self.attention_impl,
-                            name="text_pool")(text, text_mask)
+    emb = emb + TextPooling(
+      self.embed_dim, self.pool_heads, self.dtype, self.attention_impl, name="text_pool"
+    )(text, text_mask)
     return emb, text, text_mask
 
 
 class LevelLayer(nn.Module):
   """One repeated unit of a U-Net level, the body of a scan over its homogeneous residual blocks:
-  [concatenate the scaled skip connection] -> ResBlock -> [attention]. Called (h, skip, emb, text, mask)
-  -> (h, h): the carry is the activation, the output the skip connection the unit leaves. `skip` is None
-  on the way down. Children are named 'res' and 'attn' (`imagen_jax.models.scan_layout` maps them to the
-  unscanned names)."""
+  [concatenate the scaled skip connection] -> ResBlock -> [attention]. Called (h, skip, emb,
+  text, mask) -> (h, h): the carry is the activation, the output the skip connection the unit
+  leaves. `skip` is None on the way down. Children are named 'res' and 'attn'
+  (`imagen_jax.models.scan_layout` maps them to the unscanned names)."""
+
   features: int
   dropout: float = 0.0
   norm_groups: int = 32
@@ -386,9 +450,18 @@ class LevelLayer(nn.Module):
       if self.skip_scale != 1.0:
         s = s * jnp.asarray(self.skip_scale, h.dtype)
       h = jnp.concatenate([h, s], axis=-1)
-    h = ResBlock(self.features, None, self.dropout, self.norm_groups, self.dtype, name="res")(h, emb,
-                                                                                             self.deterministic)
+    h = ResBlock(self.features, None, self.dropout, self.norm_groups, self.dtype, name="res")(
+      h, emb, self.deterministic
+    )
     if self.self_attention or self.text_attention:
-      h = AttentionBlock(self.num_heads, self.head_dim, self.self_attention, self.text_attention, self.norm_groups,
-                         self.dtype, self.attention_impl, name="attn")(h, text, mask)
+      h = AttentionBlock(
+        self.num_heads,
+        self.head_dim,
+        self.self_attention,
+        self.text_attention,
+        self.norm_groups,
+        self.dtype,
+        self.attention_impl,
+        name="attn",
+      )(h, text, mask)
     return h, h

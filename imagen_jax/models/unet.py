@@ -15,8 +15,8 @@ import flax.linen as nn
 import gin
 import jax.numpy as jnp
 
-from imagen_jax.models import layers
 from imagen_jax.errors import ConfigError
+from imagen_jax.models import layers
 
 
 @gin.configurable
@@ -31,17 +31,17 @@ class UNetConfig:
   attention_resolutions: Tuple[int, ...] = (32, 16, 8)
   head_dim: Optional[int] = 64
   num_heads: Optional[int] = None
-  embed_mult: int = 4                 # time/text embedding width = embed_mult * model_channels
-  pool_heads: int = 8                 # heads of the text attention pooling
+  embed_mult: int = 4  # time/text embedding width = embed_mult * model_channels
+  pool_heads: int = 8  # heads of the text attention pooling
   dropout: float = 0.0
   norm_groups: int = 32
-  text_embed_dim: int = 4096          # T5-XXL
-  text_dim: Optional[int] = None      # width the text is projected to once (default model_channels)
+  text_embed_dim: int = 4096  # T5-XXL
+  text_dim: Optional[int] = None  # width the text is projected to once (default model_channels)
   max_text_length: int = 128
-  dtype: str = "float32"              # compute dtype; parameters are always float32
-  remat: str = "none"                 # none | full | dots | dots_no_batch
+  dtype: str = "float32"  # compute dtype; parameters are always float32
+  remat: str = "none"  # none | full | dots | dots_no_batch
   attention_impl: Optional[str] = None  # None (cuDNN where it applies) | 'xla' | 'cudnn'
-  scan_layers: bool = False           # nn.scan over each level's repeated blocks (1 .. num_res_blocks-1)
+  scan_layers: bool = False  # nn.scan over each level's repeated blocks (1 .. num_res_blocks-1)
 
   def __post_init__(self):
     for name in ("channel_mult", "attention_resolutions"):
@@ -55,13 +55,17 @@ class UNetConfig:
     return jnp.dtype(self.dtype)
 
   def attention_levels(self):
-    return {l for l in range(len(self.channel_mult)) if self.image_size // 2 ** l in self.attention_resolutions}
+    return {
+      l
+      for l in range(len(self.channel_mult))
+      if self.image_size // 2**l in self.attention_resolutions
+    }
 
   def scan_runs(self):
-    """{scanned module name: [(residual block name, attention block name or None), ...]} of the unscanned
-    layout it replaces. A level's blocks 1 .. num_res_blocks-1 have the same shapes on the way down and
-    on the way up (block 0 changes width, the last up block takes the lower level's skip); empty when
-    scan_layers is off."""
+    """{scanned module name: [(residual block name, attention block name or None), ...]} of the
+    unscanned layout it replaces. A level's blocks 1 .. num_res_blocks-1 have the same shapes on
+    the way down and on the way up (block 0 changes width, the last up block takes the lower
+    level's skip); empty when scan_layers is off."""
     if not self.scan_layers or self.num_res_blocks < 2:
       return {}
     attn = self.attention_levels()
@@ -69,13 +73,15 @@ class UNetConfig:
     for path in ("down", "up"):
       for level in range(len(self.channel_mult)):
         runs[f"{path}_{level}_layers"] = [
-            (f"{path}_{level}_res_{i}", f"{path}_{level}_attn_{i}" if level in attn else None)
-            for i in range(1, self.num_res_blocks)]
+          (f"{path}_{level}_res_{i}", f"{path}_{level}_attn_{i}" if level in attn else None)
+          for i in range(1, self.num_res_blocks)
+        ]
     return runs
 
 
 class UNet(nn.Module):
   """model(z, log_snr, cond, deterministic=True) -> prediction, float32, shape of z."""
+
   config: UNetConfig
 
   @nn.compact
@@ -83,13 +89,22 @@ class UNet(nn.Module):
     cfg = self.config
     dt = cfg.compute_dtype
     ch = cfg.model_channels
-    emb, text, mask = layers.TextConditioning(ch * cfg.embed_mult, cfg.text_dim or ch, cfg.pool_heads, dt,
-                                              cfg.attention_impl, name="conditioning")(log_snr, cond)
+    emb, text, mask = layers.TextConditioning(
+      ch * cfg.embed_mult,
+      cfg.text_dim or ch,
+      cfg.pool_heads,
+      dt,
+      cfg.attention_impl,
+      name="conditioning",
+    )(log_snr, cond)
     res_cls = layers.maybe_remat(layers.ResBlock, cfg.remat, static_argnums=(3,))
     attn_cls = layers.maybe_remat(layers.AttentionBlock, cfg.remat)
-    res = lambda features, resample, name: res_cls(features, resample, cfg.dropout, cfg.norm_groups, dt, name=name)
-    attn = lambda name: attn_cls(cfg.num_heads, cfg.head_dim, True, True, cfg.norm_groups, dt, cfg.attention_impl,
-                                 name=name)
+    res = lambda features, resample, name: res_cls(
+      features, resample, cfg.dropout, cfg.norm_groups, dt, name=name
+    )
+    attn = lambda name: attn_cls(
+      cfg.num_heads, cfg.head_dim, True, True, cfg.norm_groups, dt, cfg.attention_impl, name=name
+    )
     attn_levels = cfg.attention_levels()
     last = len(cfg.channel_mult) - 1
 
@@ -100,9 +115,19 @@ class UNet(nn.Module):
       n = cfg.num_res_blocks - 1
       cls = layers.scanned(layers.LevelLayer, cfg.remat, n)
       has_attn = level in attn_levels
-      return cls(cfg.channel_mult[level] * ch, cfg.dropout, cfg.norm_groups, dt, deterministic,
-                 self_attention=has_attn, text_attention=has_attn, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-                 attention_impl=cfg.attention_impl, name=f"{path}_{level}_layers")(h, skip, emb, text, mask)
+      return cls(
+        cfg.channel_mult[level] * ch,
+        cfg.dropout,
+        cfg.norm_groups,
+        dt,
+        deterministic,
+        self_attention=has_attn,
+        text_attention=has_attn,
+        num_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        attention_impl=cfg.attention_impl,
+        name=f"{path}_{level}_layers",
+      )(h, skip, emb, text, mask)
 
     h = layers.constrain_image(layers.Conv(ch, 3, dtype=dt, name="conv_in")(z.astype(dt)))
     skips = [h]

@@ -1,11 +1,12 @@
 """A stage's sampling settings, their sweeps, and the command line's per-stage overrides.
 
-`StageSettings` is one setting of one stage (sampler, steps, guidance weight, thresholding, SR augmentation
-level). A sweep is a list of them: the cartesian product of the values given for each field, in the order
-(guidance_scale, thresholding, aug_level, num_steps); the first is what the stage passes on to the next.
+`StageSettings` is one setting of one stage (sampler, steps, guidance weight, thresholding, SR
+augmentation level). A sweep is a list of them: the cartesian product of the values given for each
+field, in the order (guidance_scale, thresholding, aug_level, num_steps); the first is what the
+stage passes on to the next.
 
-Overrides (the command line's setting flags, docs/cli.md) give a field one value or a list (a sweep), for
-one stage or for every stage.
+Overrides (the command line's setting flags, docs/cli.md) give a field one value or a list (a
+sweep), for one stage or for every stage.
 """
 
 from __future__ import annotations
@@ -19,29 +20,35 @@ from imagen_jax.errors import ConfigError
 
 
 class SettingsError(ConfigError):
-  """A bad setting (unknown sampler or thresholding name, a step count below 1, ...): one line, exit code 2."""
+  """A bad setting (unknown sampler or thresholding name, a step count below 1, ...): one line,
+  exit code 2."""
 
 
 @dataclasses.dataclass(frozen=True)
 class StageSettings:
-  """One sampling setting of one stage: the one spelling of sampling settings (the sampler, `settings`
-  sweeps, the gin stages and the command line all use these names). Defaults: the paper's base stage
-  (docs/paper.md §2)."""
-  sampler: str = "ddpm"                  # ddpm (ancestral) | ddim
+  """One sampling setting of one stage: the one spelling of sampling settings (the sampler,
+  `settings` sweeps, the gin stages and the command line all use these names). Defaults: the
+  paper's base stage (docs/paper.md §2)."""
+
+  sampler: str = "ddpm"  # ddpm (ancestral) | ddim
   num_steps: int = 256
-  guidance_scale: float = 1.35           # w; 1 = unguided (one network call)
-  thresholding: str = "dynamic"          # none | static | dynamic
-  percentile: float = 99.5               # dynamic thresholding's percentile
-  aug_level: float = 0.0                 # SR stages: noise-conditioning augmentation level (0: best FID)
-  ddim_eta: float = 0.0                  # DDIM stochasticity (1: ancestral)
+  guidance_scale: float = 1.35  # w; 1 = unguided (one network call)
+  thresholding: str = "dynamic"  # none | static | dynamic
+  percentile: float = 99.5  # dynamic thresholding's percentile
+  aug_level: float = 0.0  # SR stages: noise-conditioning augmentation level (0: best FID)
+  ddim_eta: float = 0.0  # DDIM stochasticity (1: ancestral)
 
   def __post_init__(self):
-    if isinstance(self.num_steps, bool) or int(self.num_steps) != self.num_steps or self.num_steps < 1:
+    if (
+      isinstance(self.num_steps, bool)
+      or int(self.num_steps) != self.num_steps
+      or self.num_steps < 1
+    ):
       raise SettingsError(f"the number of sampling steps must be >= 1, got {self.num_steps}")
     object.__setattr__(self, "num_steps", int(self.num_steps))
     for name in ("guidance_scale", "percentile", "aug_level", "ddim_eta"):
       object.__setattr__(self, name, float(getattr(self, name)))
-    samplers.check_sampler(self.sampler)              # the one check of each kind of name (a ConfigError)
+    samplers.check_sampler(self.sampler)  # the one check of each kind of name (a ConfigError)
     thresholding.check_thresholding(self.thresholding)
     if self.guidance_scale < 0:
       raise SettingsError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
@@ -87,8 +94,8 @@ def _as_list(v) -> list:
 
 
 def expand(base: StageSettings, sweep: Dict[str, Sequence]) -> List[StageSettings]:
-  """The settings of a sweep: `base` with each combination of the listed values (fields of SWEEP_FIELDS plus
-  'sampler'; thresholding values may be 'dynamic:P')."""
+  """The settings of a sweep: `base` with each combination of the listed values (fields of
+  SWEEP_FIELDS plus 'sampler'; thresholding values may be 'dynamic:P')."""
   unknown = set(sweep) - set(SWEEP_FIELDS) - {"sampler"}
   if unknown:
     raise SettingsError(f"cannot sweep {sorted(unknown)}; sweepable: {SWEEP_FIELDS + ('sampler',)}")
@@ -108,13 +115,14 @@ def expand(base: StageSettings, sweep: Dict[str, Sequence]) -> List[StageSetting
   return out or [base]
 
 
-def stage_sweeps(overrides: Sequence[Tuple[Optional[str], str, Sequence]],
-                 stage_names: Sequence[str]) -> Dict[str, Dict[str, list]]:
+def stage_sweeps(
+  overrides: Sequence[Tuple[Optional[str], str, Sequence]], stage_names: Sequence[str]
+) -> Dict[str, Dict[str, list]]:
   """Per-stage setting overrides -> {stage: {field: [values]}}.
 
   Args:
-    overrides: (stage, or None for every stage; a StageSettings field; its values) triples, later ones
-      replacing earlier ones.
+    overrides: (stage, or None for every stage; a StageSettings field; its values) triples, later
+      ones replacing earlier ones.
     stage_names: the cascade's stages.
 
   Returns:
@@ -126,8 +134,10 @@ def stage_sweeps(overrides: Sequence[Tuple[Optional[str], str, Sequence]],
   out: Dict[str, Dict[str, list]] = {name: {} for name in stage_names}
   for stage, field, values in overrides:
     if stage is not None and stage not in stage_names:
-      raise SettingsError(f"{field} {stage}={','.join(map(str, values))}: no stage {stage!r} (stages: "
-                          f"{', '.join(stage_names)})")
+      raise SettingsError(
+        f"{field} {stage}={','.join(map(str, values))}: no stage {stage!r} (stages: "
+        f"{', '.join(stage_names)})"
+      )
     for name in [stage] if stage else stage_names:
       out[name][field] = list(values)
   return out

@@ -1,13 +1,14 @@
 """One cascade stage's jitted batch sampler, sharded over the local devices on the data axis.
 
 `StageSampler.run(params, text, keys, settings)` draws one image per row of `keys`:
-- every image has its own PRNG key (`image_keys`: its seed folded with the stage's index), so an image is the
-  same whatever the batch size, the padding and the number of devices;
-- rows are cut into batches of `batch_size` (a multiple of the device count); the last batch is padded by
-  repeating its first row, and the padding is dropped;
-- the whole multi-step loop is one compiled program per (batch shape, guided or not, sampler, img2img or not):
-  the step count, guidance weight, thresholding (method and percentile), SR augmentation level, DDIM eta and
-  img2img strength are traced arguments, so a sweep over them compiles once. `trace_count` counts traces.
+- every image has its own PRNG key (`image_keys`: its seed folded with the stage's index), so an
+  image is the same whatever the batch size, the padding and the number of devices;
+- rows are cut into batches of `batch_size` (a multiple of the device count); the last batch is
+  padded by repeating its first row, and the padding is dropped;
+- the whole multi-step loop is one compiled program per (batch shape, guided or not, sampler,
+  img2img or not): the step count, guidance weight, thresholding (method and percentile), SR
+  augmentation level, DDIM eta and img2img strength are traced arguments, so a sweep over them
+  compiles once. `trace_count` counts traces.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from imagen_jax import batch_keys as K
 from imagen_jax import partitioning
 from imagen_jax.diffusion import DiffusionConfig, augmentation, process, samplers, thresholding
-from imagen_jax.sample.settings import StageSettings
 from imagen_jax.errors import UserError
+from imagen_jax.sample.settings import StageSettings
 
 
 def image_keys(seeds, stage_index: int) -> np.ndarray:
   """(N, 2) uint32 keys: fold_in(PRNGKey(seed), stage_index) per image seed."""
   seeds = np.asarray(seeds, np.int64)
-  if seeds.size and (seeds.min() < 0 or seeds.max() >= 2 ** 31):
+  if seeds.size and (seeds.min() < 0 or seeds.max() >= 2**31):
     raise UserError(f"image seeds must lie in [0, 2^31), got [{seeds.min()}, {seeds.max()}]")
   fn = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), stage_index))
   return np.asarray(fn(jnp.asarray(seeds, jnp.int32)), np.uint32)
@@ -43,8 +44,8 @@ def image_keys(seeds, stage_index: int) -> np.ndarray:
 class RunStats:
   images: int = 0
   batches: int = 0
-  steps: int = 0                 # network evaluations of the loop summed over batches (per batch: num_steps)
-  seconds: float = 0.0           # sampling, device-synchronised, compilation excluded
+  steps: int = 0  # network evaluations of the loop summed over batches (per batch: num_steps)
+  seconds: float = 0.0  # sampling, device-synchronised, compilation excluded
   compile_seconds: float = 0.0
 
   @property
@@ -57,17 +58,29 @@ class RunStats:
 
 
 class StageSampler:
-  """The batch sampler of one stage: network `apply_fn(params, z, log_snr, cond)`, its DiffusionConfig (the
-  trained objective and schedules), the output resolution, and a mesh (default: the local devices on data)."""
+  """The batch sampler of one stage: network `apply_fn(params, z, log_snr, cond)`, its
+  DiffusionConfig (the trained objective and schedules), the output resolution, and a mesh
+  (default: the local devices on data)."""
 
-  def __init__(self, apply_fn: Callable[..., Any], diffusion: DiffusionConfig, image_size: int, *,
-               super_resolution: bool, batch_size: int = 8, mesh=None, channels: int = 3):
+  def __init__(
+    self,
+    apply_fn: Callable[..., Any],
+    diffusion: DiffusionConfig,
+    image_size: int,
+    *,
+    super_resolution: bool,
+    batch_size: int = 8,
+    mesh=None,
+    channels: int = 3,
+  ):
     self.apply_fn = apply_fn
     self.diffusion = diffusion
     self.image_size = image_size
     self.channels = channels
     self.super_resolution = super_resolution
-    self.mesh = mesh if mesh is not None else partitioning.create_mesh(-1, 1, 1, devices=jax.local_devices())
+    self.mesh = (
+      mesh if mesh is not None else partitioning.create_mesh(-1, 1, 1, devices=jax.local_devices())
+    )
     shards = partitioning.data_ways(self.mesh)
     self.batch_size = -(-max(batch_size, 1) // shards) * shards
     self.trace_count = 0
@@ -80,41 +93,73 @@ class StageSampler:
     return len(self._compiled)
 
   def place_params(self, params):
-    """Parameters replicated on the mesh (use as they are when they already live on it, e.g. in training)."""
+    """Parameters replicated on the mesh (use as they are when they already live on it, e.g. in
+    training)."""
     return jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
 
-  def _run(self, params, text_emb, text_mask, keys, lowres, x_init, scalars, *, guided, sampler, has_init):
-    self.trace_count += 1          # runs at trace time only
+  def _run(
+    self, params, text_emb, text_mask, keys, lowres, x_init, scalars, *, guided, sampler, has_init
+  ):
+    self.trace_count += 1  # runs at trace time only
     k_aug, k_sample = process.split_key(keys)
     cond = {K.TEXT_EMB: text_emb, K.TEXT_MASK: text_mask}
     if self.super_resolution:
-      low, level = augmentation.noise_augment(lowres, k_aug, self.diffusion.noise_aug_schedule, scalars["aug_level"])
+      low, level = augmentation.noise_augment(
+        lowres, k_aug, self.diffusion.noise_aug_schedule, scalars["aug_level"]
+      )
       cond[K.LOWRES] = low
       cond[K.LOWRES_AUG_LEVEL] = level
     shape = (keys.shape[0], self.image_size, self.image_size, self.channels)
     return samplers.sample(
-        functools.partial(self.apply_fn, params), k_sample, shape, cond, schedule=self.diffusion.schedule,
-        num_steps=scalars["num_steps"], objective=self.diffusion.objective, sampler=sampler,
-        ddim_eta=scalars["ddim_eta"], guidance_scale=scalars["guidance_scale"] if guided else 1.0,
-        thresholding_method=scalars["thresholding"], percentile=scalars["percentile"],
-        x_init=x_init if has_init else None, t_start=scalars["t_start"])
+      functools.partial(self.apply_fn, params),
+      k_sample,
+      shape,
+      cond,
+      schedule=self.diffusion.schedule,
+      num_steps=scalars["num_steps"],
+      objective=self.diffusion.objective,
+      sampler=sampler,
+      ddim_eta=scalars["ddim_eta"],
+      guidance_scale=scalars["guidance_scale"] if guided else 1.0,
+      thresholding_method=scalars["thresholding"],
+      percentile=scalars["percentile"],
+      x_init=x_init if has_init else None,
+      t_start=scalars["t_start"],
+    )
 
   @staticmethod
   def _scalars(settings: StageSettings, t_start: float):
-    return {"num_steps": np.int32(settings.num_steps), "guidance_scale": np.float32(settings.guidance_scale),
-            "thresholding": np.int32(thresholding.thresholding_index(settings.thresholding)),
-            "percentile": np.float32(settings.percentile), "aug_level": np.float32(settings.aug_level),
-            "ddim_eta": np.float32(settings.ddim_eta), "t_start": np.float32(t_start)}
+    return {
+      "num_steps": np.int32(settings.num_steps),
+      "guidance_scale": np.float32(settings.guidance_scale),
+      "thresholding": np.int32(thresholding.thresholding_index(settings.thresholding)),
+      "percentile": np.float32(settings.percentile),
+      "aug_level": np.float32(settings.aug_level),
+      "ddim_eta": np.float32(settings.ddim_eta),
+      "t_start": np.float32(t_start),
+    }
 
-  def run(self, params, text_emb: np.ndarray, text_mask: np.ndarray, keys: np.ndarray, settings: StageSettings, *,
-          lowres: Optional[np.ndarray] = None, x_init: Optional[np.ndarray] = None, strength: float = 1.0,
-          guided: Optional[bool] = None, stats: Optional[RunStats] = None,
-          on_batch: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+  def run(
+    self,
+    params,
+    text_emb: np.ndarray,
+    text_mask: np.ndarray,
+    keys: np.ndarray,
+    settings: StageSettings,
+    *,
+    lowres: Optional[np.ndarray] = None,
+    x_init: Optional[np.ndarray] = None,
+    strength: float = 1.0,
+    guided: Optional[bool] = None,
+    stats: Optional[RunStats] = None,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+  ) -> np.ndarray:
     """Images (N, S, S, C) float32 in the model's range, one per row of keys (N, 2).
 
-    lowres (N, s, s, C): SR stages' conditioning images. x_init (N, S, S, C) with strength in [0, 1]: img2img.
-    guided: compile the guided program (doubled batch) even where w = 1, so that a sweep over w compiles once;
-    default: guided unless w is 1. on_batch(done, total) is called after each batch (progress bars).
+    lowres (N, s, s, C): SR stages' conditioning images. x_init (N, S, S, C) with strength in [0,
+    1]: img2img. guided: compile the guided program (doubled batch) even where w = 1, so that a
+    sweep over w compiles once; default: guided unless w is 1. on_batch(done, total) is called after
+    each batch (progress bars).
     """
     n = keys.shape[0]
     if self.super_resolution and lowres is None:
@@ -122,20 +167,39 @@ class StageSampler:
     guided = (settings.guidance_scale != 1.0) if guided is None else guided
     has_init = x_init is not None
     scalars = self._scalars(settings, strength if has_init else 1.0)
-    data = {K.TEXT_EMB: np.asarray(text_emb, np.float32), K.TEXT_MASK: np.asarray(text_mask, bool),
-            "keys": np.asarray(keys, np.uint32)}
-    data[K.LOWRES] = np.asarray(lowres, np.float32) if lowres is not None else np.zeros((n, 1, 1, 1), np.float32)
-    data["x_init"] = np.asarray(x_init, np.float32) if has_init else np.zeros((n, 1, 1, 1), np.float32)
+    data = {
+      K.TEXT_EMB: np.asarray(text_emb, np.float32),
+      K.TEXT_MASK: np.asarray(text_mask, bool),
+      "keys": np.asarray(keys, np.uint32),
+    }
+    data[K.LOWRES] = (
+      np.asarray(lowres, np.float32) if lowres is not None else np.zeros((n, 1, 1, 1), np.float32)
+    )
+    data["x_init"] = (
+      np.asarray(x_init, np.float32) if has_init else np.zeros((n, 1, 1, 1), np.float32)
+    )
 
     def run_batch(rows):
-      batch = {k: jax.device_put(v[rows], partitioning.batch_sharding(self.mesh, v.ndim)) for k, v in data.items()}
+      batch = {
+        k: jax.device_put(v[rows], partitioning.batch_sharding(self.mesh, v.ndim))
+        for k, v in data.items()
+      }
       fn = self._compile(params, batch, scalars, guided, settings.sampler, has_init, stats)
       t0 = time.perf_counter()
       with partitioning.mesh_context(self.mesh):
-        x = fn(params, batch[K.TEXT_EMB], batch[K.TEXT_MASK], batch["keys"], batch[K.LOWRES], batch["x_init"], scalars)
+        x = fn(
+          params,
+          batch[K.TEXT_EMB],
+          batch[K.TEXT_MASK],
+          batch["keys"],
+          batch[K.LOWRES],
+          batch["x_init"],
+          scalars,
+        )
       x = jax.block_until_ready(x)
-      if not x.is_fully_addressable:         # a multi-host mesh (the trainer's sample hook)
+      if not x.is_fully_addressable:  # a multi-host mesh (the trainer's sample hook)
         from jax.experimental import multihost_utils
+
         x = multihost_utils.process_allgather(x, tiled=True)
       x = np.asarray(jax.device_get(x))
       if stats is not None:
@@ -145,8 +209,9 @@ class StageSampler:
         stats.images += int(len(np.unique(rows)))
       return x
 
-    out = partitioning.pad_shard_unpad(run_batch, n, self.batch_size, multiple=partitioning.data_ways(self.mesh),
-                                       on_batch=on_batch)
+    out = partitioning.pad_shard_unpad(
+      run_batch, n, self.batch_size, multiple=partitioning.data_ways(self.mesh), on_batch=on_batch
+    )
     if out is None:
       return np.zeros((0, self.image_size, self.image_size, self.channels), np.float32)
     return out
@@ -157,8 +222,17 @@ class StageSampler:
       t0 = time.perf_counter()
       with partitioning.mesh_context(self.mesh):
         self._compiled[key] = self._jitted.lower(
-            params, batch[K.TEXT_EMB], batch[K.TEXT_MASK], batch["keys"], batch[K.LOWRES], batch["x_init"], scalars,
-            guided=guided, sampler=sampler, has_init=has_init).compile()
+          params,
+          batch[K.TEXT_EMB],
+          batch[K.TEXT_MASK],
+          batch["keys"],
+          batch[K.LOWRES],
+          batch["x_init"],
+          scalars,
+          guided=guided,
+          sampler=sampler,
+          has_init=has_init,
+        ).compile()
       if stats is not None:
         stats.compile_seconds += time.perf_counter() - t0
     return self._compiled[key]
@@ -166,7 +240,8 @@ class StageSampler:
 
 def model_apply_fn(model: nn.Module) -> Callable[..., Any]:
   """A Flax network as `apply_fn(params, z, log_snr, cond)`, deterministic (no dropout)."""
+
   def apply(params, z, log_snr, cond):
     return model.apply({"params": params}, z, log_snr, cond, deterministic=True)
-  return apply
 
+  return apply

@@ -1,9 +1,9 @@
 """FLOPs from XLA's cost analysis, per-device peak throughput, and model FLOPs utilisation (MFU).
 
-MFU = (FLOPs of one compiled step per device / step time) / peak FLOP/s of the device. The FLOPs come
-from `compiled.cost_analysis()` of the very executable that runs (per device for a partitioned program);
-the peaks are the chip table's (`scale.topology`); on a CPU the peak is a measured float32 matmul rate
-(`cpu_matmul_rate`), so CPU MFU reads "fraction of what this machine's BLAS reaches".
+MFU = (FLOPs of one compiled step per device / step time) / peak FLOP/s of the device. The FLOPs
+come from `compiled.cost_analysis()` of the very executable that runs (per device for a partitioned
+program); the peaks are the chip table's (`scale.topology`); on a CPU the peak is a measured float32
+matmul rate (`cpu_matmul_rate`), so CPU MFU reads "fraction of what this machine's BLAS reaches".
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax.scale import topology
+
 
 def device_peak_flops(device=None) -> Tuple[float, str]:
   """(peak FLOP/s, where the figure comes from) for a device (default: the first local one).
@@ -45,14 +46,15 @@ def cpu_matmul_rate(n: int = 1024, repeats: int = 5) -> float:
       t0 = time.perf_counter()
       f(a).block_until_ready()
       times.append(time.perf_counter() - t0)
-  return 2 * n ** 3 / sorted(times)[len(times) // 2]
+  return 2 * n**3 / sorted(times)[len(times) // 2]
 
 
 def compiled_flops(compiled) -> Optional[float]:
-  """FLOPs of one call of a compiled executable, per device, from XLA's cost analysis (None if absent)."""
+  """FLOPs of one call of a compiled executable, per device, from XLA's cost analysis (None if
+  absent)."""
   try:
     cost = compiled.cost_analysis()
-  except Exception:    # some backends do not implement it
+  except Exception:  # some backends do not implement it
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None

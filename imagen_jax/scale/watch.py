@@ -1,5 +1,6 @@
 """The host-RAM watch: a command runs in a child process whose resident memory is polled, and it is
-stopped, with one line, before the machine runs out (the kernel's OOM killer would end it with no word).
+stopped, with one line, before the machine runs out (the kernel's OOM killer would end it with no
+word).
 """
 
 from __future__ import annotations
@@ -41,36 +42,44 @@ def available_bytes() -> Optional[float]:
 
 def out_of_host_ram_line(used: float, limit: float, per_chip_equivalent: bool = False) -> str:
   """What a stopped compile check says: the RAM needed so far and the ways to need less."""
-  head = (f"compile-check stopped: the compile needed {used / GiB:.1f} GiB of host RAM so far, over the "
-          f"{limit / GiB:.1f} GiB this machine can give it; ")
-  if per_chip_equivalent:     # already the smallest program of this per-chip batch
-    return head + ("shrink the per-chip program (SCAN_LAYERS = True, a smaller per-chip batch) or run on a host "
-                   "with more RAM (a TPU VM)")
-  return head + ("compile on a smaller slice and derive the pod's figures (a per-chip-equivalent compile), or "
-                 "shrink the program (SCAN_LAYERS = True), or run on a host with more RAM (a TPU VM)")
+  head = (
+    f"compile-check stopped: the compile needed {used / GiB:.1f} GiB of host RAM so far, over the "
+    f"{limit / GiB:.1f} GiB this machine can give it; "
+  )
+  if per_chip_equivalent:  # already the smallest program of this per-chip batch
+    return head + (
+      "shrink the per-chip program (SCAN_LAYERS = True, a smaller per-chip batch) or run on a host "
+      "with more RAM (a TPU VM)"
+    )
+  return head + (
+    "compile on a smaller slice and derive the pod's figures (a per-chip-equivalent compile), or "
+    "shrink the program (SCAN_LAYERS = True), or run on a host with more RAM (a TPU VM)"
+  )
 
 
 @dataclasses.dataclass
 class Watched:
   """How a watched command ended."""
+
   returncode: int
   peak_rss: float
-  stopped: bool              # killed by the watch (over the limit)
+  stopped: bool  # killed by the watch (over the limit)
   limit: float
 
 
 def limit_bytes(max_host_ram_gb: float) -> float:
-  """The RAM a watched child may use: `max_host_ram_gb` GiB, or (when it is negative) what the machine has
-  free less 0.75 GiB."""
+  """The RAM a watched child may use: `max_host_ram_gb` GiB, or (when it is negative) what the
+  machine has free less 0.75 GiB."""
   if max_host_ram_gb > 0:
     return max_host_ram_gb * GiB
   return (available_bytes() or 0.0) - 0.75 * GiB
 
 
-def run_watched(cmd: Sequence[str], limit: float, env: Optional[Dict[str, str]] = None,
-                poll_seconds: float = 0.25) -> Watched:
-  """Runs `cmd` in a child process and kills it when its resident memory passes `limit` bytes, or when the
-  machine has less than 0.5 GiB left.
+def run_watched(
+  cmd: Sequence[str], limit: float, env: Optional[Dict[str, str]] = None, poll_seconds: float = 0.25
+) -> Watched:
+  """Runs `cmd` in a child process and kills it when its resident memory passes `limit` bytes, or
+  when the machine has less than 0.5 GiB left.
 
   Args:
     cmd: the command line.
@@ -99,5 +108,6 @@ def run_watched(cmd: Sequence[str], limit: float, env: Optional[Dict[str, str]] 
 def record_peak(json_path: str, peak_rss: float) -> None:
   """Adds the watched compile's peak host RAM to the report it wrote (if it wrote one)."""
   from imagen_jax import files
+
   if os.path.exists(json_path):
     files.write_json(json_path, dict(files.read_json(json_path, "report"), peak_host_rss=peak_rss))

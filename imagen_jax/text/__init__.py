@@ -4,4 +4,12 @@ Imports without TensorFlow; the tokenizer uses seqio when it is installed and se
 otherwise (same model file, same ids).
 """
 
-from imagen_jax.text.t5 import EOS_ID, PAD_ID, T5_SIZES, T5Config, T5Encoder, relative_position_bucket, t5_config
+from imagen_jax.text.t5 import (
+  EOS_ID,
+  PAD_ID,
+  T5_SIZES,
+  T5Config,
+  T5Encoder,
+  relative_position_bucket,
+  t5_config,
+)

@@ -12,9 +12,10 @@ Our parameter tree uses T5X's names and kernel layouts (docs/paper.md §4):
   encoder/layers_i/mlp/wo/kernel                          (d_ff, d_model)
   encoder/encoder_norm/scale                              (d_model,)
 
-Hugging Face stores the transposes of the kernels and of the position table. Every loader checks that
-each expected tensor is present with the right shape and fails with a `CheckpointError` naming the
-tensor otherwise. Nothing here unpickles anything: Hugging Face weights are read from safetensors only.
+Hugging Face stores the transposes of the kernels and of the position table. Every loader checks
+that each expected tensor is present with the right shape and fails with a `CheckpointError` naming
+the tensor otherwise. Nothing here unpickles anything: Hugging Face weights are read from
+safetensors only.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from typing import Dict, Optional, Tuple
 import jax.numpy as jnp
 import numpy as np
 
-from imagen_jax.text.t5 import T5Config
 from imagen_jax.errors import UserError
+from imagen_jax.text.t5 import T5Config
 
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
@@ -38,20 +39,22 @@ class CheckpointError(UserError):
   """A checkpoint is missing, unreadable, or does not match the configuration."""
 
 
-# --------------------------------------------------------------------------------------------- names
+# ---------------------------------------------------------------------------------------------
+# names
 
 
 def expected_shapes(config: T5Config) -> Dict[str, Tuple[int, ...]]:
   """Every parameter of the encoder, by '/'-joined T5X path, with its shape."""
   d, inner, ff = config.d_model, config.inner_dim, config.d_ff
   shapes = {
-      "token_embedder/embedding": (config.vocab_size, d),
-      "encoder/relpos_bias/rel_embedding": (config.num_heads, config.relative_attention_num_buckets),
-      "encoder/encoder_norm/scale": (d,),
+    "token_embedder/embedding": (config.vocab_size, d),
+    "encoder/relpos_bias/rel_embedding": (config.num_heads, config.relative_attention_num_buckets),
+    "encoder/encoder_norm/scale": (d,),
   }
   for i in range(config.num_layers):
     p = f"encoder/layers_{i}"
-    shapes.update({
+    shapes.update(
+      {
         f"{p}/pre_attention_layer_norm/scale": (d,),
         f"{p}/attention/query/kernel": (d, inner),
         f"{p}/attention/key/kernel": (d, inner),
@@ -61,25 +64,27 @@ def expected_shapes(config: T5Config) -> Dict[str, Tuple[int, ...]]:
         f"{p}/mlp/wi_0/kernel": (d, ff),
         f"{p}/mlp/wi_1/kernel": (d, ff),
         f"{p}/mlp/wo/kernel": (ff, d),
-    })
+      }
+    )
   return shapes
 
 
 _HF_LAYER = {
-    "pre_attention_layer_norm/scale": ("layer.0.layer_norm.weight", False),
-    "attention/query/kernel": ("layer.0.SelfAttention.q.weight", True),
-    "attention/key/kernel": ("layer.0.SelfAttention.k.weight", True),
-    "attention/value/kernel": ("layer.0.SelfAttention.v.weight", True),
-    "attention/out/kernel": ("layer.0.SelfAttention.o.weight", True),
-    "pre_mlp_layer_norm/scale": ("layer.1.layer_norm.weight", False),
-    "mlp/wi_0/kernel": ("layer.1.DenseReluDense.wi_0.weight", True),
-    "mlp/wi_1/kernel": ("layer.1.DenseReluDense.wi_1.weight", True),
-    "mlp/wo/kernel": ("layer.1.DenseReluDense.wo.weight", True),
+  "pre_attention_layer_norm/scale": ("layer.0.layer_norm.weight", False),
+  "attention/query/kernel": ("layer.0.SelfAttention.q.weight", True),
+  "attention/key/kernel": ("layer.0.SelfAttention.k.weight", True),
+  "attention/value/kernel": ("layer.0.SelfAttention.v.weight", True),
+  "attention/out/kernel": ("layer.0.SelfAttention.o.weight", True),
+  "pre_mlp_layer_norm/scale": ("layer.1.layer_norm.weight", False),
+  "mlp/wi_0/kernel": ("layer.1.DenseReluDense.wi_0.weight", True),
+  "mlp/wi_1/kernel": ("layer.1.DenseReluDense.wi_1.weight", True),
+  "mlp/wo/kernel": ("layer.1.DenseReluDense.wo.weight", True),
 }
 
 
 def hf_names(path: str) -> Tuple[Tuple[str, ...], bool]:
-  """Candidate Hugging Face names of a T5X path (the first present wins) and whether to transpose."""
+  """Candidate Hugging Face names of a T5X path (the first present wins) and whether to
+  transpose."""
   if path == "token_embedder/embedding":
     return ("shared.weight", "encoder.embed_tokens.weight"), False
   if path == "encoder/relpos_bias/rel_embedding":
@@ -117,7 +122,9 @@ def flatten(tree, prefix: str = "", is_leaf=lambda v: False) -> Dict[str, object
 
 def _check(path: str, value, want: Tuple[int, ...], source: str) -> None:
   if tuple(value.shape) != tuple(want):
-    raise CheckpointError(f"{source}: tensor {path} has shape {tuple(value.shape)}, the config expects {tuple(want)}")
+    raise CheckpointError(
+      f"{source}: tensor {path} has shape {tuple(value.shape)}, the config expects {tuple(want)}"
+    )
 
 
 def _as_param(value, dtype) -> np.ndarray:
@@ -136,13 +143,21 @@ def config_from_hf(hf: dict, **overrides) -> T5Config:
   """A T5Config from a Hugging Face config.json (T5 v1.1: gated-GELU feed-forward)."""
   ff = hf.get("feed_forward_proj", "relu")
   if ff != "gated-gelu":
-    raise CheckpointError(f"config.json: feed_forward_proj is {ff!r}; T5 v1.1 encoders use 'gated-gelu'")
+    raise CheckpointError(
+      f"config.json: feed_forward_proj is {ff!r}; T5 v1.1 encoders use 'gated-gelu'"
+    )
   try:
-    kw = dict(vocab_size=hf["vocab_size"], d_model=hf["d_model"], num_heads=hf["num_heads"], d_kv=hf["d_kv"],
-              d_ff=hf["d_ff"], num_layers=hf["num_layers"],
-              relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-              relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-              layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6))
+    kw = dict(
+      vocab_size=hf["vocab_size"],
+      d_model=hf["d_model"],
+      num_heads=hf["num_heads"],
+      d_kv=hf["d_kv"],
+      d_ff=hf["d_ff"],
+      num_layers=hf["num_layers"],
+      relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+      relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+    )
   except KeyError as e:
     raise CheckpointError(f"config.json: missing field {e.args[0]!r}") from None
   kw.update(overrides)
@@ -152,18 +167,32 @@ def config_from_hf(hf: dict, **overrides) -> T5Config:
 def _check_config(found: T5Config, config: Optional[T5Config], source: str) -> T5Config:
   if config is None:
     return found
-  fields = ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_layers", "relative_attention_num_buckets",
-            "relative_attention_max_distance")
-  diff = [f"{f}={getattr(found, f)} (config: {getattr(config, f)})" for f in fields
-          if getattr(found, f) != getattr(config, f)]
+  fields = (
+    "vocab_size",
+    "d_model",
+    "num_heads",
+    "d_kv",
+    "d_ff",
+    "num_layers",
+    "relative_attention_num_buckets",
+    "relative_attention_max_distance",
+  )
+  diff = [
+    f"{f}={getattr(found, f)} (config: {getattr(config, f)})"
+    for f in fields
+    if getattr(found, f) != getattr(config, f)
+  ]
   if diff:
-    raise CheckpointError(f"{source}: checkpoint does not match the configured encoder: " + ", ".join(diff))
+    raise CheckpointError(
+      f"{source}: checkpoint does not match the configured encoder: " + ", ".join(diff)
+    )
   return config
 
 
 def _safetensors_files(directory: Path) -> Dict[str, Path]:
   """tensor name -> file, for a single-file or an indexed (sharded) safetensors checkpoint."""
   from safetensors import safe_open
+
   index = directory / HF_INDEX
   if index.is_file():
     weight_map = json.loads(index.read_text())["weight_map"]
@@ -173,19 +202,24 @@ def _safetensors_files(directory: Path) -> Dict[str, Path]:
     with safe_open(str(single), framework="numpy") as f:
       return {name: single for name in f.keys()}
   if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
-    raise CheckpointError(f"{directory}: only PyTorch pickle weights found; they are never loaded here. "
-                          "Convert them to safetensors (transformers: save_pretrained(safe_serialization=True))")
+    raise CheckpointError(
+      f"{directory}: only PyTorch pickle weights found; they are never loaded here. "
+      "Convert them to safetensors (transformers: save_pretrained(safe_serialization=True))"
+    )
   raise CheckpointError(f"{directory}: no {HF_WEIGHTS} or {HF_INDEX}")
 
 
 def _read_safetensor(file: Path, name: str) -> np.ndarray:
-  """One tensor as NumPy; bfloat16 tensors are read through the flax (JAX) backend on the host CPU."""
+  """One tensor as NumPy; bfloat16 tensors are read through the flax (JAX) backend on the host
+  CPU."""
   from safetensors import safe_open
+
   try:
     with safe_open(str(file), framework="numpy") as f:
       return f.get_tensor(name)
   except TypeError:
     import jax
+
     with jax.default_device(jax.devices("cpu")[0]), safe_open(str(file), framework="flax") as f:
       return np.asarray(f.get_tensor(name))
 
@@ -200,8 +234,14 @@ def load_hf(directory, config: Optional[T5Config] = None) -> Tuple[T5Config, dic
     raise CheckpointError(f"{directory}: not a directory")
   cfg_file = directory / "config.json"
   if cfg_file.is_file():
-    overrides = {} if config is None else dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat)
-    config = _check_config(config_from_hf(json.loads(cfg_file.read_text()), **overrides), config, str(directory))
+    overrides = (
+      {}
+      if config is None
+      else dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat)
+    )
+    config = _check_config(
+      config_from_hf(json.loads(cfg_file.read_text()), **overrides), config, str(directory)
+    )
   elif config is None:
     raise CheckpointError(f"{directory}: no config.json, and no encoder config given")
   files = _safetensors_files(directory)
@@ -223,12 +263,21 @@ def load_hf(directory, config: Optional[T5Config] = None) -> Tuple[T5Config, dic
 
 def _find_t5x_dir(path: Path) -> Path:
   """A `checkpoint_<step>` directory: the path itself, or the highest step under it."""
-  if (path / "checkpoint").exists() or (path / "_CHECKPOINT_METADATA").exists() or (path / "_METADATA").exists():
+  if (
+    (path / "checkpoint").exists()
+    or (path / "_CHECKPOINT_METADATA").exists()
+    or (path / "_METADATA").exists()
+  ):
     return path
-  steps = sorted((int(m.group(1)), p) for p in path.glob("checkpoint_*")
-                 if (m := re.fullmatch(r"checkpoint_(\d+)", p.name)))
+  steps = sorted(
+    (int(m.group(1)), p)
+    for p in path.glob("checkpoint_*")
+    if (m := re.fullmatch(r"checkpoint_(\d+)", p.name))
+  )
   if not steps:
-    raise CheckpointError(f"{path}: not a T5X checkpoint (no 'checkpoint' file and no checkpoint_<step> directories)")
+    raise CheckpointError(
+      f"{path}: not a T5X checkpoint (no 'checkpoint' file and no checkpoint_<step> directories)"
+    )
   return steps[-1][1]
 
 
@@ -237,9 +286,11 @@ def _is_ts_spec(x) -> bool:
 
 
 def _read_tensorstore(spec: dict, ckpt_dir: Path) -> np.ndarray:
-  """Reads an array that T5X wrote to its own TensorStore, its path relative to the checkpoint dir."""
+  """Reads an array that T5X wrote to its own TensorStore, its path relative to the checkpoint
+  dir."""
   import tensorstore as ts
-  spec = json.loads(json.dumps(spec))   # a deep copy of plain JSON
+
+  spec = json.loads(json.dumps(spec))  # a deep copy of plain JSON
   kv = spec.get("kvstore")
   if isinstance(kv, dict):
     rel = kv.get("path", "")
@@ -248,8 +299,10 @@ def _read_tensorstore(spec: dict, ckpt_dir: Path) -> np.ndarray:
     spec["kvstore"] = {"driver": "file", "path": str(ckpt_dir / spec.pop("path"))}
   try:
     arr = ts.open(spec, open=True).result().read().result()
-  except Exception as e:   # tensorstore raises ValueError / RuntimeError subclasses
-    raise CheckpointError(f"{ckpt_dir}: cannot read tensorstore array {spec['kvstore']['path']}: {e}") from None
+  except Exception as e:  # tensorstore raises ValueError / RuntimeError subclasses
+    raise CheckpointError(
+      f"{ckpt_dir}: cannot read tensorstore array {spec['kvstore']['path']}: {e}"
+    ) from None
   return np.asarray(arr)
 
 
@@ -273,6 +326,7 @@ def load_t5x(path, config: T5Config) -> Tuple[T5Config, dict]:
   msgpack_file = ckpt_dir / "checkpoint"
   if msgpack_file.is_file():
     from flax import serialization
+
     try:
       tree = serialization.msgpack_restore(msgpack_file.read_bytes())
     except Exception as e:
@@ -289,7 +343,7 @@ def load_t5x(path, config: T5Config) -> Tuple[T5Config, dict]:
     if p not in target:
       raise CheckpointError(f"{source}: missing tensor {p}")
     value = read(target[p])
-    if value.dtype == np.uint16:      # T5X checkpoint versions < 3 stored bfloat16 as uint16
+    if value.dtype == np.uint16:  # T5X checkpoint versions < 3 stored bfloat16 as uint16
       value = value.view(jnp.bfloat16)
     _check(p, value, shape, source)
     flat[p] = _as_param(value, config.param_dtype)
@@ -298,6 +352,7 @@ def load_t5x(path, config: T5Config) -> Tuple[T5Config, dict]:
 
 def _restore_orbax(directory: Path):
   import orbax.checkpoint as ocp
+
   try:
     return ocp.PyTreeCheckpointer().restore(str(directory))
   except Exception as e:
@@ -312,6 +367,7 @@ def save_params(directory, config: T5Config, params) -> None:
   import dataclasses
 
   import orbax.checkpoint as ocp
+
   directory = Path(directory).resolve()
   if directory.exists() and any(directory.iterdir()):
     raise CheckpointError(f"{directory}: exists and is not empty")
@@ -325,7 +381,9 @@ def load_params(directory, config: Optional[T5Config] = None) -> Tuple[T5Config,
   directory = Path(directory).resolve()
   cfg_file = directory / "t5_config.json"
   if not cfg_file.is_file():
-    raise CheckpointError(f"{directory}: no t5_config.json (not written by `imagen-jax t5 convert`)")
+    raise CheckpointError(
+      f"{directory}: no t5_config.json (not written by `imagen-jax t5 convert`)"
+    )
   found = T5Config(**json.loads(cfg_file.read_text()))
   config = _check_config(found, config, str(directory))
   tree = _restore_orbax(directory / "params")["params"]
@@ -347,14 +405,18 @@ def load_any(path, config: Optional[T5Config] = None) -> Tuple[T5Config, dict]:
     raise CheckpointError(f"{path}: no such checkpoint")
   if (path / "t5_config.json").is_file():
     return load_params(path, config)
-  if (path / "config.json").is_file() or (path / HF_WEIGHTS).is_file() or (path / HF_INDEX).is_file():
+  if (
+    (path / "config.json").is_file() or (path / HF_WEIGHTS).is_file() or (path / HF_INDEX).is_file()
+  ):
     return load_hf(path, config)
   if config is None:
     raise CheckpointError(f"{path}: a T5X checkpoint needs the encoder size (size)")
   return load_t5x(path, config)
 
 
-def convert(src, dst, *, size: Optional[str] = None, param_dtype: str = "float32") -> Tuple[T5Config, int, int]:
+def convert(
+  src, dst, *, size: Optional[str] = None, param_dtype: str = "float32"
+) -> Tuple[T5Config, int, int]:
   """A Hugging Face / T5X / our checkpoint -> our orbax checkpoint in `param_dtype`.
 
   Args:
@@ -369,6 +431,7 @@ def convert(src, dst, *, size: Optional[str] = None, param_dtype: str = "float32
   import dataclasses
 
   from imagen_jax.text import t5
+
   config = None if size is None else t5.t5_config(size, param_dtype=param_dtype)
   config, params = load_any(src, config)
   if config.param_dtype != param_dtype:

@@ -15,8 +15,8 @@ from imagen_jax.text.t5 import T5Config, T5Encoder, abstract_encoder_params
 
 
 def encode_tokens(config: T5Config, params, tokens, out_dtype=jnp.float32):
-  """Pure, jittable: tokens (B, L) -> (embeddings (B, L, d_model) in out_dtype, mask). For on-the-fly mode
-  inside a train step, with the params sharded on the step's mesh."""
+  """Pure, jittable: tokens (B, L) -> (embeddings (B, L, d_model) in out_dtype, mask). For
+  on-the-fly mode inside a train step, with the params sharded on the step's mesh."""
   emb, mask = T5Encoder(config).apply({"params": params}, tokens)
   return emb.astype(out_dtype), mask
 
@@ -28,8 +28,14 @@ class TextEncoder:
   tensor like the U-Nets) and the batch is split over (data, fsdp).
   """
 
-  def __init__(self, config: T5Config, params, mesh: Optional[jax.sharding.Mesh] = None, batch_size: int = 64,
-               out_dtype=jnp.float32):
+  def __init__(
+    self,
+    config: T5Config,
+    params,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    batch_size: int = 64,
+    out_dtype=jnp.float32,
+  ):
     self.config = config
     self.model = T5Encoder(config)
     self.mesh = mesh
@@ -43,11 +49,14 @@ class TextEncoder:
       shardings = partitioning.mesh_shardings(abstract_encoder_params(config), mesh)
       self.params = jax.device_put(params, shardings)
       data = partitioning.batch_sharding(mesh, 2)
-      self._fn = jax.jit(self._apply, in_shardings=(shardings, data),
-                         out_shardings=(partitioning.batch_sharding(mesh, 3), data))
+      self._fn = jax.jit(
+        self._apply,
+        in_shardings=(shardings, data),
+        out_shardings=(partitioning.batch_sharding(mesh, 3), data),
+      )
 
   def _apply(self, params, tokens):
-    self.trace_count += 1     # runs at trace time only: one trace = one compilation
+    self.trace_count += 1  # runs at trace time only: one trace = one compilation
     return encode_tokens(self.config, params, tokens, self.out_dtype)
 
   def _run(self, tokens):
@@ -69,28 +78,44 @@ class TextEncoder:
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be (N, L), got shape {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-      raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
-    out = partitioning.pad_shard_unpad(lambda rows: self._run(jnp.asarray(tokens[rows])), tokens.shape[0],
-                                       self.batch_size, multiple=self.batch_size)
+      raise ValueError(
+        f"token ids must lie in [0, {self.config.vocab_size}), got [{tokens.min()}, {tokens.max()}]"
+      )
+    out = partitioning.pad_shard_unpad(
+      lambda rows: self._run(jnp.asarray(tokens[rows])),
+      tokens.shape[0],
+      self.batch_size,
+      multiple=self.batch_size,
+    )
     if out is None:
-      return np.zeros((0, tokens.shape[1], self.config.d_model), self.out_dtype), np.zeros((0, tokens.shape[1]), bool)
+      return np.zeros((0, tokens.shape[1], self.config.d_model), self.out_dtype), np.zeros(
+        (0, tokens.shape[1]), bool
+      )
     return out
 
 
 @dataclasses.dataclass
 class EncodedPrompts:
   """Prompts with their T5 embeddings and what tokenizing them did."""
+
   texts: List[str]
-  emb: np.ndarray            # (P, L, D)
-  mask: np.ndarray           # (P, L)
+  emb: np.ndarray  # (P, L, D)
+  mask: np.ndarray  # (P, L)
   truncated: List[bool]
   lengths: List[int]
-  stats: Any = None          # tokenizer.TokenizeStats
+  stats: Any = None  # tokenizer.TokenizeStats
 
 
-def encode_prompts(prompts: Sequence[str], vocab: str, encoder: str, max_length: int = 128, *,
-                   batch_size: Optional[int] = None, size: Optional[str] = None,
-                   warn: Optional[Callable[[str], None]] = None) -> EncodedPrompts:
+def encode_prompts(
+  prompts: Sequence[str],
+  vocab: str,
+  encoder: str,
+  max_length: int = 128,
+  *,
+  batch_size: Optional[int] = None,
+  size: Optional[str] = None,
+  warn: Optional[Callable[[str], None]] = None,
+) -> EncodedPrompts:
   """Tokenizes (EOS appended) and encodes prompts once with a T5 encoder checkpoint.
 
   Uses the sentencepiece model directly (no TensorFlow).
@@ -109,12 +134,15 @@ def encode_prompts(prompts: Sequence[str], vocab: str, encoder: str, max_length:
   """
   from imagen_jax.text import checkpoints, t5
   from imagen_jax.text.tokenizer import Tokenizer
+
   if not prompts:
     raise UserError("no prompts")
   tokenizer = Tokenizer(vocab, max_length, use_seqio=False)
   config, params = checkpoints.load_any(encoder, None if size is None else t5.t5_config(size))
   if tokenizer.vocab_size > config.vocab_size:
-    raise UserError(f"vocabulary has {tokenizer.vocab_size} pieces but the encoder only {config.vocab_size} rows")
+    raise UserError(
+      f"vocabulary has {tokenizer.vocab_size} pieces but the encoder only {config.vocab_size} rows"
+    )
   batch = tokenizer(list(prompts))
   if warn is not None:
     for i, (text, cut) in enumerate(zip(prompts, batch.truncated)):
@@ -122,5 +150,11 @@ def encode_prompts(prompts: Sequence[str], vocab: str, encoder: str, max_length:
         warn(f"prompt {i} truncated to {max_length} tokens (EOS included): {text[:60]!r}")
   batch_size = batch_size or max(1, min(len(prompts), 64))
   emb, mask = TextEncoder(config, params, batch_size=batch_size).encode(batch.tokens)
-  return EncodedPrompts(texts=list(prompts), emb=emb, mask=mask, truncated=[bool(t) for t in batch.truncated],
-                        lengths=[int(n) for n in batch.lengths], stats=batch.stats)
+  return EncodedPrompts(
+    texts=list(prompts),
+    emb=emb,
+    mask=mask,
+    truncated=[bool(t) for t in batch.truncated],
+    lengths=[int(n) for n in batch.lengths],
+    stats=batch.stats,
+  )

@@ -14,16 +14,19 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from imagen_jax.text.t5 import EOS_ID, PAD_ID
 from imagen_jax.errors import ConfigError, MissingFileError
+from imagen_jax.text.t5 import EOS_ID, PAD_ID
 
 DEFAULT_MAX_LENGTH = 128
 
 
 def trim_with_eos(ids, max_length: int):
-  """ids (unpadded, no EOS) -> (ids[: max_length - 1] + [EOS] as int32, whether it was truncated)."""
+  """ids (unpadded, no EOS) -> (ids[: max_length - 1] + [EOS] as int32, whether it was
+  truncated)."""
   ids = np.asarray(ids, np.int32)
-  return np.append(ids[: max_length - 1], np.int32(EOS_ID)).astype(np.int32), len(ids) + 1 > max_length
+  return np.append(ids[: max_length - 1], np.int32(EOS_ID)).astype(np.int32), len(
+    ids
+  ) + 1 > max_length
 
 
 @dataclasses.dataclass
@@ -36,9 +39,9 @@ class TokenizeStats:
 
 @dataclasses.dataclass
 class TokenizedBatch:
-  tokens: np.ndarray        # (N, max_length) int32, 0-padded, EOS-terminated
-  lengths: np.ndarray       # (N,) number of real tokens (EOS included)
-  truncated: np.ndarray     # (N,) bool: the caption was cut to fit max_length
+  tokens: np.ndarray  # (N, max_length) int32, 0-padded, EOS-terminated
+  lengths: np.ndarray  # (N,) number of real tokens (EOS included)
+  truncated: np.ndarray  # (N,) bool: the caption was cut to fit max_length
   stats: TokenizeStats
 
   @property
@@ -47,8 +50,9 @@ class TokenizedBatch:
 
 
 class Tokenizer:
-
-  def __init__(self, spm_path: Union[str, Path], max_length: int = DEFAULT_MAX_LENGTH, use_seqio: bool = True):
+  def __init__(
+    self, spm_path: Union[str, Path], max_length: int = DEFAULT_MAX_LENGTH, use_seqio: bool = True
+  ):
     spm_path = Path(spm_path)
     if not spm_path.is_file():
       raise MissingFileError(f"sentencepiece model not found: {spm_path}")
@@ -60,6 +64,7 @@ class Tokenizer:
     if use_seqio:
       try:
         import seqio
+
         vocab = seqio.SentencePieceVocabulary(str(spm_path))
         self._encode = vocab.encode
         self.vocab_size = vocab.vocab_size
@@ -67,6 +72,7 @@ class Tokenizer:
         self._encode = None
     if self._encode is None:
       import sentencepiece as spm
+
       proc = spm.SentencePieceProcessor(model_file=str(spm_path))
       self._encode = proc.encode
       self.vocab_size = proc.get_piece_size()

@@ -1,17 +1,19 @@
 """Orbax checkpoints of a training run: asynchronous, atomic, restorable onto any mesh.
 
 A run directory (MODEL_DIR) holds
-  run.json                     what trains here: the stage's network config and its parameter shapes, and
-                               the diffusion objective and schedules it trains with
-  config.gin                   the gin config the run was started with (operative_config.gin after step 1)
+  run.json                     what trains here: the stage's network config and parameter shapes,
+                               and the diffusion objective and schedules it trains with
+  config.gin                   the gin config the run was started with (operative_config.gin after
+                               step 1)
   checkpoints/<step>/          one orbax composite checkpoint per saved step, items:
       state                    step, params, optimizer state, run key, non-finite counters
       ema_params               the EMA parameters alone (what sampling reads; no optimizer state)
       data                     the data iterator's position, one file set per process
   train/ (TensorBoard)         metrics
 
-Orbax writes each checkpoint into a temporary directory and renames it when every process has finished,
-so a checkpoint cut short (a kill during an asynchronous save) is never listed and never restored.
+Orbax writes each checkpoint into a temporary directory and renames it when every process has
+finished, so a checkpoint cut short (a kill during an asynchronous save) is never listed and never
+restored.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from imagen_jax.files import write_json
+
 from imagen_jax.errors import UserError
+from imagen_jax.files import write_json
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -41,7 +44,7 @@ class RunDirError(UserError):
 
 @dataclasses.dataclass
 class IteratorSave(ocp.args.CheckpointArgs):
-  iterator: Any     # has .save(path_prefix) and .restore(path_prefix)
+  iterator: Any  # has .save(path_prefix) and .restore(path_prefix)
 
 
 @dataclasses.dataclass
@@ -50,7 +53,8 @@ class IteratorRestore(ocp.args.CheckpointArgs):
 
 
 class IteratorHandler(ocp.CheckpointHandler):
-  """Saves each process's data iterator position (synchronously: it is the position at save time)."""
+  """Saves each process's data iterator position (synchronously: it is the position at save
+  time)."""
 
   def save(self, directory: epath.Path, args: IteratorSave):
     directory = epath.Path(directory)
@@ -71,47 +75,69 @@ ocp.args.register_with_handler(IteratorHandler, for_restore=True)(IteratorRestor
 
 def param_shapes(params) -> dict:
   """'/'-joined parameter path -> shape list (arrays or ShapeDtypeStructs)."""
-  return {"/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  return {
+    "/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+  }
 
 
 def run_record(model_config, params, diffusion=None) -> dict:
-  """run.json: the network (config and parameter shapes) and, given the stage's DiffusionConfig, what sampling
-  must reproduce of its training (objective, schedules)."""
+  """run.json: the network (config and parameter shapes) and, given the stage's DiffusionConfig,
+  what sampling must reproduce of its training (objective, schedules)."""
   from imagen_jax import models
-  fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(model_config).items()}
+
+  fields = {
+    k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(model_config).items()
+  }
   shapes = param_shapes(params)
-  return {"network": type(model_config).__name__, "super_resolution": models.is_super_resolution(model_config),
-          "parameters": int(sum(int(np.prod(s)) for s in shapes.values())), "config": fields,
-          "param_shapes": shapes,
-          **({"diffusion": diffusion.training_record()} if diffusion is not None else {})}
+  return {
+    "network": type(model_config).__name__,
+    "super_resolution": models.is_super_resolution(model_config),
+    "parameters": int(sum(int(np.prod(s)) for s in shapes.values())),
+    "config": fields,
+    "param_shapes": shapes,
+    **({"diffusion": diffusion.training_record()} if diffusion is not None else {}),
+  }
 
 
 def _describe(record: dict) -> str:
   cfg = record["config"]
   size = cfg.get("model_channels", cfg.get("channels"))
-  return (f"{record['network']} {cfg.get('image_size')}px, {record['parameters'] / 1e6:.2f}M parameters "
-          f"(width {size})")
+  return (
+    f"{record['network']} {cfg.get('image_size')}px, {record['parameters'] / 1e6:.2f}M parameters "
+    f"(width {size})"
+  )
 
 
 def check_run_dir(model_dir, record: dict) -> None:
-  """Raises RunDirError when MODEL_DIR was made by a run of another network (stage, resolution or size);
-  writes the record when it is new. Nothing else in MODEL_DIR is touched."""
+  """Raises RunDirError when MODEL_DIR was made by a run of another network (stage, resolution or
+  size); writes the record when it is new. Nothing else in MODEL_DIR is touched."""
   path = epath.Path(model_dir) / RUN_FILE
   if path.exists():
     old = json.loads(path.read_text())
     if old.get("param_shapes") != record["param_shapes"] or old.get("network") != record["network"]:
-      diff = sorted(k for k in set(old.get("config", {})) | set(record["config"])
-                    if old.get("config", {}).get(k) != record["config"].get(k))
-      raise RunDirError(f"{model_dir} holds a run of {_describe(old)}, not of the configured "
-                        f"{_describe(record)} (differs in: {', '.join(diff[:6]) or 'parameter shapes'}); "
-                        "use another MODEL_DIR")
+      diff = sorted(
+        k
+        for k in set(old.get("config", {})) | set(record["config"])
+        if old.get("config", {}).get(k) != record["config"].get(k)
+      )
+      raise RunDirError(
+        f"{model_dir} holds a run of {_describe(old)}, not of the configured "
+        f"{_describe(record)} (differs in: {', '.join(diff[:6]) or 'parameter shapes'}); "
+        "use another MODEL_DIR"
+      )
     if "diffusion" in old and "diffusion" in record and old["diffusion"] != record["diffusion"]:
-      diff = sorted(k for k in record["diffusion"] if old["diffusion"].get(k) != record["diffusion"][k])
-      raise RunDirError(f"{model_dir} holds a run trained with other diffusion settings ({', '.join(diff)}: "
-                        f"{', '.join(str(old['diffusion'].get(k)) for k in diff)}); use another MODEL_DIR")
+      diff = sorted(
+        k for k in record["diffusion"] if old["diffusion"].get(k) != record["diffusion"][k]
+      )
+      raise RunDirError(
+        f"{model_dir} holds a run trained with other diffusion settings ({', '.join(diff)}: "
+        f"{', '.join(str(old['diffusion'].get(k)) for k in diff)}); use another MODEL_DIR"
+      )
     return
-  if epath.Path(model_dir, CHECKPOINTS).exists() and any(epath.Path(model_dir, CHECKPOINTS).iterdir()):
+  if epath.Path(model_dir, CHECKPOINTS).exists() and any(
+    epath.Path(model_dir, CHECKPOINTS).iterdir()
+  ):
     raise RunDirError(f"{model_dir} holds checkpoints but no {RUN_FILE}: not a run of this trainer")
   path.parent.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
@@ -134,21 +160,34 @@ def absolute(path) -> epath.Path:
   return epath.Path(path if "://" in path else os.path.abspath(os.path.expanduser(path)))
 
 
-def manager(model_dir, *, max_to_keep: Optional[int] = 3, async_save: bool = True,
-            read_only: bool = False) -> ocp.CheckpointManager:
-  if read_only:      # a reader (sampling, evaluation, a run still training): never writes, never waits
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0, max_to_keep=None,
-                                           enable_async_checkpointing=False)
+def manager(
+  model_dir, *, max_to_keep: Optional[int] = 3, async_save: bool = True, read_only: bool = False
+) -> ocp.CheckpointManager:
+  if read_only:  # a reader (sampling, evaluation, a run still training): never writes, never waits
+    options = ocp.CheckpointManagerOptions(
+      read_only=True,
+      create=False,
+      save_interval_steps=0,
+      max_to_keep=None,
+      enable_async_checkpointing=False,
+    )
   else:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
+    )
   return ocp.CheckpointManager(absolute(model_dir) / CHECKPOINTS, options=options)
 
 
 def _split(state):
   """The state's 'state' item (everything but the EMA) and its 'ema_params' item."""
-  return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng,
-          "nonfinite_streak": state.nonfinite_streak, "nonfinite_total": state.nonfinite_total}, state.ema_params
+  return {
+    "step": state.step,
+    "params": state.params,
+    "opt_state": state.opt_state,
+    "rng": state.rng,
+    "nonfinite_streak": state.nonfinite_streak,
+    "nonfinite_total": state.nonfinite_total,
+  }, state.ema_params
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, iterator=None, force: bool = True) -> bool:
@@ -161,23 +200,33 @@ def save(mgr: ocp.CheckpointManager, step: int, state, iterator=None, force: boo
 
 
 def _abstract(tree, shardings):
-  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  return jax.tree_util.tree_map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, abstract_state, shardings, iterator=None):
-  """The state saved at `step`, placed with `shardings` (any mesh: orbax reshards on load); the iterator
-  (if given) is moved to the saved position."""
+  """The state saved at `step`, placed with `shardings` (any mesh: orbax reshards on load); the
+  iterator (if given) is moved to the saved position."""
   main, ema = _split(abstract_state)
   main_s, ema_s = _split(shardings)
-  items = {"state": ocp.args.StandardRestore(_abstract(main, main_s)),
-           "ema_params": ocp.args.StandardRestore(_abstract(ema, ema_s))}
+  items = {
+    "state": ocp.args.StandardRestore(_abstract(main, main_s)),
+    "ema_params": ocp.args.StandardRestore(_abstract(ema, ema_s)),
+  }
   if iterator is not None:
     items["data"] = IteratorRestore(iterator)
   out = mgr.restore(step, args=ocp.args.Composite(**items))
   m = out["state"]
-  return abstract_state.replace(step=m["step"], params=m["params"], ema_params=out["ema_params"],
-                                opt_state=m["opt_state"], rng=m["rng"], nonfinite_streak=m["nonfinite_streak"],
-                                nonfinite_total=m["nonfinite_total"])
+  return abstract_state.replace(
+    step=m["step"],
+    params=m["params"],
+    ema_params=out["ema_params"],
+    opt_state=m["opt_state"],
+    rng=m["rng"],
+    nonfinite_streak=m["nonfinite_streak"],
+    nonfinite_total=m["nonfinite_total"],
+  )
 
 
 def latest_step(model_dir) -> Optional[int]:
@@ -193,21 +242,28 @@ def latest_step(model_dir) -> Optional[int]:
 
 
 def restore_ema_params(model_dir, abstract_params, shardings=None, step: Optional[int] = None):
-  """The EMA parameters of a run (latest complete checkpoint, or `step`) without reading the optimizer
-  state. abstract_params: ShapeDtypeStructs of the parameters (e.g. nn.unbox(models.abstract_params(cfg)));
-  shardings: where to place them (default: the first local device). Returns (params, step)."""
+  """The EMA parameters of a run (latest complete checkpoint, or `step`) without reading the
+  optimizer state. abstract_params: ShapeDtypeStructs of the parameters (e.g.
+  nn.unbox(models.abstract_params(cfg))); shardings: where to place them (default: the first
+  local device). Returns (params, step)."""
   mgr = manager(model_dir, read_only=True)
   try:
     step = mgr.latest_step() if step is None else step
     if step is None:
       raise RunDirError(f"{model_dir}: no complete checkpoint")
     if step not in mgr.all_steps():
-      raise RunDirError(f"{model_dir}: no complete checkpoint at step {step} (have {mgr.all_steps()})")
+      raise RunDirError(
+        f"{model_dir}: no complete checkpoint at step {step} (have {mgr.all_steps()})"
+      )
     if shardings is None:
       dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       shardings = jax.tree_util.tree_map(lambda _: dev, abstract_params)
-    out = mgr.restore(step, args=ocp.args.Composite(
-        ema_params=ocp.args.StandardRestore(_abstract(abstract_params, shardings))))
+    out = mgr.restore(
+      step,
+      args=ocp.args.Composite(
+        ema_params=ocp.args.StandardRestore(_abstract(abstract_params, shardings))
+      ),
+    )
     return out["ema_params"], step
   finally:
     mgr.close()

@@ -1,13 +1,13 @@
-"""Where the trainer's batches come from: a source yields this host's part of each global batch as NumPy
-arrays and can save / restore its position (a checkpoint item, one file set per process).
+"""Where the trainer's batches come from: a source yields this host's part of each global batch as
+NumPy arrays and can save / restore its position (a checkpoint item, one file set per process).
 
 - `TaskSource`: the data pipeline (a seqio task, normally the embedding cache) through
   `imagen_jax.data.pipeline.stage_dataset`; TensorFlow is imported only when one is built.
-- `InMemorySource`: arrays held in memory, a fixed shuffled order per epoch from the seed; host p takes
-  rows [p b, (p + 1) b) of each global batch, so any number of hosts sees exactly the global batches of a
-  single host (what the multi-host test and benchmarks need). No TensorFlow.
-- `word_vector_shapes`: the synthetic captioned shapes with a fixed random vector per caption word as the
-  "text embedding": a real, learnable text signal without a T5 encoder (tests, benchmarks).
+- `InMemorySource`: arrays held in memory, a fixed shuffled order per epoch from the seed; host p
+  takes rows [p b, (p + 1) b) of each global batch, so any number of hosts sees exactly the global
+  batches of a single host (what the multi-host test and benchmarks need). No TensorFlow.
+- `word_vector_shapes`: the synthetic captioned shapes with a fixed random vector per caption word
+  as the "text embedding": a real, learnable text signal without a T5 encoder (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -28,30 +28,40 @@ from imagen_jax.errors import ConfigError, UserError
 class InMemorySource:
   """Global batches of `batch_size` rows drawn from in-memory arrays (see the module docstring)."""
 
-  def __init__(self, arrays: Dict[str, np.ndarray], batch_size: int, seed: int = 0,
-               process_index: Optional[int] = None, process_count: Optional[int] = None):
+  def __init__(
+    self,
+    arrays: Dict[str, np.ndarray],
+    batch_size: int,
+    seed: int = 0,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+  ):
     self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
     sizes = {len(v) for v in self.arrays.values()}
     if len(sizes) != 1:
-      raise ValueError(f"arrays have different lengths: { {k: len(v) for k, v in self.arrays.items()} }")
+      raise ValueError(
+        f"arrays have different lengths: { {k: len(v) for k, v in self.arrays.items()} }"
+      )
     self.n = sizes.pop()
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     if batch_size % self.process_count:
-      raise ConfigError(f"batch_size {batch_size} is not divisible by {self.process_count} processes")
+      raise ConfigError(
+        f"batch_size {batch_size} is not divisible by {self.process_count} processes"
+      )
     if batch_size > self.n:
       raise ConfigError(f"batch_size {batch_size} exceeds the {self.n} examples")
     self.batch_size = batch_size
     self.seed = seed
-    self.position = 0          # global batches produced so far
+    self.position = 0  # global batches produced so far
 
   def _indices(self, batch: int) -> np.ndarray:
     per_epoch = self.n // self.batch_size
     epoch, i = divmod(batch, per_epoch)
     order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-    rows = order[i * self.batch_size:(i + 1) * self.batch_size]
+    rows = order[i * self.batch_size : (i + 1) * self.batch_size]
     local = self.batch_size // self.process_count
-    return rows[self.process_index * local:(self.process_index + 1) * local]
+    return rows[self.process_index * local : (self.process_index + 1) * local]
 
   def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
     return self
@@ -62,29 +72,42 @@ class InMemorySource:
     return {k: v[idx] for k, v in self.arrays.items()}
 
   def save(self, prefix: str) -> None:
-    epath.Path(prefix + ".json").write_text(json.dumps({"position": self.position, "seed": self.seed,
-                                                        "batch_size": self.batch_size, "n": self.n}))
+    epath.Path(prefix + ".json").write_text(
+      json.dumps(
+        {"position": self.position, "seed": self.seed, "batch_size": self.batch_size, "n": self.n}
+      )
+    )
 
   def restore(self, prefix: str) -> None:
     saved = json.loads(epath.Path(prefix + ".json").read_text())
     if (saved["seed"], saved["batch_size"], saved["n"]) != (self.seed, self.batch_size, self.n):
-      raise UserError(f"the saved data position is for another source ({saved}), not seed={self.seed} "
-                       f"batch_size={self.batch_size} n={self.n}")
+      raise UserError(
+        f"the saved data position is for another source ({saved}), not seed={self.seed} "
+        f"batch_size={self.batch_size} n={self.n}"
+      )
     self.position = int(saved["position"])
 
 
 class TaskSource:
-  """This host's batches of a seqio task through the stage pipeline (clu iterator: checkpointable)."""
+  """This host's batches of a seqio task through the stage pipeline (clu iterator:
+  checkpointable)."""
 
-  def __init__(self, task_name: str, stage_config, process_index: Optional[int] = None,
-               process_count: Optional[int] = None):
+  def __init__(
+    self,
+    task_name: str,
+    stage_config,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+  ):
     from imagen_jax.data import pipeline
+
     self.task_name = task_name
     self.config = stage_config
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
-    self._it = pipeline.StageIterator(pipeline.stage_dataset(task_name, stage_config, process_index=index,
-                                                             process_count=count))
+    self._it = pipeline.StageIterator(
+      pipeline.stage_dataset(task_name, stage_config, process_index=index, process_count=count)
+    )
 
   def __iter__(self):
     return self
@@ -100,12 +123,15 @@ class TaskSource:
 
 
 @gin.configurable
-def cached_task(cache_dir: str = gin.REQUIRED, vocab_path: Optional[str] = None, name: str = "train_cache") -> str:
+def cached_task(
+  cache_dir: str = gin.REQUIRED, vocab_path: Optional[str] = None, name: str = "train_cache"
+) -> str:
   """Registers the embedding cache in `cache_dir` as a seqio task and returns its name (for
-  `train.data_task = @cached_task()`); vocab_path: the cache's sentencepiece model (optional: the cached
-  records already hold token ids)."""
+  `train.data_task = @cached_task()`); vocab_path: the cache's sentencepiece model (optional: the
+  cached records already hold token ids)."""
   from imagen_jax.data import tasks
   from imagen_jax.gin_utils import require
+
   require("cached_task", cache_dir=cache_dir)
   tasks.register_cached_task(name, cache_dir, vocab_path)
   return name
@@ -116,15 +142,24 @@ def _word_vector(word: str, dim: int) -> np.ndarray:
   return np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
 
 
-def word_vector_shapes(num_examples: int, resolution: int, dim: int, max_length: int, seed: int = 0,
-                       one_object: bool = False, lowres: Optional[int] = None) -> Dict[str, np.ndarray]:
-  """Synthetic captioned shapes as in-memory arrays: IMAGE in [-1, 1], TEXT_EMB = one fixed random vector
-  per caption word (zero-padded to max_length), TEXT_MASK, and LOWRES (box-downsampled) when asked.
+def word_vector_shapes(
+  num_examples: int,
+  resolution: int,
+  dim: int,
+  max_length: int,
+  seed: int = 0,
+  one_object: bool = False,
+  lowres: Optional[int] = None,
+) -> Dict[str, np.ndarray]:
+  """Synthetic captioned shapes as in-memory arrays: IMAGE in [-1, 1], TEXT_EMB = one fixed random
+  vector per caption word (zero-padded to max_length), TEXT_MASK, and LOWRES (box-downsampled) when
+  asked.
 
-  one_object=True keeps only one-object captions ("a red circle"), where colour and shape are the text's
-  whole content.
+  one_object=True keeps only one-object captions ("a red circle"), where colour and shape are the
+  text's whole content.
   """
   from imagen_jax.data import synthetic
+
   images, embs, masks, captions = [], [], [], []
   index = 0
   while len(images) < num_examples:

@@ -1,13 +1,15 @@
 """The training loop of one cascade stage: `train(*, ...)`, gin-configured (`imagen-jax train`).
 
-Start-up: check MODEL_DIR belongs to this network (run.json), resume from the latest complete checkpoint
-or create the state directly sharded, write the gin config, compile the step once ahead of time (FLOPs
-from its cost analysis), then loop: dispatch step N, then write step N-1's metrics while N runs; metrics
-are summed on the device and fetched only at log steps. Checkpoints are asynchronous, every
-`checkpoint_every` steps, at SIGTERM (preemption) and at the end; a non-finite state is never saved, and
-`max_nonfinite_streak` non-finite steps in a row stop the run with the last good checkpoint intact.
+Start-up: check MODEL_DIR belongs to this network (run.json), resume from the latest complete
+checkpoint or create the state directly sharded, write the gin config, compile the step once ahead
+of time (FLOPs from its cost analysis), then loop: dispatch step N, then write step N-1's metrics
+while N runs; metrics are summed on the device and fetched only at log steps. Checkpoints are
+asynchronous, every `checkpoint_every` steps, at SIGTERM (preemption) and at the end; a non-finite
+state is never saved, and `max_nonfinite_streak` non-finite steps in a row stop the run with the
+last good checkpoint intact.
 
-Imports without TensorFlow; the data pipeline (and TensorFlow) is loaded only for a seqio task source.
+Imports without TensorFlow; the data pipeline (and TensorFlow) is loaded only for a seqio task
+source.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from imagen_jax.gin_utils import require
 from imagen_jax.scale import flops as perf
 from imagen_jax.train import checkpoints as ckpt
 from imagen_jax.train import optimizer as optim
-from imagen_jax.train import state as state_lib
 from imagen_jax.train import setup as setup_lib
+from imagen_jax.train import state as state_lib
 from imagen_jax.train import step as step_lib
 
 
@@ -49,11 +51,11 @@ class NonFiniteError(RuntimeError):
 class TrainSummary:
   start_step: int
   final_step: int
-  stopped: str                                   # 'done' | 'preempted' | 'nonfinite'
-  history: List[Tuple[int, float]] = dataclasses.field(default_factory=list)   # (step, mean loss)
-  traces: int = 0                                # times the step was traced (= compiled)
-  flops_per_step: Optional[float] = None         # per device, from XLA's cost analysis
-  step_time: Optional[float] = None              # median seconds per step over log intervals after the first
+  stopped: str  # 'done' | 'preempted' | 'nonfinite'
+  history: List[Tuple[int, float]] = dataclasses.field(default_factory=list)  # (step, mean loss)
+  traces: int = 0  # times the step was traced (= compiled)
+  flops_per_step: Optional[float] = None  # per device, from XLA's cost analysis
+  step_time: Optional[float] = None  # median seconds per step over log intervals after the first
   nonfinite_total: int = 0
   checkpoints: List[int] = dataclasses.field(default_factory=list)
   compile_seconds: float = 0.0
@@ -64,16 +66,17 @@ def enable_compilation_cache(path: Optional[str]) -> None:
   if not path:
     return
   from jax.experimental.compilation_cache import compilation_cache as cc
+
   path = os.path.expanduser(path)
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  cc.reset_cache()   # take effect even if something was compiled before
+  cc.reset_cache()  # take effect even if something was compiled before
 
 
 class _Preemption:
-  """SIGTERM sets a flag the loop checks each step (single process); multi-host runs ask orbax, which
-  agrees on a common step through JAX's preemption service."""
+  """SIGTERM sets a flag the loop checks each step (single process); multi-host runs ask orbax,
+  which agrees on a common step through JAX's preemption service."""
 
   def __init__(self):
     self.flag = threading.Event()
@@ -101,22 +104,36 @@ def _needed_keys(model_config, on_the_fly: bool) -> Tuple[str, ...]:
 def _check_batch(batch: Dict[str, np.ndarray], keys, model_config, local_batch: int) -> None:
   missing = [k for k in keys if k not in batch]
   if missing:
-    raise TrainError(f"the data gives no {', '.join(missing)} (has {', '.join(sorted(batch))}); "
-                     + ("an SR stage needs StageDataConfig.lowres_size" if K.LOWRES in missing else
-                        "check StageDataConfig.embeddings"))
+    raise TrainError(
+      f"the data gives no {', '.join(missing)} (has {', '.join(sorted(batch))}); "
+      + (
+        "an SR stage needs StageDataConfig.lowres_size"
+        if K.LOWRES in missing
+        else "check StageDataConfig.embeddings"
+      )
+    )
   size = batch[K.IMAGE].shape[1]
   if size != model_config.image_size:
-    raise TrainError(f"the data's images are {size}x{size} but the network trains at {model_config.image_size} "
-                     "(set StageDataConfig.image_size to match)")
-  if models.is_super_resolution(model_config) and batch[K.LOWRES].shape[1] != model_config.lowres_size:
-    raise TrainError(f"the data's low-res images are {batch[K.LOWRES].shape[1]}px but the network expects "
-                     f"{model_config.lowres_size}px (StageDataConfig.lowres_size)")
+    raise TrainError(
+      f"the data's images are {size}x{size} but the network trains at {model_config.image_size} "
+      "(set StageDataConfig.image_size to match)"
+    )
+  if (
+    models.is_super_resolution(model_config)
+    and batch[K.LOWRES].shape[1] != model_config.lowres_size
+  ):
+    raise TrainError(
+      f"the data's low-res images are {batch[K.LOWRES].shape[1]}px but the network expects "
+      f"{model_config.lowres_size}px (StageDataConfig.lowres_size)"
+    )
   if batch[K.IMAGE].shape[0] != local_batch:
     raise TrainError(f"a host batch has {batch[K.IMAGE].shape[0]} rows, expected {local_batch}")
 
 
 def _global_batch(batch: Dict[str, np.ndarray], keys, shardings) -> Dict[str, jax.Array]:
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in keys}
+  return {
+    k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in keys
+  }
 
 
 class _Writer:
@@ -129,10 +146,14 @@ class _Writer:
     if enabled:
       try:
         from imagen_jax.data import tf_setup
-        tf_setup()                         # TensorFlow for tf.summary: host only, start-up chatter filtered
-        from clu import metric_writers   # TensorBoard event files through tf.summary
-        self._clu = metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(epath.Path(model_dir) / "train")))
-      except ImportError as e:     # no TensorFlow / TensorBoard on this machine: console only
+
+        tf_setup()  # TensorFlow for tf.summary: host only, start-up chatter filtered
+        from clu import metric_writers  # TensorBoard event files through tf.summary
+
+        self._clu = metric_writers.AsyncWriter(
+          metric_writers.SummaryWriter(str(epath.Path(model_dir) / "train"))
+        )
+      except ImportError as e:  # no TensorFlow / TensorBoard on this machine: console only
         print(f"metrics: no TensorBoard writer ({e}); console only", flush=True)
         self._clu = None
 
@@ -164,6 +185,7 @@ def _mesh(mesh_shape: Sequence[int], devices=None):
 def _load_encoder(checkpoint: str, mesh):
   from imagen_jax.text import checkpoints as text_ckpt
   from imagen_jax.text.t5 import abstract_encoder_params
+
   config, params = text_ckpt.load_any(checkpoint)
   shardings = partitioning.mesh_shardings(abstract_encoder_params(config), mesh)
   return config, jax.device_put(params, shardings), shardings
@@ -177,8 +199,35 @@ def _data_source(batch_source, data_task: Optional[str], data_config):
     raise TrainError("no data: set train.data_task (e.g. @cached_task()) or pass batch_source")
   if data_config is None:
     from imagen_jax.data.pipeline import StageDataConfig
+
     data_config = StageDataConfig()
   return _task_source(data_task, data_config), data_config.batch_size
+
+
+def _compile_step(setup, state, first, keys, encoder, summary: TrainSummary):
+  """The train step compiled ahead of time for the first batch's shapes: (compiled, signature)."""
+  global_batch = setup.spec.global_batch
+  shapes = {
+    k: jax.ShapeDtypeStruct((global_batch,) + first[k].shape[1:], first[k].dtype) for k in keys
+  }
+
+  def count_trace():
+    summary.traces += 1
+
+  encoder_config, encoder_params, encoder_shardings = encoder
+  t0 = time.perf_counter()
+  lowered, sig = setup.lower(
+    shapes,
+    state=state,
+    encoder_params=encoder_params,
+    encoder_config=encoder_config,
+    encoder_shardings=encoder_shardings,
+    trace_counter=count_trace,
+  )
+  compiled = lowered.compile()
+  summary.compile_seconds = time.perf_counter() - t0
+  summary.flops_per_step = perf.compiled_flops(compiled)
+  return compiled, sig
 
 
 def _restore_or_create(mgr, setup, batch_source, seed: int, announce: bool):
@@ -193,10 +242,20 @@ def _restore_or_create(mgr, setup, batch_source, seed: int, announce: bool):
 
 
 class _MetricLog:
-  """Turns a logging interval's summed metrics into scalars, a console line and the run's history."""
+  """Turns a logging interval's summed metrics into scalars, a console line and the run's
+  history."""
 
-  def __init__(self, summary: TrainSummary, writer: _Writer, *, start: int, num_steps: int, global_batch: int,
-               opt_config: optim.OptimizerConfig, max_nonfinite_streak: int):
+  def __init__(
+    self,
+    summary: TrainSummary,
+    writer: _Writer,
+    *,
+    start: int,
+    num_steps: int,
+    global_batch: int,
+    opt_config: optim.OptimizerConfig,
+    max_nonfinite_streak: int,
+  ):
     self.summary = summary
     self.writer = writer
     self.num_steps = num_steps
@@ -209,7 +268,8 @@ class _MetricLog:
     self._t_last, self._step_last = time.perf_counter(), start
 
   def write(self, step: int, sums, latest_checkpoint: Optional[int]) -> None:
-    """Writes the interval ending at `step`; raises NonFiniteError after too many non-finite steps."""
+    """Writes the interval ending at `step`; raises NonFiniteError after too many non-finite
+    steps."""
     sums = jax.device_get(sums)
     streak, total = int(sums["nonfinite_streak"]), int(sums["nonfinite_total"])
     now = time.perf_counter()
@@ -225,20 +285,34 @@ class _MetricLog:
     util = perf.mfu(flops, dt, self.peak)
     tflops = flops / dt / 1e12 if flops else float("nan")
     batch = self.global_batch
-    scalars = {"learning/loss": loss, "learning/grad_norm": gnorm, "learning/lr": lr,
-               "learning/skipped_steps": skipped, "learning/nonfinite_total": total,
-               "perf/step_time": dt, "perf/steps_per_sec": 1.0 / dt, "perf/images_per_sec": batch / dt,
-               "perf/tflops_per_device": tflops, "perf/mfu": util}
+    scalars = {
+      "learning/loss": loss,
+      "learning/grad_norm": gnorm,
+      "learning/lr": lr,
+      "learning/skipped_steps": skipped,
+      "learning/nonfinite_total": total,
+      "perf/step_time": dt,
+      "perf/steps_per_sec": 1.0 / dt,
+      "perf/images_per_sec": batch / dt,
+      "perf/tflops_per_device": tflops,
+      "perf/mfu": util,
+    }
     self.summary.history.append((step, loss))
     self.summary.nonfinite_total = total
     eta = (self.num_steps - step) * dt
-    line = (f"step {step}/{self.num_steps} | loss {loss:.4f} | grad_norm {gnorm:.3f} | lr {lr:.2e} | skipped "
-            f"{skipped} | {1.0 / dt:.2f} steps/s | {batch / dt:.1f} img/s | MFU {100 * util:.2f}% | eta {eta:.0f}s")
+    line = (
+      f"step {step}/{self.num_steps} | loss {loss:.4f} | grad_norm {gnorm:.3f} | lr {lr:.2e} | "
+      "skipped "
+      f"{skipped} | {1.0 / dt:.2f} steps/s | {batch / dt:.1f} img/s | MFU {100 * util:.2f}% | eta "
+      f"{eta:.0f}s"
+    )
     self.writer.write(step, scalars, line)
     if streak >= self.max_nonfinite_streak:
-      raise NonFiniteError(f"{streak} non-finite steps in a row (max_nonfinite_streak = "
-                           f"{self.max_nonfinite_streak}) at step {step}; stopped, the last checkpoint "
-                           f"(step {latest_checkpoint}) is intact")
+      raise NonFiniteError(
+        f"{streak} non-finite steps in a row (max_nonfinite_streak = "
+        f"{self.max_nonfinite_streak}) at step {step}; stopped, the last checkpoint "
+        f"(step {latest_checkpoint}) is intact"
+      )
 
   def median_step_time(self) -> Optional[float]:
     later = self.interval_times[1:] if len(self.interval_times) > 1 else self.interval_times
@@ -246,10 +320,20 @@ class _MetricLog:
 
 
 class _Checkpointer:
-  """Saves the state and the data position, never a non-finite state or one past the non-finite limit."""
+  """Saves the state and the data position, never a non-finite state or one past the non-finite
+  limit."""
 
-  def __init__(self, mgr, batch_source, summary: TrainSummary, *, max_nonfinite_streak: int, announce: bool,
-               lead: bool, async_save: bool):
+  def __init__(
+    self,
+    mgr,
+    batch_source,
+    summary: TrainSummary,
+    *,
+    max_nonfinite_streak: int,
+    announce: bool,
+    lead: bool,
+    async_save: bool,
+  ):
     self.mgr = mgr
     self.batch_source = batch_source
     self.summary = summary
@@ -269,41 +353,152 @@ class _Checkpointer:
     ckpt.save(self.mgr, step, state, self.batch_source)
     self.summary.checkpoints.append(step)
     if self.announce and self.lead:
-      print(f"checkpoint: step {step} saving" + (" (asynchronously)" if self.async_save else ""), flush=True)
+      print(
+        f"checkpoint: step {step} saving" + (" (asynchronously)" if self.async_save else ""),
+        flush=True,
+      )
     return True
 
 
-def _print_start(record, setup, mesh, summary: TrainSummary, peak: Tuple[float, str], *, start: int,
-                 num_steps: int) -> None:
+def _print_start(
+  record, setup, mesh, summary: TrainSummary, peak: Tuple[float, str], *, start: int, num_steps: int
+) -> None:
   tensors, replicated = state_lib.replicated_by_divisibility(setup.boxed, mesh)
-  print(f"train {record['network']} ({record['parameters'] / 1e6:.2f}M parameters) on mesh {dict(mesh.shape)}, "
-        f"{jax.device_count()} devices / {jax.process_count()} processes; global batch {setup.spec.global_batch}; "
-        f"steps {start} -> {num_steps}", flush=True)
-  print(f"sharding: {tensors} tensors ({replicated / 1e6:.3f}M parameters) left replicated along an axis "
-        f"that does not divide them", flush=True)
+  print(
+    f"train {record['network']} ({record['parameters'] / 1e6:.2f}M parameters) on mesh "
+    f"{dict(mesh.shape)}, "
+    f"{jax.device_count()} devices / {jax.process_count()} processes; global batch "
+    f"{setup.spec.global_batch}; "
+    f"steps {start} -> {num_steps}",
+    flush=True,
+  )
+  print(
+    f"sharding: {tensors} tensors ({replicated / 1e6:.3f}M parameters) left replicated along an "
+    "axis "
+    f"that does not divide them",
+    flush=True,
+  )
   flops = summary.flops_per_step
-  print(f"step compiled in {summary.compile_seconds:.1f}s; "
-        + (f"{flops / 1e9:.2f} GFLOP per step per device (XLA cost analysis); " if flops else "")
-        + f"peak {peak[0] / 1e12:.2f} TFLOP/s ({peak[1]})", flush=True)
+  print(
+    f"step compiled in {summary.compile_seconds:.1f}s; "
+    + (f"{flops / 1e9:.2f} GFLOP per step per device (XLA cost analysis); " if flops else "")
+    + f"peak {peak[0] / 1e12:.2f} TFLOP/s ({peak[1]})",
+    flush=True,
+  )
+
+
+def _loop(
+  compiled,
+  sig,
+  state,
+  first,
+  keys,
+  encoder_params,
+  batch_source,
+  *,
+  summary: TrainSummary,
+  start: int,
+  num_steps: int,
+  log_every: int,
+  checkpoint_every: int,
+  sample_hook,
+  sample_every: int,
+  mesh,
+  model_dir: str,
+  writer: _Writer,
+  preemption: _Preemption,
+  mgr,
+  log: _MetricLog,
+  checkpointer: _Checkpointer,
+  lead: bool,
+) -> None:
+  """Steps start -> num_steps: dispatch step N, then write step N-1's metrics while N runs;
+  checkpoints every `checkpoint_every` steps, at preemption and at the end. `summary.final_step`
+  follows."""
+  acc = step_lib.zero_metrics()
+  accumulate = jax.jit(step_lib.accumulate)
+  pending = None  # (step, sums) of the last interval, written while the next step runs
+  host_step = start
+  batch = first
+  wrote_operative = False
+  try:
+    while host_step < num_steps:
+      if batch is None:
+        batch = next(batch_source)
+      state, metrics = compiled(
+        state, _global_batch(batch, keys, sig.in_shardings[1]), encoder_params
+      )
+      batch = None
+      host_step += 1
+      acc = accumulate(acc, metrics)
+      if pending is not None:
+        p, pending = pending, None
+        log.write(*p, latest_checkpoint=mgr.latest_step())
+      if not wrote_operative and lead:
+        ckpt.gin_file(model_dir, operative=True).write_text(gin.operative_config_str())
+        wrote_operative = True
+      if host_step % log_every == 0 or host_step == num_steps:
+        pending = (host_step, acc)
+        acc = step_lib.zero_metrics()
+      if sample_hook is not None and host_step % sample_every == 0:
+        with partitioning.mesh_context(mesh):
+          sample_hook(
+            step=host_step, state=state, model_dir=model_dir, write_images=writer.write_images
+          )
+      if preemption.reached(mgr, host_step):
+        checkpointer.save(host_step, state)
+        summary.stopped = "preempted"
+        if lead:
+          print(f"preempted (SIGTERM) at step {host_step}: checkpoint saved, exiting", flush=True)
+        break
+      if host_step % checkpoint_every == 0 and host_step != num_steps:
+        checkpointer.save(host_step, state)
+    if pending is not None:
+      log.write(*pending, latest_checkpoint=mgr.latest_step())
+    if summary.stopped == "done" and (
+      not summary.checkpoints or summary.checkpoints[-1] != host_step
+    ):
+      checkpointer.save(host_step, state)
+  finally:
+    summary.final_step = host_step
 
 
 @gin.configurable
-def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_task: Optional[str] = None,
-          batch_source=None, model_config=None, diffusion: Optional[DiffusionConfig] = None,
-          optimizer: Optional[optim.OptimizerConfig] = None, data_config=None,
-          mesh_shape: Sequence[int] = (-1, 1, 1), seed: int = 0, ema_decay: float = 0.9999, ema_warmup: bool = True,
-          log_every: int = 50, checkpoint_every: int = 1000, keep_checkpoints: Optional[int] = 3,
-          async_checkpoints: bool = True, max_nonfinite_streak: int = 10,
-          compilation_cache_dir: Optional[str] = "~/.cache/imagen_jax/xla",
-          text_encoder_checkpoint: Optional[str] = None, sample_every: int = 0,
-          sample_hook: Optional[Callable[..., None]] = None, progress: bool = True, devices=None) -> TrainSummary:
+def train(
+  *,
+  model_dir: str = gin.REQUIRED,
+  num_steps: int = gin.REQUIRED,
+  data_task: Optional[str] = None,
+  batch_source=None,
+  model_config=None,
+  diffusion: Optional[DiffusionConfig] = None,
+  optimizer: Optional[optim.OptimizerConfig] = None,
+  data_config=None,
+  mesh_shape: Sequence[int] = (-1, 1, 1),
+  seed: int = 0,
+  ema_decay: float = 0.9999,
+  ema_warmup: bool = True,
+  log_every: int = 50,
+  checkpoint_every: int = 1000,
+  keep_checkpoints: Optional[int] = 3,
+  async_checkpoints: bool = True,
+  max_nonfinite_streak: int = 10,
+  compilation_cache_dir: Optional[str] = "~/.cache/imagen_jax/xla",
+  text_encoder_checkpoint: Optional[str] = None,
+  sample_every: int = 0,
+  sample_hook: Optional[Callable[..., None]] = None,
+  progress: bool = True,
+  devices=None,
+) -> TrainSummary:
   """Trains one cascade stage (see the module docstring and `gin_configs/runs/train_*.gin`).
 
   Args:
     model_dir: the run directory (checkpoints, logs, gin config).
     num_steps: optimizer calls in all.
-    data_task: a seqio task (normally `@cached_task()`), read through StageDataConfig (`data_config`).
-    batch_source: (Python only) replaces `data_task` with any source of host-local batches (`train.data`).
+    data_task: a seqio task (normally `@cached_task()`), read through StageDataConfig
+      (`data_config`).
+    batch_source: (Python only) replaces `data_task` with any source of host-local batches
+      (`train.data`).
     model_config: the network (None: the gin-configured one).
     diffusion: the diffusion settings (None: the gin-configured ones).
     optimizer: the optimizer settings (None: the gin-configured ones).
@@ -320,8 +515,9 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
     compilation_cache_dir: JAX's persistent compilation cache (None: off).
     text_encoder_checkpoint: embed tokens on the fly (StageDataConfig.embeddings = 'on_the_fly').
     sample_every: steps per sample grid (0: none).
-    sample_hook: called as sample_hook(step=, state=, model_dir=, write_images=) every `sample_every`
-      steps (`imagen_jax.sample.grid_hook.SampleGridHook`; its `prepare` gets the first batch).
+    sample_hook: called as sample_hook(step=, state=, model_dir=, write_images=) every
+      `sample_every` steps (`imagen_jax.sample.grid_hook.SampleGridHook`; its `prepare` gets the
+      first batch).
     progress: print progress lines.
     devices: (Python only) the mesh's devices (default: all).
 
@@ -335,19 +531,28 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
   diffusion = diffusion if diffusion is not None else DiffusionConfig()
   opt_config = optimizer if optimizer is not None else optim.OptimizerConfig()
   if num_steps < 1 or log_every < 1 or checkpoint_every < 1:
-    raise TrainError(f"num_steps, log_every and checkpoint_every must be >= 1 (got {num_steps}, {log_every}, "
-                     f"{checkpoint_every})")
+    raise TrainError(
+      f"num_steps, log_every and checkpoint_every must be >= 1 (got {num_steps}, {log_every}, "
+      f"{checkpoint_every})"
+    )
   mesh = _mesh(mesh_shape, devices)
   lead = jax.process_index() == 0
 
   # ------------------------------------------------------------------ what trains, and the data
   batch_source, global_batch = _data_source(batch_source, data_task, data_config)
-  spec = setup_lib.RunSpec(model_config=model_config, diffusion=diffusion, optimizer=opt_config,
-                           global_batch=global_batch, mesh_shape=tuple(mesh.shape.values()), ema_decay=ema_decay,
-                           ema_warmup=ema_warmup)
+  spec = setup_lib.RunSpec(
+    model_config=model_config,
+    diffusion=diffusion,
+    optimizer=opt_config,
+    global_batch=global_batch,
+    mesh_shape=tuple(mesh.shape.values()),
+    ema_decay=ema_decay,
+    ema_warmup=ema_warmup,
+  )
   setup = setup_lib.TrainSetup(spec, mesh)
   record = ckpt.run_record(model_config, setup.abstract.params, diffusion)
-  ckpt.check_run_dir(model_dir, record)       # a MODEL_DIR of another network is refused before any write
+  # A MODEL_DIR of another network is refused before anything is written.
+  ckpt.check_run_dir(model_dir, record)
   local_batch = global_batch // jax.process_count()
   on_the_fly = text_encoder_checkpoint is not None
   keys = _needed_keys(model_config, on_the_fly)
@@ -360,84 +565,77 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
     start = int(jax.device_get(state.step))
     if lead:
       ckpt.gin_file(model_dir).write_text(gin.config_str())
-    encoder_config = encoder_params = encoder_shardings = None
-    if on_the_fly:
-      encoder_config, encoder_params, encoder_shardings = _load_encoder(text_encoder_checkpoint, mesh)
+    encoder = _load_encoder(text_encoder_checkpoint, mesh) if on_the_fly else (None, None, None)
+    encoder_params = encoder[1]
     summary = TrainSummary(start_step=start, final_step=start, stopped="done")
     if start >= num_steps:
       if progress and lead:
-        print(f"{model_dir}: already trained to step {start} (num_steps = {num_steps}); nothing to do", flush=True)
+        print(
+          f"{model_dir}: already trained to step {start} (num_steps = {num_steps}); nothing to do",
+          flush=True,
+        )
       return summary
 
-    # ---------------------------------------------------------------- the first batch, the compiled step
+    # ---------------------------------------------------------------- the first batch, the step
     first = next(batch_source)
     _check_batch(first, keys, model_config, local_batch)
     if sample_hook is not None and sample_every and hasattr(sample_hook, "prepare"):
       sample_hook.prepare(batch=first, model_config=model_config, diffusion=diffusion, mesh=mesh)
-    shapes = {k: jax.ShapeDtypeStruct((global_batch,) + first[k].shape[1:], first[k].dtype) for k in keys}
-
-    def count_trace():
-      summary.traces += 1
-
-    t0 = time.perf_counter()
-    lowered, sig = setup.lower(shapes, state=state, encoder_params=encoder_params, encoder_config=encoder_config,
-                               encoder_shardings=encoder_shardings, trace_counter=count_trace)
-    compiled = lowered.compile()
-    summary.compile_seconds = time.perf_counter() - t0
-    summary.flops_per_step = perf.compiled_flops(compiled)
-    accumulate = jax.jit(step_lib.accumulate)
-    log = _MetricLog(summary, writer, start=start, num_steps=num_steps, global_batch=global_batch,
-                     opt_config=opt_config, max_nonfinite_streak=max_nonfinite_streak)
-    checkpointer = _Checkpointer(mgr, batch_source, summary, max_nonfinite_streak=max_nonfinite_streak,
-                                 announce=progress, lead=lead, async_save=async_checkpoints)
+    compiled, sig = _compile_step(setup, state, first, keys, encoder, summary)
+    log = _MetricLog(
+      summary,
+      writer,
+      start=start,
+      num_steps=num_steps,
+      global_batch=global_batch,
+      opt_config=opt_config,
+      max_nonfinite_streak=max_nonfinite_streak,
+    )
+    checkpointer = _Checkpointer(
+      mgr,
+      batch_source,
+      summary,
+      max_nonfinite_streak=max_nonfinite_streak,
+      announce=progress,
+      lead=lead,
+      async_save=async_checkpoints,
+    )
     if lead and progress:
-      _print_start(record, setup, mesh, summary, (log.peak, log.peak_source), start=start, num_steps=num_steps)
+      _print_start(
+        record, setup, mesh, summary, (log.peak, log.peak_source), start=start, num_steps=num_steps
+      )
 
     # ---------------------------------------------------------------- the loop
-    acc = step_lib.zero_metrics()
-    pending = None              # (step, sums) of the last interval, written while the next step runs
-    host_step = start
-    batch = first
-    wrote_operative = False
     try:
-      while host_step < num_steps:
-        if batch is None:
-          batch = next(batch_source)
-        state, metrics = compiled(state, _global_batch(batch, keys, sig.in_shardings[1]), encoder_params)
-        batch = None
-        host_step += 1
-        acc = accumulate(acc, metrics)
-        if pending is not None:
-          p, pending = pending, None
-          log.write(*p, latest_checkpoint=mgr.latest_step())
-        if not wrote_operative and lead:
-          ckpt.gin_file(model_dir, operative=True).write_text(gin.operative_config_str())
-          wrote_operative = True
-        if host_step % log_every == 0 or host_step == num_steps:
-          pending = (host_step, acc)
-          acc = step_lib.zero_metrics()
-        if sample_hook is not None and sample_every and host_step % sample_every == 0:
-          with partitioning.mesh_context(mesh):
-            sample_hook(step=host_step, state=state, model_dir=model_dir, write_images=writer.write_images)
-        if preemption.reached(mgr, host_step):
-          checkpointer.save(host_step, state)
-          summary.stopped = "preempted"
-          if lead:
-            print(f"preempted (SIGTERM) at step {host_step}: checkpoint saved, exiting", flush=True)
-          break
-        if host_step % checkpoint_every == 0 and host_step != num_steps:
-          checkpointer.save(host_step, state)
-      if pending is not None:
-        log.write(*pending, latest_checkpoint=mgr.latest_step())
-        pending = None
-      if summary.stopped == "done" and (not summary.checkpoints or summary.checkpoints[-1] != host_step):
-        checkpointer.save(host_step, state)
+      _loop(
+        compiled,
+        sig,
+        state,
+        first,
+        keys,
+        encoder_params,
+        batch_source,
+        summary=summary,
+        start=start,
+        num_steps=num_steps,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
+        sample_hook=sample_hook if sample_every else None,
+        sample_every=sample_every,
+        mesh=mesh,
+        model_dir=model_dir,
+        writer=writer,
+        preemption=preemption,
+        mgr=mgr,
+        log=log,
+        checkpointer=checkpointer,
+        lead=lead,
+      )
     except NonFiniteError:
       summary.stopped = "nonfinite"
       raise
     finally:
       mgr.wait_until_finished()
-      summary.final_step = host_step
       summary.step_time = log.median_step_time()
     return summary
   finally:
@@ -447,11 +645,15 @@ def train(*, model_dir: str = gin.REQUIRED, num_steps: int = gin.REQUIRED, data_
 
 
 def _task_source(task_name: str, data_config):
-  from imagen_jax.train.data import TaskSource
   import seqio
+
+  from imagen_jax.train.data import TaskSource
+
   try:
     seqio.get_mixture_or_task(task_name)
   except ValueError:
-    raise TrainError(f"data task {task_name!r} is not registered (use train.data_task = @cached_task() with "
-                     "cached_task.cache_dir = ...)") from None
+    raise TrainError(
+      f"data task {task_name!r} is not registered (use train.data_task = @cached_task() with "
+      "cached_task.cache_dir = ...)"
+    ) from None
   return TaskSource(task_name, data_config)

@@ -1,9 +1,10 @@
-"""The optimizer of a stage, chosen in gin: Adafactor (the paper's base stage) or Adam (its SR stages), a
-linear warm-up then cosine decay, global-norm clipping and optional gradient accumulation.
+"""The optimizer of a stage, chosen in gin: Adafactor (the paper's base stage) or Adam (its SR
+stages), a linear warm-up then cosine decay, global-norm clipping and optional gradient
+accumulation.
 
-Defaults are the paper's (docs/paper.md §2): learning rate 1e-4, 10k warm-up steps, cosine decay over the
-2.5M training steps, Adafactor with optax's defaults and no weight decay; Adam with b1 0.9, b2 0.999,
-eps 1e-8 (`runs/train_sr_*.gin` select it).
+Defaults are the paper's (docs/paper.md §2): learning rate 1e-4, 10k warm-up steps, cosine decay
+over the 2.5M training steps, Adafactor with optax's defaults and no weight decay; Adam with b1 0.9,
+b2 0.999, eps 1e-8 (`runs/train_sr_*.gin` select it).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Optional
 
 import gin
 import optax
+
 from imagen_jax.errors import ConfigError
 
 OPTIMIZERS = ("adafactor", "adam", "adamw", "sgd")
@@ -30,14 +32,18 @@ class OptimizerConfig:
   name: str = "adafactor"
   learning_rate: float = 1e-4
   warmup_steps: int = 10_000
-  decay_steps: Optional[int] = 2_500_000   # cosine decay to end_learning_rate by this step; None: constant
+  decay_steps: Optional[int] = (
+    2_500_000  # cosine decay to end_learning_rate by this step; None: constant
+  )
   end_learning_rate: float = 0.0
-  b1: float = 0.9                          # Adam / AdamW; SGD's momentum (0: plain SGD)
+  b1: float = 0.9  # Adam / AdamW; SGD's momentum (0: plain SGD)
   b2: float = 0.999
   eps: float = 1e-8
-  weight_decay: float = 0.0                # AdamW only
-  clip_grad_norm: Optional[float] = 1.0    # global-norm clipping of the (accumulated) gradient; None: off
-  accumulate_steps: int = 1                # > 1: optax.MultiSteps, one update every k micro-batches
+  weight_decay: float = 0.0  # AdamW only
+  clip_grad_norm: Optional[float] = (
+    1.0  # global-norm clipping of the (accumulated) gradient; None: off
+  )
+  accumulate_steps: int = 1  # > 1: optax.MultiSteps, one update every k micro-batches
 
   def __post_init__(self):
     check_optimizer(self.name)
@@ -46,7 +52,9 @@ class OptimizerConfig:
     if self.warmup_steps < 0:
       raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
     if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
-      raise ConfigError(f"decay_steps ({self.decay_steps}) must exceed warmup_steps ({self.warmup_steps})")
+      raise ConfigError(
+        f"decay_steps ({self.decay_steps}) must exceed warmup_steps ({self.warmup_steps})"
+      )
     if self.accumulate_steps < 1:
       raise ConfigError(f"accumulate_steps must be >= 1, got {self.accumulate_steps}")
     if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
@@ -54,14 +62,15 @@ class OptimizerConfig:
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
-  """Linear warm-up from 0 to the peak, then cosine decay to end_learning_rate at decay_steps (optimizer
-  updates, i.e. micro-batches / accumulate_steps)."""
+  """Linear warm-up from 0 to the peak, then cosine decay to end_learning_rate at decay_steps
+  (optimizer updates, i.e. micro-batches / accumulate_steps)."""
   if config.decay_steps is None:
     if config.warmup_steps == 0:
       return optax.constant_schedule(config.learning_rate)
     return optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
-  return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps, config.decay_steps,
-                                            config.end_learning_rate)
+  return optax.warmup_cosine_decay_schedule(
+    0.0, config.learning_rate, config.warmup_steps, config.decay_steps, config.end_learning_rate
+  )
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
@@ -71,7 +80,9 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   elif config.name == "adam":
     opt = optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps)
   elif config.name == "adamw":
-    opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
+    opt = optax.adamw(
+      schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
+    )
   else:
     opt = optax.sgd(schedule, momentum=config.b1 or None)
   if config.clip_grad_norm is not None:

@@ -1,7 +1,9 @@
-"""The one train-step builder: a run's spec -> optimizer, abstract state, shardings, batch shapes, step.
+"""The one train-step builder: a run's spec -> optimizer, abstract state, shardings, batch shapes,
+step.
 
 The trainer, the TPU compile check, the benchmark and the tests all build the step here, so what is
-checked and measured is what trains (maxtext's setup_train_loop + get_functional_train_with_signature).
+checked and measured is what trains (maxtext's setup_train_loop +
+get_functional_train_with_signature).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from imagen_jax.train import step as step_lib
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """What a training run trains: the network, the diffusion and optimizer settings, batch and mesh."""
+  """What a training run trains: the network, the diffusion and optimizer settings, batch and
+  mesh."""
+
   model_config: Any
   diffusion: DiffusionConfig
   optimizer: optim.OptimizerConfig
@@ -35,7 +39,8 @@ class RunSpec:
 
 
 def run_spec_from_gin() -> RunSpec:
-  """The run a parsed gin config describes, without calling `train` (its run directory and data unset).
+  """The run a parsed gin config describes, without calling `train` (its run directory and data
+  unset).
 
   Returns:
     The spec, with BATCH_SIZE and MESH from their macros (2048 and (-1, 1, 1) where unbound).
@@ -43,6 +48,7 @@ def run_spec_from_gin() -> RunSpec:
   Raises:
     ConfigError: the config defines no network.
   """
+
   def macro(name, default):
     try:
       return gin.query_parameter(f"%{name}")
@@ -51,15 +57,22 @@ def run_spec_from_gin() -> RunSpec:
 
   try:
     model_config = models.model_config()
-  except Exception as e:   # gin's own errors for an unbound configurable come in several types
-    raise ConfigError(f"the gin config defines no network ({str(e).splitlines()[0]}); pass a run or model gin "
-                      "file") from None
-  return RunSpec(model_config=model_config, diffusion=DiffusionConfig(), optimizer=optim.OptimizerConfig(),
-                 global_batch=int(macro("BATCH_SIZE", 2048)), mesh_shape=tuple(macro("MESH", (-1, 1, 1))))
+  except Exception as e:  # gin's own errors for an unbound configurable come in several types
+    raise ConfigError(
+      f"the gin config defines no network ({str(e).splitlines()[0]}); pass a run or model gin file"
+    ) from None
+  return RunSpec(
+    model_config=model_config,
+    diffusion=DiffusionConfig(),
+    optimizer=optim.OptimizerConfig(),
+    global_batch=int(macro("BATCH_SIZE", 2048)),
+    mesh_shape=tuple(macro("MESH", (-1, 1, 1))),
+  )
 
 
 def batch_shapes(model_config, global_batch: int) -> Dict[str, jax.ShapeDtypeStruct]:
-  """The device fields of a global batch of cached embeddings, as the data pipeline feeds them (float32).
+  """The device fields of a global batch of cached embeddings, as the data pipeline feeds them
+  (float32).
 
   Args:
     model_config: the stage network's config.
@@ -69,12 +82,20 @@ def batch_shapes(model_config, global_batch: int) -> Dict[str, jax.ShapeDtypeStr
     {field: ShapeDtypeStruct}.
   """
   size, length = model_config.image_size, model_config.max_text_length
-  shapes = {K.IMAGE: jax.ShapeDtypeStruct((global_batch, size, size, model_config.in_channels), jnp.float32),
-            K.TEXT_EMB: jax.ShapeDtypeStruct((global_batch, length, model_config.text_embed_dim), jnp.float32),
-            K.TEXT_MASK: jax.ShapeDtypeStruct((global_batch, length), jnp.bool_)}
+  shapes = {
+    K.IMAGE: jax.ShapeDtypeStruct(
+      (global_batch, size, size, model_config.in_channels), jnp.float32
+    ),
+    K.TEXT_EMB: jax.ShapeDtypeStruct(
+      (global_batch, length, model_config.text_embed_dim), jnp.float32
+    ),
+    K.TEXT_MASK: jax.ShapeDtypeStruct((global_batch, length), jnp.bool_),
+  }
   if models.is_super_resolution(model_config):
     low = model_config.lowres_size
-    shapes[K.LOWRES] = jax.ShapeDtypeStruct((global_batch, low, low, model_config.in_channels), jnp.float32)
+    shapes[K.LOWRES] = jax.ShapeDtypeStruct(
+      (global_batch, low, low, model_config.in_channels), jnp.float32
+    )
   return shapes
 
 
@@ -100,11 +121,19 @@ class TrainSetup:
 
   def create_state(self, seed: int = 0) -> state_lib.TrainState:
     """The initial state, created directly sharded on the mesh."""
-    state, _, _ = state_lib.create_state(self.spec.model_config, self.tx, jax.random.PRNGKey(seed), self.mesh)
+    state, _, _ = state_lib.create_state(
+      self.spec.model_config, self.tx, jax.random.PRNGKey(seed), self.mesh
+    )
     return state
 
-  def signature(self, shapes: Optional[Dict[str, Any]] = None, *, encoder_config=None, encoder_shardings=None,
-                trace_counter=None) -> step_lib.StepSignature:
+  def signature(
+    self,
+    shapes: Optional[Dict[str, Any]] = None,
+    *,
+    encoder_config=None,
+    encoder_shardings=None,
+    trace_counter=None,
+  ) -> step_lib.StepSignature:
     """The step with its shardings and donation.
 
     Args:
@@ -118,13 +147,28 @@ class TrainSetup:
     """
     spec = self.spec
     shapes = batch_shapes(spec.model_config, spec.global_batch) if shapes is None else shapes
-    return step_lib.step_signature(model_config=spec.model_config, diffusion=spec.diffusion, tx=self.tx,
-                                   state_shardings=self.shardings, batch_shapes=shapes, mesh=self.mesh,
-                                   ema_decay=spec.ema_decay, ema_warmup=spec.ema_warmup, encoder_config=encoder_config,
-                                   encoder_shardings=encoder_shardings, trace_counter=trace_counter)
+    return step_lib.step_signature(
+      model_config=spec.model_config,
+      diffusion=spec.diffusion,
+      tx=self.tx,
+      state_shardings=self.shardings,
+      batch_shapes=shapes,
+      mesh=self.mesh,
+      ema_decay=spec.ema_decay,
+      ema_warmup=spec.ema_warmup,
+      encoder_config=encoder_config,
+      encoder_shardings=encoder_shardings,
+      trace_counter=trace_counter,
+    )
 
-  def lower(self, shapes: Optional[Dict[str, Any]] = None, *, state=None, encoder_params=None,
-            **signature_kwargs) -> Tuple[Any, step_lib.StepSignature]:
+  def lower(
+    self,
+    shapes: Optional[Dict[str, Any]] = None,
+    *,
+    state=None,
+    encoder_params=None,
+    **signature_kwargs,
+  ) -> Tuple[Any, step_lib.StepSignature]:
     """The step lowered on abstract sharded inputs (no array allocated unless `state` is given).
 
     Args:
@@ -136,12 +180,19 @@ class TrainSetup:
     Returns:
       (the lowered step, its signature).
     """
-    shapes = batch_shapes(self.spec.model_config, self.spec.global_batch) if shapes is None else shapes
+    shapes = (
+      batch_shapes(self.spec.model_config, self.spec.global_batch) if shapes is None else shapes
+    )
     sig = self.signature(shapes, **signature_kwargs)
     if state is None:
-      state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract,
-                                     self.shardings)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sig.in_shardings[1][k]) for k, v in shapes.items()}
+      state = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        self.abstract,
+        self.shardings,
+      )
+    batch = {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sig.in_shardings[1][k])
+      for k, v in shapes.items()
+    }
     with partitioning.mesh_context(self.mesh):
       return sig.jit().lower(state, batch, encoder_params), sig
-

@@ -1,15 +1,16 @@
-"""The train step as a pure function, and the one function that gives it with its shardings and donation.
+"""The train step as a pure function, and the one function that gives it with its shardings and
+donation.
 
-`train_step(state, batch, encoder_params) -> (state, metrics)`: the step's key is fold_in(run key, step)
-(a resumed run draws exactly the keys an uninterrupted one would); SR stages corrupt the low-res image
-with noise-conditioning augmentation at random levels; the diffusion core's loss (with condition
-dropout) is differentiated; the optax update (global-norm clipping inside the chain) and the EMA update
-follow; a step whose loss or gradient norm is not finite leaves parameters, EMA and optimizer state
-untouched (a select inside the compiled program) and is counted.
+`train_step(state, batch, encoder_params) -> (state, metrics)`: the step's key is fold_in(run key,
+step) (a resumed run draws exactly the keys an uninterrupted one would); SR stages corrupt the
+low-res image with noise-conditioning augmentation at random levels; the diffusion core's loss (with
+condition dropout) is differentiated; the optax update (global-norm clipping inside the chain) and
+the EMA update follow; a step whose loss or gradient norm is not finite leaves parameters, EMA and
+optimizer state untouched (a select inside the compiled program) and is counted.
 
-`step_signature(...)` returns the partial'd step with its in/out shardings and donated arguments: the
-loop jits exactly that, and the ahead-of-time compile check lowers exactly that (what is checked is what
-runs; maxtext's get_functional_train_with_signature).
+`step_signature(...)` returns the partial'd step with its in/out shardings and donated arguments:
+the loop jits exactly that, and the ahead-of-time compile check lowers exactly that (what is checked
+is what runs; maxtext's get_functional_train_with_signature).
 """
 
 from __future__ import annotations
@@ -39,26 +40,39 @@ METRIC_KEYS = SUM_KEYS + LAST_KEYS
 
 
 def ema_decay_at(step, decay: float, warmup: bool):
-  """EMA decay; with warmup, min(decay, (1 + step) / (10 + step)), so early averages are not dominated
-  by the random initialisation (the usual ExponentialMovingAverage num_updates rule)."""
+  """EMA decay; with warmup, min(decay, (1 + step) / (10 + step)), so early averages are not
+  dominated by the random initialisation (the usual ExponentialMovingAverage num_updates rule)."""
   if not warmup:
     return jnp.asarray(decay, jnp.float32)
   s = jnp.asarray(step, jnp.float32)
   return jnp.minimum(jnp.float32(decay), (1.0 + s) / (10.0 + s))
 
 
-def train_step(state: TrainState, batch: Dict[str, jax.Array], encoder_params=None, *, model,
-               diffusion: DiffusionConfig, tx: optax.GradientTransformation, super_resolution: bool,
-               ema_decay: float = 0.9999, ema_warmup: bool = True, encoder_config=None,
-               trace_counter: Optional[Callable[[], None]] = None) -> Tuple[TrainState, Dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: Dict[str, jax.Array],
+  encoder_params=None,
+  *,
+  model,
+  diffusion: DiffusionConfig,
+  tx: optax.GradientTransformation,
+  super_resolution: bool,
+  ema_decay: float = 0.9999,
+  ema_warmup: bool = True,
+  encoder_config=None,
+  trace_counter: Optional[Callable[[], None]] = None,
+) -> Tuple[TrainState, Dict[str, jax.Array]]:
   if trace_counter is not None:
     trace_counter()
   key = jax.random.fold_in(state.rng, state.step)
   k_loss, k_aug, k_dropout = jax.random.split(key, 3)
 
-  if encoder_config is not None:        # on-the-fly text embedding: the frozen encoder inside the step
+  if encoder_config is not None:  # on-the-fly text embedding: the frozen encoder inside the step
     from imagen_jax.text.encoder import encode_tokens
-    emb, mask = encode_tokens(encoder_config, jax.lax.stop_gradient(encoder_params), batch[K.TOKENS])
+
+    emb, mask = encode_tokens(
+      encoder_config, jax.lax.stop_gradient(encoder_params), batch[K.TOKENS]
+    )
     cond = {K.TEXT_EMB: emb, K.TEXT_MASK: mask}
   else:
     cond = {K.TEXT_EMB: batch[K.TEXT_EMB], K.TEXT_MASK: batch[K.TEXT_MASK]}
@@ -69,7 +83,9 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], encoder_params=No
 
   def loss_fn(params):
     def model_fn(z, log_snr, c):
-      return model.apply({"params": params}, z, log_snr, c, deterministic=False, rngs={"dropout": k_dropout})
+      return model.apply(
+        {"params": params}, z, log_snr, c, deterministic=False, rngs={"dropout": k_dropout}
+      )
 
     loss, _ = diffusion.loss(model_fn, batch[K.IMAGE], cond, k_loss)
     return loss
@@ -80,56 +96,96 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], encoder_params=No
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  updated = optax.MultiSteps.has_updated(opt_state) if isinstance(opt_state, optax.MultiStepsState) else True
+  updated = (
+    optax.MultiSteps.has_updated(opt_state)
+    if isinstance(opt_state, optax.MultiStepsState)
+    else True
+  )
   decay = jnp.where(updated, ema_decay_at(state.step, ema_decay, ema_warmup), 1.0)
   ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
 
   keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
-      step=state.step + 1,
-      params=keep(params, state.params),
-      ema_params=keep(ema, state.ema_params),
-      opt_state=keep(opt_state, state.opt_state),
-      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32),
-      nonfinite_total=(state.nonfinite_total + (~finite).astype(jnp.int32)).astype(jnp.int32))
+    step=state.step + 1,
+    params=keep(params, state.params),
+    ema_params=keep(ema, state.ema_params),
+    opt_state=keep(opt_state, state.opt_state),
+    nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32),
+    nonfinite_total=(state.nonfinite_total + (~finite).astype(jnp.int32)).astype(jnp.int32),
+  )
   f = finite.astype(jnp.float32)
-  metrics = {"loss_sum": jnp.where(finite, loss, 0.0), "grad_norm_sum": jnp.where(finite, grad_norm, 0.0),
-             "finite_steps": f, "nonfinite_steps": 1.0 - f, "nonfinite_streak": new_state.nonfinite_streak,
-             "nonfinite_total": new_state.nonfinite_total}
+  metrics = {
+    "loss_sum": jnp.where(finite, loss, 0.0),
+    "grad_norm_sum": jnp.where(finite, grad_norm, 0.0),
+    "finite_steps": f,
+    "nonfinite_steps": 1.0 - f,
+    "nonfinite_streak": new_state.nonfinite_streak,
+    "nonfinite_total": new_state.nonfinite_total,
+  }
   return new_state, metrics
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSignature:
-  """The step function (state, batch, encoder_params) -> (state, metrics) with what `jax.jit` needs."""
+  """The step function (state, batch, encoder_params) -> (state, metrics) with what `jax.jit`
+  needs."""
+
   fn: Callable
   in_shardings: Tuple[Any, Any, Any]
   out_shardings: Tuple[Any, Any]
   donate_argnums: Tuple[int, ...]
 
   def jit(self):
-    return jax.jit(self.fn, in_shardings=self.in_shardings, out_shardings=self.out_shardings,
-                   donate_argnums=self.donate_argnums)
+    return jax.jit(
+      self.fn,
+      in_shardings=self.in_shardings,
+      out_shardings=self.out_shardings,
+      donate_argnums=self.donate_argnums,
+    )
 
 
 def batch_shardings(batch_shapes: Dict[str, Any], mesh: Mesh) -> Dict[str, NamedSharding]:
   return {k: partitioning.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}
 
 
-def step_signature(*, model_config, diffusion: DiffusionConfig, tx, state_shardings: TrainState,
-                   batch_shapes: Dict[str, Any], mesh: Mesh, ema_decay: float = 0.9999, ema_warmup: bool = True,
-                   encoder_config=None, encoder_shardings=None, trace_counter=None) -> StepSignature:
+def step_signature(
+  *,
+  model_config,
+  diffusion: DiffusionConfig,
+  tx,
+  state_shardings: TrainState,
+  batch_shapes: Dict[str, Any],
+  mesh: Mesh,
+  ema_decay: float = 0.9999,
+  ema_warmup: bool = True,
+  encoder_config=None,
+  encoder_shardings=None,
+  trace_counter=None,
+) -> StepSignature:
   """The train step of one stage, partial'd over the model and settings, with its shardings.
 
-  batch_shapes: the device fields of a global batch (ShapeDtypeStructs or arrays). The state is donated.
+  batch_shapes: the device fields of a global batch (ShapeDtypeStructs or arrays). The state is
+  donated.
   """
-  fn = functools.partial(train_step, model=models.build_model(model_config), diffusion=diffusion, tx=tx,
-                         super_resolution=models.is_super_resolution(model_config), ema_decay=ema_decay,
-                         ema_warmup=ema_warmup, encoder_config=encoder_config, trace_counter=trace_counter)
+  fn = functools.partial(
+    train_step,
+    model=models.build_model(model_config),
+    diffusion=diffusion,
+    tx=tx,
+    super_resolution=models.is_super_resolution(model_config),
+    ema_decay=ema_decay,
+    ema_warmup=ema_warmup,
+    encoder_config=encoder_config,
+    trace_counter=trace_counter,
+  )
   replicated = NamedSharding(mesh, PartitionSpec())
   metrics = {k: replicated for k in METRIC_KEYS}
-  return StepSignature(fn=fn, in_shardings=(state_shardings, batch_shardings(batch_shapes, mesh), encoder_shardings),
-                       out_shardings=(state_shardings, metrics), donate_argnums=(0,))
+  return StepSignature(
+    fn=fn,
+    in_shardings=(state_shardings, batch_shardings(batch_shapes, mesh), encoder_shardings),
+    out_shardings=(state_shardings, metrics),
+    donate_argnums=(0,),
+  )
 
 
 def accumulate(total, metrics):

@@ -1,1 +1,2 @@
-"""The metrics: the Fréchet distance (FID of folders and statistics) and the synthetic-shapes scorer."""
+"""The metrics: the Fréchet distance (FID of folders and statistics) and the synthetic-shapes
+scorer."""

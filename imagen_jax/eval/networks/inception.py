@@ -1,19 +1,21 @@
-"""The FID Inception-v3 (the TensorFlow "2015-12-05" graph that FID is defined with, as pytorch-fid and
-torch-fidelity port it) as a Flax module, its weights converter, and a jitted feature extractor sharded over
-all devices.
+"""The FID Inception-v3 (the TensorFlow "2015-12-05" graph that FID is defined with, as pytorch-fid
+and torch-fidelity port it) as a Flax module, its weights converter, and a jitted feature extractor
+sharded over all devices.
 
-The network is torchvision's Inception-v3 with the FID graph's differences: average pools that do not count
-the padding (Mixed_5*, 6b-e, 7b), a max pool in the last block's pool branch (Mixed_7c), batch norm with
-eps 1e-3, no auxiliary head; features are the 2048-d global average pool. Inputs are uint8 RGB images of any
-size, resized to 299x299 with bilinear interpolation and mapped to [-1, 1] by (x - 128) / 128. Two resizes:
-`tf1` (the default: TensorFlow 1's legacy bilinear, which the original FID code and torch-fidelity use; source
-coordinate = i * in / out) and `pytorch` (pytorch-fid's `F.interpolate(..., align_corners=False)`:
-half-pixel centres). Both are exact separable matrices here.
+The network is torchvision's Inception-v3 with the FID graph's differences: average pools that do
+not count the padding (Mixed_5*, 6b-e, 7b), a max pool in the last block's pool branch (Mixed_7c),
+batch norm with eps 1e-3, no auxiliary head; features are the 2048-d global average pool. Inputs are
+uint8 RGB images of any size, resized to 299x299 with bilinear interpolation and mapped to [-1, 1]
+by (x - 128) / 128. Two resizes: `tf1` (the default: TensorFlow 1's legacy bilinear, which the
+original FID code and torch-fidelity use; source coordinate = i * in / out) and `pytorch`
+(pytorch-fid's `F.interpolate(..., align_corners=False)`: half-pixel centres). Both are exact
+separable matrices here.
 
 Weights: `convert(pth, out_dir)` reads the published PyTorch state dict (pytorch-fid's
-`pt_inception-2015-12-05-6726825d.pth`, or torch-fidelity's identical `weights-inception-2015-12-05-6726825d.pth`)
-with `torch.load(weights_only=True)` — the only pickle this project opens, and only in the converter — and writes
-`inception_fid.safetensors` in this module's layout. The evaluator reads only that file.
+`pt_inception-2015-12-05-6726825d.pth`, or torch-fidelity's identical
+`weights-inception-2015-12-05-6726825d.pth`) with `torch.load(weights_only=True)` — the only pickle
+this project opens, and only in the converter — and writes `inception_fid.safetensors` in this
+module's layout. The evaluator reads only that file.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from imagen_jax.errors import ConfigError, UserError
 
 WEIGHTS_FILE = "inception_fid.safetensors"
@@ -39,7 +42,9 @@ class WeightsError(UserError):
 
 
 class BasicConv(nn.Module):
-  """Conv (no bias) + batch norm (inference statistics) + ReLU, with torch's names: conv.kernel, bn.*."""
+  """Conv (no bias) + batch norm (inference statistics) + ReLU, with torch's names: conv.kernel,
+  bn.*."""
+
   features: int
   kernel: Tuple[int, int]
   stride: int = 1
@@ -48,11 +53,18 @@ class BasicConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     kh, kw = self.kernel
-    w = self.param("conv_kernel", nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features))
+    w = self.param(
+      "conv_kernel", nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features)
+    )
     ph, pw = self.padding
-    y = jax.lax.conv_general_dilated(x, w.astype(x.dtype), (self.stride, self.stride), ((ph, ph), (pw, pw)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     precision=jax.lax.Precision.HIGHEST)
+    y = jax.lax.conv_general_dilated(
+      x,
+      w.astype(x.dtype),
+      (self.stride, self.stride),
+      ((ph, ph), (pw, pw)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST,
+    )
     scale = self.param("bn_scale", nn.initializers.ones, (self.features,))
     bias = self.param("bn_bias", nn.initializers.zeros, (self.features,))
     mean = self.param("bn_mean", nn.initializers.zeros, (self.features,))
@@ -126,18 +138,28 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
-  max_pool: bool          # the FID graph's last block pools with max, the one before with average
+  max_pool: bool  # the FID graph's last block pools with max, the one before with average
 
   @nn.compact
   def __call__(self, x):
     b1 = BasicConv(320, (1, 1), name="branch1x1")(x)
     b3 = BasicConv(384, (1, 1), name="branch3x3_1")(x)
-    b3 = jnp.concatenate([BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-                          BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3)], -1)
+    b3 = jnp.concatenate(
+      [
+        BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
+        BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
+      ],
+      -1,
+    )
     bd = BasicConv(448, (1, 1), name="branch3x3dbl_1")(x)
     bd = BasicConv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-    bd = jnp.concatenate([BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-                          BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd)], -1)
+    bd = jnp.concatenate(
+      [
+        BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
+        BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
+      ],
+      -1,
+    )
     if self.max_pool:
       pooled = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
     else:
@@ -174,7 +196,8 @@ class FIDInceptionV3(nn.Module):
 
 
 def resize_matrix(in_size: int, out_size: int, mode: str) -> np.ndarray:
-  """(out, in) bilinear interpolation weights along one axis (see the module doc for the two modes)."""
+  """(out, in) bilinear interpolation weights along one axis (see the module doc for the two
+  modes)."""
   if mode not in RESIZES:
     raise ConfigError(f"resize must be one of {RESIZES}, got {mode!r}")
   scale = in_size / out_size
@@ -194,7 +217,10 @@ def preprocess(images_uint8: jnp.ndarray, mode: str = "tf1") -> jnp.ndarray:
   _, h, w, _ = images_uint8.shape
   x = images_uint8.astype(jnp.float32)
   if (h, w) != (INPUT_SIZE, INPUT_SIZE):
-    my, mx = jnp.asarray(resize_matrix(h, INPUT_SIZE, mode)), jnp.asarray(resize_matrix(w, INPUT_SIZE, mode))
+    my, mx = (
+      jnp.asarray(resize_matrix(h, INPUT_SIZE, mode)),
+      jnp.asarray(resize_matrix(w, INPUT_SIZE, mode)),
+    )
     x = jnp.einsum("oh,nhwc->nowc", my, x, precision=jax.lax.Precision.HIGHEST)
     x = jnp.einsum("pw,nowc->nopc", mx, x, precision=jax.lax.Precision.HIGHEST)
   return (x - 128.0) / 128.0
@@ -206,12 +232,15 @@ _BN = {"weight": "bn_scale", "bias": "bn_bias", "running_mean": "bn_mean", "runn
 
 
 def abstract_params():
-  return jax.eval_shape(lambda: FIDInceptionV3().init(jax.random.PRNGKey(0), jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3))))
+  return jax.eval_shape(
+    lambda: FIDInceptionV3().init(jax.random.PRNGKey(0), jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3)))
+  )
 
 
 def from_torch_state_dict(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-  """torch names / layouts -> {'Mixed_5b/branch1x1/conv_kernel': HWIO array, ...}; every tensor of the module
-  must be there with its shape (the classifier `fc.*` and `num_batches_tracked` are ignored)."""
+  """torch names / layouts -> {'Mixed_5b/branch1x1/conv_kernel': HWIO array, ...}; every tensor
+  of the module must be there with its shape (the classifier `fc.*` and `num_batches_tracked` are
+  ignored)."""
   flat = {}
   for name, value in state.items():
     parts = name.split(".")
@@ -222,9 +251,14 @@ def from_torch_state_dict(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]
       raise WeightsError(f"unexpected tensor {name!r} {a.shape} in the Inception state dict")
     if parts[-2] == "conv" and parts[-1] == "weight":
       if a.ndim != 4:
-        raise WeightsError(f"tensor {name!r} has shape {a.shape}: a convolution kernel is 4-d (not the FID "
-                           "Inception-v3)")
-      key, a = "conv_kernel", np.ascontiguousarray(a.transpose(2, 3, 1, 0))   # safetensors writes raw buffers
+        raise WeightsError(
+          f"tensor {name!r} has shape {a.shape}: a convolution kernel is 4-d (not the FID "
+          "Inception-v3)"
+        )
+      key, a = (
+        "conv_kernel",
+        np.ascontiguousarray(a.transpose(2, 3, 1, 0)),
+      )  # safetensors writes raw buffers
     elif parts[-2] == "bn" and parts[-1] in _BN:
       key = _BN[parts[-1]]
     else:
@@ -235,9 +269,14 @@ def from_torch_state_dict(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]
 
 
 def param_shapes() -> Dict[str, Tuple[int, ...]]:
-  """{'Mixed_5b/branch1x1/conv_kernel': shape, ...}: the safetensors layout of the network's weights."""
+  """{'Mixed_5b/branch1x1/conv_kernel': shape, ...}: the safetensors layout of the network's
+  weights."""
   from flax import traverse_util
-  return {"/".join(k[1:]): tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_params()).items()}
+
+  return {
+    "/".join(k[1:]): tuple(v.shape)
+    for k, v in traverse_util.flatten_dict(abstract_params()).items()
+  }
 
 
 def check(flat: Dict[str, np.ndarray]) -> None:
@@ -245,36 +284,52 @@ def check(flat: Dict[str, np.ndarray]) -> None:
   missing = sorted(set(want) - set(flat))
   extra = sorted(set(flat) - set(want))
   if missing or extra:
-    raise WeightsError(f"Inception weights: {len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unexpected "
-                       f"(e.g. {extra[:2]}): not the FID Inception-v3")
+    raise WeightsError(
+      f"Inception weights: {len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unexpected "
+      f"(e.g. {extra[:2]}): not the FID Inception-v3"
+    )
   for k, shape in want.items():
     if tuple(flat[k].shape) != tuple(shape):
-      raise WeightsError(f"Inception weights: {k} has shape {tuple(flat[k].shape)}, expected {tuple(shape)}")
+      raise WeightsError(
+        f"Inception weights: {k} has shape {tuple(flat[k].shape)}, expected {tuple(shape)}"
+      )
 
 
 def convert(src, out_dir) -> Path:
-  """The published PyTorch weights file -> out_dir/inception_fid.safetensors (see the module doc)."""
+  """The published PyTorch weights file -> out_dir/inception_fid.safetensors (see the module
+  doc)."""
   try:
     import torch
   except ImportError:
-    raise WeightsError("the converter needs PyTorch (CPU is enough): pip install 'imagen-jax[torch]'") from None
+    raise WeightsError(
+      "the converter needs PyTorch (CPU is enough): pip install 'imagen-jax[torch]'"
+    ) from None
   from safetensors.numpy import save_file
+
   src = Path(src)
   if not src.is_file():
     raise WeightsError(f"{src}: no such file")
   try:
     state = torch.load(src, map_location="cpu", weights_only=True)
-  except Exception as e:         # noqa: BLE001  (torch raises many kinds for a bad or unsafe file)
-    raise WeightsError(f"{src}: not a PyTorch state dict that loads with weights_only=True "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+  except Exception as e:  # noqa: BLE001  (torch raises many kinds for a bad or unsafe file)
+    raise WeightsError(
+      f"{src}: not a PyTorch state dict that loads with weights_only=True "
+      f"({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+    ) from None
   if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
     state = state["state_dict"]
   if not isinstance(state, dict):
     raise WeightsError(f"{src}: expected a state dict, got {type(state).__name__}")
-  flat = from_torch_state_dict({k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")})
+  flat = from_torch_state_dict(
+    {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
+  )
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  save_file(flat, str(out / WEIGHTS_FILE), metadata={"source": src.name, "format": "imagen_jax FID inception v1"})
+  save_file(
+    flat,
+    str(out / WEIGHTS_FILE),
+    metadata={"source": src.name, "format": "imagen_jax FID inception v1"},
+  )
   return out / WEIGHTS_FILE
 
 
@@ -282,18 +337,22 @@ def load(path) -> Dict:
   """Flax params from a converted safetensors file (or the folder holding it)."""
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
+
   p = Path(path)
   if p.is_dir():
     p = p / WEIGHTS_FILE
   if not p.is_file():
-    raise WeightsError(f"no Inception weights at {path}: convert the published file "
-                       "pt_inception-2015-12-05-6726825d.pth first (`imagen-jax eval convert-inception`)")
+    raise WeightsError(
+      f"no Inception weights at {path}: convert the published file "
+      "pt_inception-2015-12-05-6726825d.pth first (`imagen-jax eval convert-inception`)"
+    )
   try:
     flat = load_file(str(p))
   except (SafetensorError, OSError, ValueError) as e:
     raise WeightsError(f"{p}: not a safetensors file ({e})") from None
   check(flat)
   from flax import traverse_util
+
   return {"params": traverse_util.unflatten_dict(flat, sep="/")}
 
 
@@ -301,10 +360,12 @@ def load(path) -> Dict:
 
 
 class FeatureExtractor:
-  """Jitted, batched over all devices (data axis): uint8 images (N, H, W, 3) -> float64 features (N, 2048)."""
+  """Jitted, batched over all devices (data axis): uint8 images (N, H, W, 3) -> float64 features
+  (N, 2048)."""
 
   def __init__(self, variables, *, batch_size: int = 64, resize: str = "tf1", mesh=None):
     from imagen_jax import partitioning
+
     if resize not in RESIZES:
       raise ConfigError(f"resize must be one of {RESIZES}, got {resize!r}")
     self.mesh = mesh if mesh is not None else partitioning.create_mesh(-1, 1, 1)
@@ -315,16 +376,24 @@ class FeatureExtractor:
     self.variables = jax.device_put(variables, rep)
     self._batch_sharding = partitioning.batch_sharding(self.mesh, 4)
     model = FIDInceptionV3()
-    self._fn = jax.jit(lambda v, x: model.apply(v, preprocess(x, resize)),
-                       out_shardings=partitioning.batch_sharding(self.mesh, 2))
+    self._fn = jax.jit(
+      lambda v, x: model.apply(v, preprocess(x, resize)),
+      out_shardings=partitioning.batch_sharding(self.mesh, 2),
+    )
 
   def __call__(self, images: np.ndarray, on_batch=None) -> np.ndarray:
-    """Features of uint8 RGB images (N, H, W, 3) as float64 (N, 2048); on_batch(done, total) per batch."""
+    """Features of uint8 RGB images (N, H, W, 3) as float64 (N, 2048); on_batch(done, total) per
+    batch."""
     from imagen_jax import partitioning
+
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"expected uint8 RGB images (N, H, W, 3), got {images.dtype} {images.shape}")
     feats = partitioning.pad_shard_unpad(
-        lambda rows: self._fn(self.variables, jax.device_put(images[rows], self._batch_sharding)), len(images),
-        self.batch_size, multiple=self.batch_size, on_batch=on_batch)
+      lambda rows: self._fn(self.variables, jax.device_put(images[rows], self._batch_sharding)),
+      len(images),
+      self.batch_size,
+      multiple=self.batch_size,
+      on_batch=on_batch,
+    )
     return np.zeros((0, FEATURE_DIM)) if feats is None else np.asarray(feats, np.float64)

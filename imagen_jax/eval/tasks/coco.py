@@ -1,12 +1,13 @@
 """The COCO FID-30K inputs from the user's COCO 2014 files: `imagen-jax eval coco-prompts`.
 
-From `captions_val2014.json` (COCO's annotations) and the `val2014/` image folder: `num` images drawn at random
-(seeded) without replacement, one of each image's captions drawn at random, written as
+From `captions_val2014.json` (COCO's annotations) and the `val2014/` image folder: `num` images
+drawn at random (seeded) without replacement, one of each image's captions drawn at random, written
+as
   OUT/prompts.txt        one caption per line (newlines inside captions folded to spaces)
-  OUT/ref_images/        symbolic links to the drawn images, named by their order (00000_<file name>)
+  OUT/ref_images/        symbolic links to the drawn images, named by order (00000_<file name>)
   OUT/coco_fid.json      the seed, the image ids, file names and captions, in order
-so that `imagen-jax sample --prompts_file OUT/prompts.txt` and `imagen-jax eval fid --ref OUT/ref_images
---center_crop 256` use the same 30k pairs (README: the COCO FID-30K recipe).
+so that `imagen-jax sample --prompts_file OUT/prompts.txt` and `imagen-jax eval fid --ref
+OUT/ref_images --center_crop 256` use the same 30k pairs (README: the COCO FID-30K recipe).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
-from imagen_jax.files import write_json
+
 from imagen_jax.errors import UserError
+from imagen_jax.files import write_json
 
 
 class CocoError(UserError):
@@ -33,7 +35,9 @@ def make_prompts(annotations, images_dir, out_dir, *, num: int = 30000, seed: in
     for a in data["annotations"]:
       captions.setdefault(a["image_id"], []).append(" ".join(str(a["caption"]).split()))
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CocoError(f"annotations {annotations}: not a COCO captions file ({type(e).__name__}: {e})") from None
+    raise CocoError(
+      f"annotations {annotations}: not a COCO captions file ({type(e).__name__}: {e})"
+    ) from None
   ids = sorted(i for i in images if captions.get(i))
   if num < 1 or num > len(ids):
     raise CocoError(f"num {num}: the annotations have {len(ids)} captioned images")
@@ -42,7 +46,9 @@ def make_prompts(annotations, images_dir, out_dir, *, num: int = 30000, seed: in
   chosen = [ids[k] for k in rng.choice(len(ids), size=num, replace=False)]
   missing = [images[i] for i in chosen if not (img_dir / images[i]).is_file()]
   if missing:
-    raise CocoError(f"images_dir {images_dir}: {len(missing)} of the drawn images are missing (e.g. {missing[0]})")
+    raise CocoError(
+      f"images_dir {images_dir}: {len(missing)} of the drawn images are missing (e.g. {missing[0]})"
+    )
   out = Path(out_dir)
   ref = out / "ref_images"
   if ref.exists() and any(ref.iterdir()):
@@ -55,6 +61,12 @@ def make_prompts(annotations, images_dir, out_dir, *, num: int = 30000, seed: in
     os.symlink((img_dir / images[i]).resolve(), ref / name)
     rows.append({"image_id": int(i), "file_name": images[i], "caption": caption})
   (out / "prompts.txt").write_text("\n".join(r["caption"] for r in rows) + "\n", encoding="utf-8")
-  record = {"what": "COCO FID inputs", "annotations": str(annotations), "seed": seed, "num": num, "pairs": rows}
+  record = {
+    "what": "COCO FID inputs",
+    "annotations": str(annotations),
+    "seed": seed,
+    "num": num,
+    "pairs": rows,
+  }
   write_json(out / "coco_fid.json", record)
   return record

@@ -1,22 +1,25 @@
-"""DrawBench (Saharia et al. 2022, §4.2): the prompt list, sampling a model on it, a blinded side-by-side rating
-page, and the tally of raters' answers.
+"""DrawBench (Saharia et al. 2022, §4.2): the prompt list, sampling a model on it, a blinded
+side-by-side rating page, and the tally of raters' answers.
 
-- `load_prompts(csv)`: the CSV as users download it (header `Prompts,Category`; quoted prompts with commas,
-  category names with trailing spaces and blank lines are fine).
-- `sample_prompts(cascade, prompts, out)`: `samples_per_prompt` images per prompt through the cascade into
-  OUT/p<index>/s<j>.png, a prompt at a time marked done (OUT/p<index>/done.json) once all its images are
-  written; a second call skips done prompts (resumable). OUT/manifest.json says what the folder holds.
-- `write_page(a, b, out)`: a static page (PAGE/index.html + PAGE/img/, no server, works from file://) showing,
-  per prompt, model A's and model B's sets side by side in an order drawn at random per prompt and not shown:
-  image files get random names, and which side is which lives only in the key file written beside the page
-  (`PAGE-key.json`, not inside PAGE/, so the folder can be sent to raters as it is). The rater answers the
-  paper's two questions — which set is more photorealistic (fidelity), which better represents the text
-  (alignment) — with left / indifferent / right, by click or keys (fidelity: A S D, alignment: J K L, next: N or
-  the right arrow, back: P or the left arrow); answers live in localStorage (a reload loses nothing) and leave
-  as a JSON download.
-- `tally(answer_files, key)`: un-blinds the answers with the key and gives, per category and overall, for each
-  question, the fractions preferring A, indifferent and preferring B and the preference rate for A (ties count
-  half), with 95% bootstrap intervals over prompts (all raters' answers to a prompt resampled together).
+- `load_prompts(csv)`: the CSV as users download it (header `Prompts,Category`; quoted prompts with
+  commas, category names with trailing spaces and blank lines are fine).
+- `sample_prompts(cascade, prompts, out)`: `samples_per_prompt` images per prompt through the
+  cascade into OUT/p<index>/s<j>.png, a prompt at a time marked done (OUT/p<index>/done.json) once
+  all its images are written; a second call skips done prompts (resumable). OUT/manifest.json says
+  what the folder holds.
+- `write_page(a, b, out)`: a static page (PAGE/index.html + PAGE/img/, no server, works from
+  file://) showing, per prompt, model A's and model B's sets side by side in an order drawn at
+  random per prompt and not shown: image files get random names, and which side is which lives only
+  in the key file written beside the page (`PAGE-key.json`, not inside PAGE/, so the folder can be
+  sent to raters as it is). The rater answers the paper's two questions — which set is more
+  photorealistic (fidelity), which better represents the text (alignment) — with left / indifferent
+  / right, by click or keys (fidelity: A S D, alignment: J K L, next: N or the right arrow, back: P
+  or the left arrow); answers live in localStorage (a reload loses nothing) and leave as a JSON
+  download.
+- `tally(answer_files, key)`: un-blinds the answers with the key and gives, per category and
+  overall, for each question, the fractions preferring A, indifferent and preferring B and the
+  preference rate for A (ties count half), with 95% bootstrap intervals over prompts (all raters'
+  answers to a prompt resampled together).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import dataclasses
 import html
 import io
 import json
-import os
 import secrets
 import shutil
 import time
@@ -39,8 +41,10 @@ from imagen_jax import files
 from imagen_jax.errors import UserError
 
 QUESTIONS = ("fidelity", "alignment")
-QUESTION_TEXT = {"fidelity": "Which set of images is more photorealistic?",
-                 "alignment": "Which set of images better represents the text caption?"}
+QUESTION_TEXT = {
+  "fidelity": "Which set of images is more photorealistic?",
+  "alignment": "Which set of images better represents the text caption?",
+}
 CHOICES = ("left", "indifferent", "right")
 MANIFEST = "manifest.json"
 
@@ -61,7 +65,8 @@ class Prompt:
 
 
 def load_prompts(path) -> List[Prompt]:
-  """The DrawBench CSV (`Prompts,Category` header): prompts in file order; categories stripped of spaces."""
+  """The DrawBench CSV (`Prompts,Category` header): prompts in file order; categories stripped of
+  spaces."""
   try:
     text = Path(path).read_text(encoding="utf-8-sig")
   except (OSError, UnicodeDecodeError) as e:
@@ -77,7 +82,9 @@ def load_prompts(path) -> List[Prompt]:
     if not any(c.strip() for c in row):
       continue
     if len(row) <= max(ip, ic):
-      raise DrawBenchError(f"{path}: row {line} has {len(row)} column(s), expected Prompts and Category: {row}")
+      raise DrawBenchError(
+        f"{path}: row {line} has {len(row)} column(s), expected Prompts and Category: {row}"
+      )
     prompt, category = row[ip].strip(), row[ic].strip()
     if not prompt:
       raise DrawBenchError(f"{path}: row {line} has an empty prompt")
@@ -87,11 +94,13 @@ def load_prompts(path) -> List[Prompt]:
   return out
 
 
-# ------------------------------------------------------------------------------------------ sampling
+# ------------------------------------------------------------------------------------------
+# sampling
 
 
 def done_prompts(out: Path, prompts: Sequence[Prompt], samples_per_prompt: int) -> List[int]:
-  """Indices of prompts whose folder is complete (done marker naming the same prompt, every image present)."""
+  """Indices of prompts whose folder is complete (done marker naming the same prompt, every image
+  present)."""
   done = []
   for p in prompts:
     marker = out / p.folder / "done.json"
@@ -99,39 +108,68 @@ def done_prompts(out: Path, prompts: Sequence[Prompt], samples_per_prompt: int) 
       continue
     rec = files.read_json(marker, "done marker")
     if rec.get("prompt") != p.prompt:
-      raise DrawBenchError(f"{out}: {p.folder} holds samples of {rec.get('prompt')!r}, not {p.prompt!r}: "
-                           "this folder was made from another prompt list")
+      raise DrawBenchError(
+        f"{out}: {p.folder} holds samples of {rec.get('prompt')!r}, not {p.prompt!r}: "
+        "this folder was made from another prompt list"
+      )
     if all((out / p.folder / f"s{j}.png").is_file() for j in range(samples_per_prompt)):
       done.append(p.index)
   return done
 
 
-def sample_prompts(cascade, prompts: Sequence[Prompt], out_dir, *, samples_per_prompt: int = 8, seed: int = 0,
-                   label: Optional[str] = None, command: Optional[List[str]] = None, log=print) -> dict:
+def sample_prompts(
+  cascade,
+  prompts: Sequence[Prompt],
+  out_dir,
+  *,
+  samples_per_prompt: int = 8,
+  seed: int = 0,
+  label: Optional[str] = None,
+  command: Optional[List[str]] = None,
+  log=print,
+) -> dict:
   """Samples every prompt not done yet (see the module doc); returns the manifest."""
   from imagen_jax import images as imio
+
   if samples_per_prompt < 1:
     raise DrawBenchError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   manifest_path = out / MANIFEST
   stages = cascade.stages
-  manifest = {"what": "drawbench samples", "label": label or out.name, "samples_per_prompt": samples_per_prompt,
-              "seed": seed, "prompts": [dataclasses.asdict(p) | {"folder": p.folder} for p in prompts],
-              "stages": [{"name": st.spec.name, "network": st.description, "checkpoint": st.checkpoint,
-                          "setting": vars(st.setting)} for st in stages],
-              "seed_rule": "image j of prompt k: seed + k * samples_per_prompt + j", "command": command}
+  manifest = {
+    "what": "drawbench samples",
+    "label": label or out.name,
+    "samples_per_prompt": samples_per_prompt,
+    "seed": seed,
+    "prompts": [dataclasses.asdict(p) | {"folder": p.folder} for p in prompts],
+    "stages": [
+      {
+        "name": st.spec.name,
+        "network": st.description,
+        "checkpoint": st.checkpoint,
+        "setting": vars(st.setting),
+      }
+      for st in stages
+    ],
+    "seed_rule": "image j of prompt k: seed + k * samples_per_prompt + j",
+    "command": command,
+  }
   if manifest_path.is_file():
     old = files.read_json(manifest_path, "manifest")
     if old.get("samples_per_prompt") != samples_per_prompt or old.get("seed") != seed:
-      raise DrawBenchError(f"{out} was sampled with samples_per_prompt {old.get('samples_per_prompt')} and seed "
-                           f"{old.get('seed')}; resume with the same or choose a new out_dir")
+      raise DrawBenchError(
+        f"{out} was sampled with samples_per_prompt {old.get('samples_per_prompt')} and seed "
+        f"{old.get('seed')}; resume with the same or choose a new out_dir"
+      )
     manifest["label"] = old.get("label", manifest["label"]) if label is None else label
   files.write_json(manifest_path, manifest)
   done = set(done_prompts(out, prompts, samples_per_prompt))
   todo = [p for p in prompts if p.index not in done]
-  log(f"drawbench: {len(prompts)} prompts, {len(done)} done before, {len(todo)} to sample "
-      f"({samples_per_prompt} images each) into {out}")
+  log(
+    f"drawbench: {len(prompts)} prompts, {len(done)} done before, {len(todo)} to sample "
+    f"({samples_per_prompt} images each) into {out}"
+  )
   if not todo:
     return manifest
   text = cascade.encode([p.prompt for p in todo])
@@ -140,23 +178,38 @@ def sample_prompts(cascade, prompts: Sequence[Prompt], out_dir, *, samples_per_p
   for c in range(0, len(todo), per_call):
     chunk = list(range(c, min(c + per_call, len(todo))))
     idx = np.repeat(np.array(chunk), samples_per_prompt)
-    seeds = [seed + todo[k].index * samples_per_prompt + j for k in chunk for j in range(samples_per_prompt)]
-    final = cascade.generate(text, idx, seeds, [st.setting for st in stages], guided=[None] * len(stages))[-1]
+    seeds = [
+      seed + todo[k].index * samples_per_prompt + j
+      for k in chunk
+      for j in range(samples_per_prompt)
+    ]
+    final = cascade.generate(
+      text, idx, seeds, [st.setting for st in stages], guided=[None] * len(stages)
+    )[-1]
     for n, k in enumerate(chunk):
       p = todo[k]
       folder = out / p.folder
       folder.mkdir(exist_ok=True)
       for j in range(samples_per_prompt):
         imio.save_png(folder / f"s{j}.png", final[n * samples_per_prompt + j])
-      files.write_json(folder / "done.json", {"prompt": p.prompt, "category": p.category,
-                                         "seeds": seeds[n * samples_per_prompt:(n + 1) * samples_per_prompt]})
+      files.write_json(
+        folder / "done.json",
+        {
+          "prompt": p.prompt,
+          "category": p.category,
+          "seeds": seeds[n * samples_per_prompt : (n + 1) * samples_per_prompt],
+        },
+      )
     n_images += len(idx)
-    log(f"drawbench: {min(c + per_call, len(todo))}/{len(todo)} prompts, "
-        f"{n_images / (time.perf_counter() - t0):.2f} images/s")
+    log(
+      f"drawbench: {min(c + per_call, len(todo))}/{len(todo)} prompts, "
+      f"{n_images / (time.perf_counter() - t0):.2f} images/s"
+    )
   return manifest
 
 
-# ---------------------------------------------------------------------------------------------- page
+# ----------------------------------------------------------------------------------------------
+# page
 
 
 def read_samples(folder) -> dict:
@@ -164,7 +217,9 @@ def read_samples(folder) -> dict:
   d = Path(folder)
   m = d / MANIFEST
   if not m.is_file():
-    raise DrawBenchError(f"{folder}: no {MANIFEST} (not a folder written by `imagen-jax eval drawbench`)")
+    raise DrawBenchError(
+      f"{folder}: no {MANIFEST} (not a folder written by `imagen-jax eval drawbench`)"
+    )
   manifest = files.read_json(m, "manifest")
   prompts = [Prompt(p["index"], p["prompt"], p["category"]) for p in manifest["prompts"]]
   done = set(done_prompts(d, prompts, manifest["samples_per_prompt"]))
@@ -177,11 +232,16 @@ def default_key_path(page_dir) -> Path:
   return page.with_name(page.name + "-key.json")
 
 
-def write_page(a_dir, b_dir, page_dir, *, key_path=None, seed: Optional[int] = None, title: str = "DrawBench") -> dict:
-  """Writes the rating page for the prompts both folders hold; returns the key (also written to key_path)."""
+def write_page(
+  a_dir, b_dir, page_dir, *, key_path=None, seed: Optional[int] = None, title: str = "DrawBench"
+) -> dict:
+  """Writes the rating page for the prompts both folders hold; returns the key (also written to
+  key_path)."""
   a, b = read_samples(a_dir), read_samples(b_dir)
   b_by_text = {(p.prompt, p.category): p for p in b["done"]}
-  pairs = [(p, b_by_text[(p.prompt, p.category)]) for p in a["done"] if (p.prompt, p.category) in b_by_text]
+  pairs = [
+    (p, b_by_text[(p.prompt, p.category)]) for p in a["done"] if (p.prompt, p.category) in b_by_text
+  ]
   if not pairs:
     raise DrawBenchError(f"{a_dir} and {b_dir} have no sampled prompt in common")
   page = Path(page_dir)
@@ -193,8 +253,10 @@ def write_page(a_dir, b_dir, page_dir, *, key_path=None, seed: Optional[int] = N
   page_id = secrets.token_hex(6)
   items, key_prompts = [], {}
   for n, (pa, pb) in enumerate(pairs):
-    sets = {"a": [Path(a_dir) / pa.folder / f"s{j}.png" for j in range(a["samples_per_prompt"])],
-            "b": [Path(b_dir) / pb.folder / f"s{j}.png" for j in range(b["samples_per_prompt"])]}
+    sets = {
+      "a": [Path(a_dir) / pa.folder / f"s{j}.png" for j in range(a["samples_per_prompt"])],
+      "b": [Path(b_dir) / pb.folder / f"s{j}.png" for j in range(b["samples_per_prompt"])],
+    }
     left = "a" if rng.random() < 0.5 else "b"
     right = "b" if left == "a" else "a"
     shown = {}
@@ -207,30 +269,47 @@ def write_page(a_dir, b_dir, page_dir, *, key_path=None, seed: Optional[int] = N
       shown[side] = names
     items.append({"id": n, "prompt": pa.prompt, "category": pa.category, **shown})
     key_prompts[str(n)] = {"left": left, "prompt": pa.prompt, "category": pa.category}
-  data = {"page_id": page_id, "title": title, "questions": [{"id": q, "text": QUESTION_TEXT[q]} for q in QUESTIONS],
-          "items": items}
-  (page / "index.html").write_text(_PAGE.replace("__TITLE__", html.escape(title)).replace(
-      "__DATA__", json.dumps(data).replace("</", "<\\/")), encoding="utf-8")
-  key = {"what": "drawbench page key", "page_id": page_id, "page": str(page),
-         "a": {"label": a.get("label"), "dir": str(a_dir)}, "b": {"label": b.get("label"), "dir": str(b_dir)},
-         "prompts": key_prompts}
+  data = {
+    "page_id": page_id,
+    "title": title,
+    "questions": [{"id": q, "text": QUESTION_TEXT[q]} for q in QUESTIONS],
+    "items": items,
+  }
+  (page / "index.html").write_text(
+    _PAGE.replace("__TITLE__", html.escape(title)).replace(
+      "__DATA__", json.dumps(data).replace("</", "<\\/")
+    ),
+    encoding="utf-8",
+  )
+  key = {
+    "what": "drawbench page key",
+    "page_id": page_id,
+    "page": str(page),
+    "a": {"label": a.get("label"), "dir": str(a_dir)},
+    "b": {"label": b.get("label"), "dir": str(b_dir)},
+    "prompts": key_prompts,
+  }
   key_path.parent.mkdir(parents=True, exist_ok=True)
   files.write_json(key_path, key)
   return key
 
 
-# --------------------------------------------------------------------------------------------- tally
+# ---------------------------------------------------------------------------------------------
+# tally
 
 
 def unblind(answer_files: Sequence, key: dict) -> List[dict]:
-  """[{prompt id, category, rater, question, winner: 'a' | 'b' | 'tie'}] from answer downloads and the key."""
+  """[{prompt id, category, rater, question, winner: 'a' | 'b' | 'tie'}] from answer downloads
+  and the key."""
   out = []
   for f in answer_files:
     ans = files.read_json(Path(f), "answers")
     if not isinstance(ans, dict) or "answers" not in ans:
       raise DrawBenchError(f"{f}: not a DrawBench answers file (no 'answers')")
     if ans.get("page_id") != key["page_id"]:
-      raise DrawBenchError(f"{f}: answers to page {ans.get('page_id')!r}, but the key is for page {key['page_id']!r}")
+      raise DrawBenchError(
+        f"{f}: answers to page {ans.get('page_id')!r}, but the key is for page {key['page_id']!r}"
+      )
     rater = ans.get("rater") or Path(f).stem
     for pid, qs in ans["answers"].items():
       if pid not in key["prompts"]:
@@ -244,7 +323,15 @@ def unblind(answer_files: Sequence, key: dict) -> List[dict]:
           raise DrawBenchError(f"{f}: prompt {pid} {q}: {choice!r} is not one of {CHOICES}")
         right = "b" if info["left"] == "a" else "a"
         winner = {"left": info["left"], "right": right, "indifferent": "tie"}[choice]
-        out.append({"prompt": int(pid), "category": info["category"], "rater": rater, "question": q, "winner": winner})
+        out.append(
+          {
+            "prompt": int(pid),
+            "category": info["category"],
+            "rater": rater,
+            "question": q,
+            "winner": winner,
+          }
+        )
   return out
 
 
@@ -252,32 +339,46 @@ def _rates(rows: Sequence[dict]) -> np.ndarray:
   n = len(rows)
   a = sum(r["winner"] == "a" for r in rows)
   b = sum(r["winner"] == "b" for r in rows)
-  return np.array([a / n, (n - a - b) / n, b / n, (a + 0.5 * (n - a - b)) / n]) if n else np.full(4, np.nan)
+  return (
+    np.array([a / n, (n - a - b) / n, b / n, (a + 0.5 * (n - a - b)) / n])
+    if n
+    else np.full(4, np.nan)
+  )
 
 
 def _bootstrap(rows: Sequence[dict], rng: np.random.Generator, resamples: int) -> np.ndarray:
-  """(resamples, 4) rates over prompts resampled with replacement (a prompt's answers stay together)."""
+  """(resamples, 4) rates over prompts resampled with replacement (a prompt's answers stay
+  together)."""
   by_prompt: Dict[int, List[dict]] = {}
   for r in rows:
     by_prompt.setdefault(r["prompt"], []).append(r)
   groups = list(by_prompt.values())
-  counts = np.array([[sum(r["winner"] == w for r in g) for w in ("a", "tie", "b")] for g in groups], np.float64)
+  counts = np.array(
+    [[sum(r["winner"] == w for r in g) for w in ("a", "tie", "b")] for g in groups], np.float64
+  )
   picks = rng.integers(0, len(groups), size=(resamples, len(groups)))
-  tot = counts[picks].sum(1)                                      # (resamples, 3)
+  tot = counts[picks].sum(1)  # (resamples, 3)
   n = tot.sum(1, keepdims=True)
   a, tie, b = (tot / n).T
   return np.stack([a, tie, b, a + 0.5 * tie], 1)
 
 
 def tally(answer_files: Sequence, key: dict, *, resamples: int = 2000, seed: int = 0) -> dict:
-  """Preference rates per question, per category and overall, with 95% bootstrap intervals (see module doc)."""
+  """Preference rates per question, per category and overall, with 95% bootstrap intervals (see
+  module doc)."""
   rows = unblind(answer_files, key)
   if not rows:
     raise DrawBenchError("the answers hold no rating")
   rng = np.random.default_rng(seed)
   categories = sorted({r["category"] for r in rows})
-  result = {"a": key["a"], "b": key["b"], "page_id": key["page_id"], "raters": sorted({r["rater"] for r in rows}),
-            "resamples": resamples, "questions": {}}
+  result = {
+    "a": key["a"],
+    "b": key["b"],
+    "page_id": key["page_id"],
+    "raters": sorted({r["rater"] for r in rows}),
+    "resamples": resamples,
+    "questions": {},
+  }
   for q in QUESTIONS:
     per = {}
     for cat in categories + ["overall"]:
@@ -287,17 +388,31 @@ def tally(answer_files: Sequence, key: dict, *, resamples: int = 2000, seed: int
       point = _rates(sel)
       boot = _bootstrap(sel, rng, resamples)
       lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
-      per[cat] = {"ratings": len(sel), "prompts": len({r["prompt"] for r in sel}),
-                  **{name: float(point[i]) for i, name in enumerate(("a_preferred", "indifferent", "b_preferred",
-                                                                        "preference_for_a"))},
-                  "ci95": {name: [float(lo[i]), float(hi[i])] for i, name in enumerate(
-                      ("a_preferred", "indifferent", "b_preferred", "preference_for_a"))}}
+      per[cat] = {
+        "ratings": len(sel),
+        "prompts": len({r["prompt"] for r in sel}),
+        **{
+          name: float(point[i])
+          for i, name in enumerate(
+            ("a_preferred", "indifferent", "b_preferred", "preference_for_a")
+          )
+        },
+        "ci95": {
+          name: [float(lo[i]), float(hi[i])]
+          for i, name in enumerate(
+            ("a_preferred", "indifferent", "b_preferred", "preference_for_a")
+          )
+        },
+      }
     result["questions"][q] = per
   return result
 
 
-def tally_files(answer_files: Sequence, key_path, out_dir, *, resamples: int = 2000, seed: int = 0) -> dict:
-  """`tally` of answer files against a key file, written as out_dir/tally.json and the bar chart tally.png.
+def tally_files(
+  answer_files: Sequence, key_path, out_dir, *, resamples: int = 2000, seed: int = 0
+) -> dict:
+  """`tally` of answer files against a key file, written as out_dir/tally.json and the bar chart
+  tally.png.
 
   Args:
     answer_files: answer downloads of the rating page.
@@ -321,27 +436,38 @@ def tally_files(answer_files: Sequence, key_path, out_dir, *, resamples: int = 2
 
 def format_tally(result: dict) -> str:
   a, b = result["a"]["label"], result["b"]["label"]
-  lines = [f"DrawBench: A = {a}, B = {b}; raters: {', '.join(result['raters'])}; 95% intervals: bootstrap over "
-           f"prompts ({result['resamples']} resamples)", ""]
+  lines = [
+    f"DrawBench: A = {a}, B = {b}; raters: {', '.join(result['raters'])}; 95% intervals: "
+    "bootstrap over "
+    f"prompts ({result['resamples']} resamples)",
+    "",
+  ]
   for q, per in result["questions"].items():
     lines.append(f"{q}: {QUESTION_TEXT[q]}")
-    lines.append(f"  {'category':<24} {'ratings':>7}  {'prefer A':>8}  {'indiff.':>7}  {'prefer B':>8}  "
-                 f"{'pref. for A (ties half)':>24}  95% CI")
+    lines.append(
+      f"  {'category':<24} {'ratings':>7}  {'prefer A':>8}  {'indiff.':>7}  {'prefer B':>8}  "
+      f"{'pref. for A (ties half)':>24}  95% CI"
+    )
     for cat, r in per.items():
       lo, hi = r["ci95"]["preference_for_a"]
-      lines.append(f"  {cat:<24} {r['ratings']:>7}  {r['a_preferred']:>8.1%}  {r['indifferent']:>7.1%}  "
-                   f"{r['b_preferred']:>8.1%}  {r['preference_for_a']:>24.1%}  [{lo:.1%}, {hi:.1%}]")
+      lines.append(
+        f"  {cat:<24} {r['ratings']:>7}  {r['a_preferred']:>8.1%}  {r['indifferent']:>7.1%}  "
+        f"{r['b_preferred']:>8.1%}  {r['preference_for_a']:>24.1%}  [{lo:.1%}, {hi:.1%}]"
+      )
     lines.append("")
   return "\n".join(lines)
 
 
 def plot_tally(path, result: dict) -> None:
-  """Bars like the paper's Fig. 3: per category and overall, the preference rate for A per question, with the
-  95% intervals; 50% = no preference."""
+  """Bars like the paper's Fig. 3: per category and overall, the preference rate for A per
+  question, with the 95% intervals; 50% = no preference."""
   from imagen_jax.eval.tasks import plots
+
   plt = plots.plt
   cats = list(result["questions"][QUESTIONS[0]])
-  fig, axes = plt.subplots(1, len(QUESTIONS), figsize=(5.5 * len(QUESTIONS), 0.45 * len(cats) + 1.4), sharey=True)
+  fig, axes = plt.subplots(
+    1, len(QUESTIONS), figsize=(5.5 * len(QUESTIONS), 0.45 * len(cats) + 1.4), sharey=True
+  )
   y = np.arange(len(cats))
   for ax, q in zip(np.atleast_1d(axes), QUESTIONS):
     per = result["questions"][q]
@@ -349,7 +475,9 @@ def plot_tally(path, result: dict) -> None:
     lo = np.array([per[c]["ci95"]["preference_for_a"][0] if c in per else np.nan for c in cats])
     hi = np.array([per[c]["ci95"]["preference_for_a"][1] if c in per else np.nan for c in cats])
     ax.barh(y, 100 * vals, color=["tab:gray" if c == "overall" else "tab:blue" for c in cats])
-    ax.errorbar(100 * vals, y, xerr=[100 * (vals - lo), 100 * (hi - vals)], fmt="none", ecolor="k", capsize=3)
+    ax.errorbar(
+      100 * vals, y, xerr=[100 * (vals - lo), 100 * (hi - vals)], fmt="none", ecolor="k", capsize=3
+    )
     ax.axvline(50, color="k", lw=0.8, ls="--")
     ax.set_xlim(0, 100)
     ax.set_yticks(y, cats)

@@ -1,10 +1,12 @@
-"""Sweeps of one cascade stage's sampling settings (guidance weight x thresholding) through the whole cascade.
+"""Sweeps of one cascade stage's sampling settings (guidance weight x thresholding) through the
+whole cascade.
 
-For every setting of the swept stage (the base by default) the cascade runs from that stage to the last with
-the other stages' configured settings, on the same image seeds, and a scoring function sees every stage's
-images. The swept stage compiles its guided program once for the whole sweep (the weight and the thresholding
-are traced arguments of the sampler), every other stage once: `Sweep.programs` reports it. Used by
-`imagen-jax eval shapes` (alignment) and meant for the FID / CLIP sweeps.
+For every setting of the swept stage (the base by default) the cascade runs from that stage to the
+last with the other stages' configured settings, on the same image seeds, and a scoring function
+sees every stage's images. The swept stage compiles its guided program once for the whole sweep (the
+weight and the thresholding are traced arguments of the sampler), every other stage once:
+`Sweep.programs` reports it. Used by `imagen-jax eval shapes` (alignment) and meant for the FID /
+CLIP sweeps.
 """
 
 from __future__ import annotations
@@ -15,16 +17,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from imagen_jax import images as imio
 from imagen_jax.sample.cascade import Cascade, EncodedPrompts, LoadedStage
+from imagen_jax.sample.settings import SettingsError, parse_thresholding
 from imagen_jax.sample.stage_sampler import RunStats
-from imagen_jax.sample.settings import SettingsError, StageSettings, parse_thresholding
 
 
 @dataclasses.dataclass(frozen=True)
 class SweepPoint:
   guidance: float
-  thresholding: str          # none | static | dynamic
+  thresholding: str  # none | static | dynamic
   percentile: float
 
   @property
@@ -37,7 +38,9 @@ class SweepPoint:
     return f"w={self.guidance:g} {self.thresholding}"
 
 
-def sweep_points(guidance: Sequence[float], thresholding: Sequence[str], percentile: float) -> List[SweepPoint]:
+def sweep_points(
+  guidance: Sequence[float], thresholding: Sequence[str], percentile: float
+) -> List[SweepPoint]:
   """The cartesian product, thresholding outermost ('dynamic:P' sets the percentile)."""
   if not guidance or not thresholding:
     raise SettingsError("a sweep needs at least one guidance weight and one thresholding")
@@ -61,25 +64,35 @@ def swept_stage(cascade: Cascade, sweep_stage: Optional[str] = None) -> LoadedSt
   if sweep_stage is None:
     return cascade.stages[0]
   if sweep_stage not in names:
-    raise SettingsError(f"sweep_stage {sweep_stage}: no stage of that name (stages: {', '.join(names)})")
+    raise SettingsError(
+      f"sweep_stage {sweep_stage}: no stage of that name (stages: {', '.join(names)})"
+    )
   return cascade.stages[names.index(sweep_stage)]
 
 
 @dataclasses.dataclass
 class Sweep:
   points: List[SweepPoint]
-  rows: List[dict]                     # one per (point, stage): {"setting", "stage", "metrics", ...}
-  programs: Dict[str, int]             # compiled sampler programs per stage over the sweep
+  rows: List[dict]  # one per (point, stage): {"setting", "stage", "metrics", ...}
+  programs: Dict[str, int]  # compiled sampler programs per stage over the sweep
   seconds: float
   stats: Dict[str, RunStats]
 
 
-def run_sweep(cascade: Cascade, text: EncodedPrompts, prompt_index: Sequence[int], seeds: Sequence[int],
-              points: Sequence[SweepPoint], score: Callable[[str, np.ndarray], dict], *, sweep_stage: Optional[str] = None,
-              on_images: Optional[Callable[[SweepPoint, str, np.ndarray], None]] = None,
-              log=print) -> Sweep:
-  """Runs every point through the cascade; `score(stage_name, images)` -> metrics for each stage's images;
-  `on_images(point, stage_name, images)` may write them."""
+def run_sweep(
+  cascade: Cascade,
+  text: EncodedPrompts,
+  prompt_index: Sequence[int],
+  seeds: Sequence[int],
+  points: Sequence[SweepPoint],
+  score: Callable[[str, np.ndarray], dict],
+  *,
+  sweep_stage: Optional[str] = None,
+  on_images: Optional[Callable[[SweepPoint, str, np.ndarray], None]] = None,
+  log=print,
+) -> Sweep:
+  """Runs every point through the cascade; `score(stage_name, images)` -> metrics for each
+  stage's images; `on_images(point, stage_name, images)` may write them."""
   stages = cascade.stages
   names = [st.spec.name for st in stages]
   swept = stages.index(swept_stage(cascade, sweep_stage))
@@ -93,28 +106,51 @@ def run_sweep(cascade: Cascade, text: EncodedPrompts, prompt_index: Sequence[int
     for i, st in enumerate(stages):
       base = st.setting
       if i == swept:
-        settings.append(dataclasses.replace(base, guidance_scale=point.guidance, thresholding=point.thresholding,
-                                            percentile=point.percentile))
-        guided.append(True)                     # one compiled program for every weight, w = 1 included
+        settings.append(
+          dataclasses.replace(
+            base,
+            guidance_scale=point.guidance,
+            thresholding=point.thresholding,
+            percentile=point.percentile,
+          )
+        )
+        guided.append(True)  # one compiled program for every weight, w = 1 included
       else:
         settings.append(base)
         guided.append(None)
-    # Stages before the swept one do not change with the point; they run for every point all the same (their
+    # Stages before the swept one do not change with the point; they run for every point all the
+    # same (their
     # seeds and settings are fixed, so their images are identical), which keeps this loop simple.
-    images = cascade.generate(text, idx, seeds, settings, guided=guided, stats=[stats[n] for n in names])
+    images = cascade.generate(
+      text, idx, seeds, settings, guided=guided, stats=[stats[n] for n in names]
+    )
     for name, im in zip(names, images):
       if on_images is not None:
         on_images(point, name, im)
-      rows.append({"setting": point.name, "guidance": point.guidance, "thresholding": point.thresholding,
-                   "percentile": point.percentile, "stage": name, "image_size": int(im.shape[1]),
-                   "metrics": score(name, im)})
-    log(f"sweep {k + 1}/{len(points)} {point.label}: " + ", ".join(
-        f"{r['stage']} {_headline(r['metrics'])}" for r in rows[-len(names):]))
+      rows.append(
+        {
+          "setting": point.name,
+          "guidance": point.guidance,
+          "thresholding": point.thresholding,
+          "percentile": point.percentile,
+          "stage": name,
+          "image_size": int(im.shape[1]),
+          "metrics": score(name, im),
+        }
+      )
+    log(
+      f"sweep {k + 1}/{len(points)} {point.label}: "
+      + ", ".join(f"{r['stage']} {_headline(r['metrics'])}" for r in rows[-len(names) :])
+    )
   programs = {st.spec.name: st.programs - before[st.spec.name] for st in stages}
-  return Sweep(points=list(points), rows=rows, programs=programs, seconds=time.perf_counter() - t0, stats=stats)
+  return Sweep(
+    points=list(points), rows=rows, programs=programs, seconds=time.perf_counter() - t0, stats=stats
+  )
 
 
 def _headline(metrics: dict) -> str:
   overall = metrics.get("overall", metrics)
-  parts = [f"{k} {v:.3f}" for k, v in overall.items() if k in ("all", "fidelity") and isinstance(v, float)]
+  parts = [
+    f"{k} {v:.3f}" for k, v in overall.items() if k in ("all", "fidelity") and isinstance(v, float)
+  ]
   return " ".join(parts) or "scored"

@@ -10,17 +10,20 @@ import pytest
 
 from imagen_jax import diffusion as D
 from imagen_jax import models as M
-from tests.conftest import inputs, load_config, randomized_params
+from tests.helpers import inputs, load_config, randomized_params
 
 
-@pytest.mark.parametrize("gin_file,target", [
+@pytest.mark.parametrize(
+  "gin_file,target",
+  [
     ("models/base_64_2b.gin", 2.0e9),
     ("models/base_64_300m.gin", 3.0e8),
     ("models/sr_256_600m.gin", 6.0e8),
     ("models/sr_1024_400m.gin", 4.0e8),
-])
+  ],
+)
 def test_paper_size_parameter_counts(gin_file, target):
-  n = M.count_params(M.abstract_params(load_config(gin_file)))   # jax.eval_shape: nothing allocated
+  n = M.count_params(M.abstract_params(load_config(gin_file)))  # jax.eval_shape: nothing allocated
   assert abs(n - target) / target < 0.15, f"{gin_file}: {n / 1e6:.1f}M parameters"
 
 
@@ -68,7 +71,10 @@ def test_output_depends_on_noise_level_and_lowres(tiny):
   base = apply(params, z, log_snr, cond)
   assert float(jnp.abs(apply(params, z, log_snr + 1.0, cond) - base).max()) > 1e-4
   if D.LOWRES in cond:
-    assert float(jnp.abs(apply(params, z, log_snr, dict(cond, lowres=-cond[D.LOWRES])) - base).max()) > 1e-4
+    assert (
+      float(jnp.abs(apply(params, z, log_snr, dict(cond, lowres=-cond[D.LOWRES])) - base).max())
+      > 1e-4
+    )
     aug = dict(cond, **{D.LOWRES_AUG_LEVEL: cond[D.LOWRES_AUG_LEVEL] + 0.5})
     assert float(jnp.abs(apply(params, z, log_snr, aug) - base).max()) > 1e-4
 
@@ -79,13 +85,22 @@ def test_efficient_unet_down_before_up_after_and_scaled_skips():
   params = randomized_params(config)
   z, log_snr, cond = inputs(config)
   size = z.shape[1]
-  _, state = jax.jit(lambda p: model.apply({"params": p}, z, log_snr, cond, capture_intermediates=True,
-                                           mutable=["intermediates"]))(params)
+  _, state = jax.jit(
+    lambda p: model.apply(
+      {"params": p}, z, log_snr, cond, capture_intermediates=True, mutable=["intermediates"]
+    )
+  )(params)
   inter = state["intermediates"]
   for level, features in enumerate(config.channels):
-    res_here = size // 2 ** (level + 1)     # each level's stride-2 down-sampling happens before its blocks
+    res_here = size // 2 ** (
+      level + 1
+    )  # each level's stride-2 down-sampling happens before its blocks
     for i in range(config.num_res_blocks[level]):
-      assert inter[f"down_{level}_res_{i}"]["__call__"][0].shape[1:] == (res_here, res_here, features)
+      assert inter[f"down_{level}_res_{i}"]["__call__"][0].shape[1:] == (
+        res_here,
+        res_here,
+        features,
+      )
       assert inter[f"up_{level}_res_{i}"]["__call__"][0].shape[1:] == (res_here, res_here, features)
     # The up-sampling comes after the level's blocks: its conv outputs at twice their resolution.
     assert inter[f"up_{level}_conv"]["__call__"][0].shape[1:3] == (2 * res_here, 2 * res_here)
@@ -94,16 +109,21 @@ def test_efficient_unet_down_before_up_after_and_scaled_skips():
     for i in range(n):
       up_in = inter[f"up_{level}_input_{i}"][0]
       skip = inter[f"skip_{level}_{n - 1 - i}"][0]
-      np.testing.assert_allclose(up_in[..., -features:], skip / math.sqrt(2.0), rtol=1e-6, atol=1e-7)
+      np.testing.assert_allclose(
+        up_in[..., -features:], skip / math.sqrt(2.0), rtol=1e-6, atol=1e-7
+      )
 
 
 def test_1024_model_trained_on_crops_runs_on_whole_images():
   # Tiny model of the 256->1024 family: no self-attention, text cross-attention kept.
-  config = load_config("models/tiny_sr.gin", "EfficientUNetConfig.self_attention = (False, False)",
-                       "EfficientUNetConfig.cross_attention = (False, True)")
+  config = load_config(
+    "models/tiny_sr.gin",
+    "EfficientUNetConfig.self_attention = (False, False)",
+    "EfficientUNetConfig.cross_attention = (False, True)",
+  )
   model = M.build_model(config)
-  params = randomized_params(config)             # initialised on 8 -> 32 crops
-  z, log_snr, cond = inputs(config, image_size=4 * config.image_size)   # whole 32 -> 128 images
+  params = randomized_params(config)  # initialised on 8 -> 32 crops
+  z, log_snr, cond = inputs(config, image_size=4 * config.image_size)  # whole 32 -> 128 images
   out = jax.jit(lambda p: model.apply({"params": p}, z, log_snr, cond))(params)
   assert out.shape == (2, 128, 128, 3) and bool(jnp.all(jnp.isfinite(out)))
   # The paper-size model: parameters of 64 -> 256 crops, a 256 -> 1024 forward (shapes only).
@@ -111,7 +131,9 @@ def test_1024_model_trained_on_crops_runs_on_whole_images():
   big_model = M.build_model(big)
   abstract = nn.unbox(M.abstract_params(big))
   zb, lb, cb = jax.eval_shape(lambda: M.example_inputs(big, 1, image_size=1024))
-  out = jax.eval_shape(lambda p, z, l, c: big_model.apply({"params": p}, z, l, c), abstract, zb, lb, cb)
+  out = jax.eval_shape(
+    lambda p, z, l, c: big_model.apply({"params": p}, z, l, c), abstract, zb, lb, cb
+  )
   assert out.shape == (1, 1024, 1024, 3)
   assert cb[D.LOWRES].shape == (1, 256, 256, 3)
 
@@ -126,7 +148,10 @@ def test_remat_gives_identical_gradients_and_bf16_stays_close():
     loss = lambda p: jnp.mean(jnp.square(model.apply({"params": p}, z, log_snr, cond)))
     return jax.jit(jax.value_and_grad(loss))(params)
 
-  (l0, g0), (l1, g1) = grads(config), grads(load_config("models/tiny_base.gin", "UNetConfig.remat = 'full'"))
+  (l0, g0), (l1, g1) = (
+    grads(config),
+    grads(load_config("models/tiny_base.gin", "UNetConfig.remat = 'full'")),
+  )
   assert float(l0) == pytest.approx(float(l1), rel=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -137,7 +162,7 @@ def test_remat_gives_identical_gradients_and_bf16_stays_close():
   assert bf16.dtype == jnp.float32
   rel = float(jnp.linalg.norm(bf16 - f32) / jnp.linalg.norm(f32))
   assert rel < 0.03, rel
-  assert rel > 0.0     # it really computed in bfloat16
+  assert rel > 0.0  # it really computed in bfloat16
 
 
 def test_bad_configs_fail_clearly():

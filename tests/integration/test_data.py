@@ -1,4 +1,5 @@
-"""The data pipeline: synthetic shapes, sources and bad records, the embedding cache, stage batches."""
+"""The data pipeline: synthetic shapes, sources and bad records, the embedding cache, stage
+batches."""
 
 import io
 import json
@@ -12,7 +13,8 @@ from PIL import Image
 
 from imagen_jax.data import synthetic
 
-# ------------------------------------------------------------------------------------------ synthetic
+# ------------------------------------------------------------------------------------------
+# synthetic
 
 
 def test_synthetic_is_deterministic_per_seed():
@@ -58,7 +60,7 @@ def test_synthetic_renders_crisp_at_1024():
   o = scene.objects[0]
   # Inside the object: flat colour, not blurred; the edge is at most a couple of pixels wide.
   cy, cx, r = int(o.y * 1024), int(o.x * 1024), int(o.size * 1024)
-  patch = img[cy - r // 3: cy + r // 3, cx - r // 3: cx + r // 3]
+  patch = img[cy - r // 3 : cy + r // 3, cx - r // 3 : cx + r // 3]
   assert np.all(patch == np.asarray(synthetic.COLORS[o.color], np.uint8))
   row = img[cy, :, :].astype(int)
   changes = np.abs(np.diff(row, axis=0)).sum(1) > 0
@@ -80,16 +82,16 @@ def messy_folder(tmp_path):
   rng = np.random.default_rng(0)
   rgb = lambda s=40: rng.integers(0, 255, (s, s + 8, 3), dtype=np.uint8)
   files = {
-      "a_rgb.png": (_png(rgb()), "a red circle"),
-      "b_grey.png": (_png(rgb(), "L"), "a grey square"),
-      "c_rgba.png": (_png(rgb(), "RGBA"), "a blue triangle"),
-      "d_cmyk.jpg": (_png(rgb(), "CMYK"), "two green circles"),
-      "e_palette.png": (_png(rgb(), "P"), "a yellow square"),
-      "f_corrupt.png": (_png(rgb())[:60], "truncated bytes"),
-      "g_garbage.jpg": (b"this is not an image at all", "garbage"),
-      "h_tiny.png": (_png(rgb(8)[:8, :8]), "a tiny image"),
-      "i_nocaption.png": (_png(rgb()), None),
-      "j_empty.png": (_png(rgb()), "   "),
+    "a_rgb.png": (_png(rgb()), "a red circle"),
+    "b_grey.png": (_png(rgb(), "L"), "a grey square"),
+    "c_rgba.png": (_png(rgb(), "RGBA"), "a blue triangle"),
+    "d_cmyk.jpg": (_png(rgb(), "CMYK"), "two green circles"),
+    "e_palette.png": (_png(rgb(), "P"), "a yellow square"),
+    "f_corrupt.png": (_png(rgb())[:60], "truncated bytes"),
+    "g_garbage.jpg": (b"this is not an image at all", "garbage"),
+    "h_tiny.png": (_png(rgb(8)[:8, :8]), "a tiny image"),
+    "i_nocaption.png": (_png(rgb()), None),
+    "j_empty.png": (_png(rgb()), "   "),
   }
   for name, (data, caption) in files.items():
     (tmp_path / name).write_bytes(data)
@@ -100,11 +102,26 @@ def messy_folder(tmp_path):
 
 def test_folder_with_bad_files_reads_the_rest_and_counts_reasons(messy_folder):
   from imagen_jax.data import sources
+
   stats = sources.SourceStats()
-  out = list(sources.clean_records(sources.folder_records(messy_folder), stats, image_size=32, check_after=100))
-  assert [r["key"] for r in out] == ["a_rgb.png", "b_grey.png", "c_rgba.png", "d_cmyk.jpg", "e_palette.png"]
+  out = list(
+    sources.clean_records(
+      sources.folder_records(messy_folder), stats, image_size=32, check_after=100
+    )
+  )
+  assert [r["key"] for r in out] == [
+    "a_rgb.png",
+    "b_grey.png",
+    "c_rgba.png",
+    "d_cmyk.jpg",
+    "e_palette.png",
+  ]
   assert stats.seen == 10 and stats.kept == 5
-  assert dict(stats.skipped) == {"corrupt_image": 2, "image_too_small": 1, "missing_or_empty_caption": 2}
+  assert dict(stats.skipped) == {
+    "corrupt_image": 2,
+    "image_too_small": 1,
+    "missing_or_empty_caption": 2,
+  }
   assert dict(stats.converted) == {"L": 1, "RGBA": 1, "CMYK": 1, "P": 1}
   for r in out:
     img = Image.open(io.BytesIO(r["image"]))
@@ -114,40 +131,58 @@ def test_folder_with_bad_files_reads_the_rest_and_counts_reasons(messy_folder):
 
 def test_mostly_bad_source_fails_clearly(tmp_path):
   from imagen_jax.data import sources
+
   for i in range(10):
     (tmp_path / f"{i}.png").write_bytes(b"broken")
     (tmp_path / f"{i}.txt").write_text("caption")
   with pytest.raises(sources.DataError, match="more than 50% of the records are bad"):
-    list(sources.clean_records(sources.folder_records(tmp_path), sources.SourceStats(), check_after=5))
+    list(
+      sources.clean_records(sources.folder_records(tmp_path), sources.SourceStats(), check_after=5)
+    )
   with pytest.raises(sources.DataError, match="image folder not found"):
     list(sources.folder_records(tmp_path / "missing"))
 
 
 def test_jsonl_source(tmp_path):
   from imagen_jax.data import sources
+
   (tmp_path / "img").mkdir()
   (tmp_path / "img" / "x.png").write_bytes(_png(np.zeros((20, 20, 3), np.uint8)))
-  lines = [json.dumps({"image": "img/x.png", "caption": "a black square"}), "{not json",
-           json.dumps({"image": "img/missing.png", "caption": "gone"}), json.dumps({"caption": "no image key"})]
+  lines = [
+    json.dumps({"image": "img/x.png", "caption": "a black square"}),
+    "{not json",
+    json.dumps({"image": "img/missing.png", "caption": "gone"}),
+    json.dumps({"caption": "no image key"}),
+  ]
   (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
   stats = sources.SourceStats()
-  out = list(sources.clean_records(sources.jsonl_records(tmp_path / "pairs.jsonl"), stats, check_after=100,
-                                   max_bad_fraction=1.0))
+  out = list(
+    sources.clean_records(
+      sources.jsonl_records(tmp_path / "pairs.jsonl"), stats, check_after=100, max_bad_fraction=1.0
+    )
+  )
   assert [r["caption"] for r in out] == ["a black square"]
   assert dict(stats.skipped) == {"malformed_record": 2, "missing_image": 1}
 
 
 def test_tfds_source(tmp_path):
   import tensorflow_datasets as tfds
+
   from imagen_jax.data import sources
 
   class TinyCaptionsForTest(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples()}
@@ -159,15 +194,26 @@ def test_tfds_source(tmp_path):
 
   TinyCaptionsForTest(data_dir=str(tmp_path)).download_and_prepare()
   first = list(sources.tfds_records("tiny_captions_for_test", "train", data_dir=str(tmp_path)))
-  assert sorted(r["caption"].decode() for r in first) == ["caption 0 a", "caption 1 a", "caption 2 a"]
-  every = list(sources.tfds_records("tiny_captions_for_test", "train", all_captions=True, data_dir=str(tmp_path)))
+  assert sorted(r["caption"].decode() for r in first) == [
+    "caption 0 a",
+    "caption 1 a",
+    "caption 2 a",
+  ]
+  every = list(
+    sources.tfds_records(
+      "tiny_captions_for_test", "train", all_captions=True, data_dir=str(tmp_path)
+    )
+  )
   assert len(every) == 6
   stats = sources.SourceStats()
   clean = list(sources.clean_records(every, stats, image_size=16))
   assert stats.kept == 6 and Image.open(io.BytesIO(clean[0]["image"])).size == (16, 16)
   with pytest.raises(sources.DataError, match="feature 'captions/txt' not found"):
-    list(sources.tfds_records("tiny_captions_for_test", "train", caption_field="captions/txt",
-                              data_dir=str(tmp_path)))
+    list(
+      sources.tfds_records(
+        "tiny_captions_for_test", "train", caption_field="captions/txt", data_dir=str(tmp_path)
+      )
+    )
 
 
 # ----------------------------------------------------------------------------------- the cache
@@ -175,9 +221,10 @@ def test_tfds_source(tmp_path):
 
 def assert_bf16_of(got, ref_f32):
   """got (bfloat16) is ref_f32 cast to bfloat16, up to 1-ulp flips on < 0.1% of the values: the
-  float32 encoder outputs of differently composed batches differ in the last bits (XLA blocking), and a
-  value on a bfloat16 rounding boundary may round either way."""
+  float32 encoder outputs of differently composed batches differ in the last bits (XLA blocking),
+  and a value on a bfloat16 rounding boundary may round either way."""
   import ml_dtypes
+
   expect = ref_f32.astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.int64)
   ulps = np.abs(got.view(np.uint16).astype(np.int64) - expect)
   assert ulps.max() <= 1, ulps.max()
@@ -186,28 +233,44 @@ def assert_bf16_of(got, ref_f32):
 
 def _register(name, spm_model, n=24, size=32, seed=0):
   from imagen_jax.data import tasks
-  return tasks.register_source_task(name, "synthetic", spm_model, image_size=size, seed=seed, num_examples=n)
+
+  return tasks.register_source_task(
+    name, "synthetic", spm_model, image_size=size, seed=seed, num_examples=n
+  )
 
 
 def _read_cache(cache_dir, spm_model, name):
   from imagen_jax.data import tasks
+
   task = tasks.register_cached_task(name, str(cache_dir), spm_model)
-  return list(task.get_dataset(split="train", shuffle=False, sequence_length=None).as_numpy_iterator())
+  return list(
+    task.get_dataset(split="train", shuffle=False, sequence_length=None).as_numpy_iterator()
+  )
 
 
 def test_cache_round_trip(tmp_path, spm_model, tiny_t5_checkpoint):
   import ml_dtypes
+
   from imagen_jax.data import cache
   from imagen_jax.text.encoder import TextEncoder
   from imagen_jax.text.tokenizer import Tokenizer
+
   t5_dir, config, params = tiny_t5_checkpoint
   _register("rt_source", spm_model)
-  summary = cache.cache_embeddings("rt_source", str(tmp_path / "cache"), str(t5_dir), num_shards=3, batch_size=8,
-                                   max_length=12, progress=False)
+  summary = cache.cache_embeddings(
+    "rt_source",
+    str(tmp_path / "cache"),
+    str(t5_dir),
+    num_shards=3,
+    batch_size=8,
+    max_length=12,
+    progress=False,
+  )
   assert summary.examples == 24 and summary.shards_written == 3 and summary.bad_records == 0
   records = _read_cache(tmp_path / "cache", spm_model, "rt_cached")
   assert sorted(r["key"].decode() for r in records) == sorted(f"synthetic-0-{i}" for i in range(24))
-  # Independently: tokenize each caption and run the encoder; the cache must hold exactly that, in bf16.
+  # Independently: tokenize each caption and run the encoder; the cache must hold exactly that, in
+  # bf16.
   tok = Tokenizer(spm_model, max_length=12, use_seqio=False)
   enc = TextEncoder(config, params, batch_size=8)
   captions = [r["caption"].decode() for r in records]
@@ -228,13 +291,18 @@ def test_cache_round_trip(tmp_path, spm_model, tiny_t5_checkpoint):
   assert json.loads(first["ground_truth"]) == json.loads(ex["ground_truth"])
 
 
-def test_resuming_a_half_written_cache_gives_the_same_records(tmp_path, spm_model, tiny_t5_checkpoint):
+def test_resuming_a_half_written_cache_gives_the_same_records(
+  tmp_path, spm_model, tiny_t5_checkpoint
+):
   from imagen_jax.data import cache
+
   t5_dir, _, _ = tiny_t5_checkpoint
   _register("resume_source", spm_model, n=20)
   kw = dict(num_shards=4, batch_size=4, max_length=12, progress=False)
   full = cache.cache_embeddings("resume_source", str(tmp_path / "full"), str(t5_dir), **kw)
-  part = cache.cache_embeddings("resume_source", str(tmp_path / "part"), str(t5_dir), stop_after_shards=2, **kw)
+  part = cache.cache_embeddings(
+    "resume_source", str(tmp_path / "part"), str(t5_dir), stop_after_shards=2, **kw
+  )
   assert part.shards_written == 2
   # A crash in the middle of shard 2 leaves an incomplete file behind.
   incomplete = cache.shard_path(tmp_path / "part", "train", 2, 4)
@@ -248,9 +316,16 @@ def test_resuming_a_half_written_cache_gives_the_same_records(tmp_path, spm_mode
     assert a == b, f"shard {i} differs"
   # Settings that differ from the cache's are refused rather than mixed in.
   from imagen_jax.data.sources import DataError
+
   with pytest.raises(DataError, match="max_length: 12 -> 16"):
-    cache.cache_embeddings("resume_source", str(tmp_path / "part"), str(t5_dir), num_shards=4, max_length=16,
-                           progress=False)
+    cache.cache_embeddings(
+      "resume_source",
+      str(tmp_path / "part"),
+      str(t5_dir),
+      num_shards=4,
+      max_length=16,
+      progress=False,
+    )
 
 
 # --------------------------------------------------------------------------------- stage batches
@@ -259,17 +334,20 @@ def test_resuming_a_half_written_cache_gives_the_same_records(tmp_path, spm_mode
 @pytest.fixture(scope="module")
 def cached_task(tmp_path_factory, spm_model, tiny_t5_checkpoint):
   from imagen_jax.data import cache, tasks
+
   t5_dir, _, _ = tiny_t5_checkpoint
   out = tmp_path_factory.mktemp("stage_cache")
   _register("stage_source", spm_model, n=24, size=64)
-  cache.cache_embeddings("stage_source", str(out), str(t5_dir), num_shards=2, batch_size=8, max_length=12,
-                         progress=False)
+  cache.cache_embeddings(
+    "stage_source", str(out), str(t5_dir), num_shards=2, batch_size=8, max_length=12, progress=False
+  )
   tasks.register_cached_task("stage_cached", str(out), spm_model)
   return "stage_cached", out
 
 
 def test_sr_batches_lowres_is_the_downsampled_target(cached_task):
   from imagen_jax.data import pipeline
+
   name, _ = cached_task
   cfg = pipeline.StageDataConfig(image_size=32, lowres_size=8, batch_size=4, shuffle_buffer=8)
   batch = next(pipeline.StageIterator(pipeline.stage_dataset(name, cfg)))
@@ -281,9 +359,13 @@ def test_sr_batches_lowres_is_the_downsampled_target(cached_task):
 
 def test_crop_training_batches_line_up(cached_task):
   from imagen_jax.data import pipeline
+
   name, _ = cached_task
-  # 256->1024 style at toy scale: 32-pixel crops of 64-pixel images, with their 8-pixel conditioning crops.
-  cfg = pipeline.StageDataConfig(image_size=32, lowres_size=8, full_size=64, batch_size=8, shuffle_buffer=1)
+  # 256->1024 style at toy scale: 32-pixel crops of 64-pixel images, with their 8-pixel conditioning
+  # crops.
+  cfg = pipeline.StageDataConfig(
+    image_size=32, lowres_size=8, full_size=64, batch_size=8, shuffle_buffer=1
+  )
   batch = next(pipeline.StageIterator(pipeline.stage_dataset(name, cfg)))
   np.testing.assert_allclose(batch["lowres"], pipeline.box_downsample(batch["image"], 4), atol=1e-5)
   # The crops come from different places, and each is a crop of the full image at a multiple of 4.
@@ -291,8 +373,12 @@ def test_crop_training_batches_line_up(cached_task):
   full = next(pipeline.StageIterator(pipeline.stage_dataset(name, full_cfg)))["image"]
   offsets = set()
   for i in range(8):
-    hits = [(y, x) for y in range(0, 33, 4) for x in range(0, 33, 4)
-            if np.allclose(full[i, y:y + 32, x:x + 32], batch["image"][i], atol=1e-5)]
+    hits = [
+      (y, x)
+      for y in range(0, 33, 4)
+      for x in range(0, 33, 4)
+      if np.allclose(full[i, y : y + 32, x : x + 32], batch["image"][i], atol=1e-5)
+    ]
     assert hits, f"example {i} is not an aligned crop"
     offsets.add(hits[0])
   assert len(offsets) > 1
@@ -300,8 +386,11 @@ def test_crop_training_batches_line_up(cached_task):
 
 def test_iterator_state_restores_in_a_fresh_process(cached_task, spm_model, tmp_path):
   from imagen_jax.data import pipeline
+
   name, cache_dir = cached_task
-  cfg = pipeline.StageDataConfig(image_size=32, lowres_size=8, batch_size=4, shuffle_buffer=16, seed=7)
+  cfg = pipeline.StageDataConfig(
+    image_size=32, lowres_size=8, batch_size=4, shuffle_buffer=16, seed=7
+  )
   it = pipeline.StageIterator(pipeline.stage_dataset(name, cfg))
   for _ in range(3):
     next(it)
@@ -311,7 +400,8 @@ def test_iterator_state_restores_in_a_fresh_process(cached_task, spm_model, tmp_
       import numpy as np
       from imagen_jax.data import pipeline, tasks
       tasks.register_cached_task({name!r}, {str(cache_dir)!r}, {spm_model!r})
-      cfg = pipeline.StageDataConfig(image_size=32, lowres_size=8, batch_size=4, shuffle_buffer=16, seed=7)
+      cfg = pipeline.StageDataConfig(image_size=32, lowres_size=8, batch_size=4, shuffle_buffer=16,
+                                     seed=7)
       it = pipeline.StageIterator(pipeline.stage_dataset({name!r}, cfg))
       it.restore({str(tmp_path / "iter")!r})
       b = next(it)
@@ -330,13 +420,26 @@ def test_iterator_state_restores_in_a_fresh_process(cached_task, spm_model, tmp_
 def test_on_the_fly_batches_match_the_cache(cached_task, spm_model, tiny_t5_checkpoint):
   from imagen_jax.data import pipeline
   from imagen_jax.text.encoder import TextEncoder
+
   name, _ = cached_task
   _, config, params = tiny_t5_checkpoint
-  cached = next(pipeline.StageIterator(pipeline.stage_dataset(
-      name, pipeline.StageDataConfig(image_size=32, batch_size=24, shuffle_buffer=1))))
-  fly = next(pipeline.StageIterator(pipeline.stage_dataset(
-      "stage_source", pipeline.StageDataConfig(image_size=32, batch_size=24, shuffle_buffer=1, max_length=12,
-                                               embeddings="on_the_fly"))))
+  cached = next(
+    pipeline.StageIterator(
+      pipeline.stage_dataset(
+        name, pipeline.StageDataConfig(image_size=32, batch_size=24, shuffle_buffer=1)
+      )
+    )
+  )
+  fly = next(
+    pipeline.StageIterator(
+      pipeline.stage_dataset(
+        "stage_source",
+        pipeline.StageDataConfig(
+          image_size=32, batch_size=24, shuffle_buffer=1, max_length=12, embeddings="on_the_fly"
+        ),
+      )
+    )
+  )
   assert "text_emb" not in fly
   order = {k: i for i, k in enumerate(fly["key"])}
   idx = [order[k] for k in cached["key"]]
@@ -348,23 +451,37 @@ def test_on_the_fly_batches_match_the_cache(cached_task, spm_model, tiny_t5_chec
 
 def test_cache_embeddings_cli(tmp_path, spm_model, tiny_t5_checkpoint, capsys):
   from imagen_jax import cli
+
   t5_dir, _, _ = tiny_t5_checkpoint
-  argv = ["cache-embeddings", "--gin_file", "runs/cache_synthetic.gin", f"--gin.VOCAB='{spm_model}'",
-          f"--gin.ENCODER='{t5_dir}'", f"--gin.CACHE_DIR='{tmp_path / 'c'}'", "--gin.IMAGE_SIZE=32",
-          "--gin.MAX_LENGTH=12", "--gin.register_source_task.num_examples=10", "--gin.cache_embeddings.num_shards=2",
-          "--gin.cache_embeddings.batch_size=8", "--gin.TASK='cli_synthetic'"]
+  argv = [
+    "cache-embeddings",
+    "--gin_file",
+    "runs/cache_synthetic.gin",
+    f"--gin.VOCAB='{spm_model}'",
+    f"--gin.ENCODER='{t5_dir}'",
+    f"--gin.CACHE_DIR='{tmp_path / 'c'}'",
+    "--gin.IMAGE_SIZE=32",
+    "--gin.MAX_LENGTH=12",
+    "--gin.register_source_task.num_examples=10",
+    "--gin.cache_embeddings.num_shards=2",
+    "--gin.cache_embeddings.batch_size=8",
+    "--gin.TASK='cli_synthetic'",
+  ]
   assert cli.main(argv) == 0
   out = capsys.readouterr().out
   assert "examples=10" in out and "shards written=2" in out
-  assert cli.main(argv) == 0                          # resumed: nothing left to do
+  assert cli.main(argv) == 0  # resumed: nothing left to do
   assert "skipped=2" in capsys.readouterr().out
-  assert cli.main(["cache-embeddings", "--gin_file", "runs/cache_synthetic.gin"]) == 2   # required macros unset
+  assert (
+    cli.main(["cache-embeddings", "--gin_file", "runs/cache_synthetic.gin"]) == 2
+  )  # required macros unset
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("imagen-jax: error:")
 
 
 def test_each_host_reads_its_own_part(cached_task):
   from imagen_jax.data import pipeline
+
   name, _ = cached_task
   keys = []
   for host in range(2):
@@ -372,4 +489,6 @@ def test_each_host_reads_its_own_part(cached_task):
     ds = pipeline.stage_dataset(name, cfg, process_index=host, process_count=2, num_epochs=1)
     keys.append({k for b in ds.as_numpy_iterator() for k in b["key"]})
   assert keys[0] and keys[1] and not keys[0] & keys[1]
-  assert len(keys[0] | keys[1]) >= 20      # 24 records over 2 files; drop_remainder may drop < 2 per host
+  assert (
+    len(keys[0] | keys[1]) >= 20
+  )  # 24 records over 2 files; drop_remainder may drop < 2 per host

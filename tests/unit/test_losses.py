@@ -4,15 +4,22 @@ import numpy as np
 import pytest
 
 from imagen_jax import diffusion as D
-from tests.gaussian_oracle import GaussianOracle
+from tests.helpers import GaussianOracle
 
 ORACLE = GaussianOracle(mean=[0.2, -0.4, 0.7], std=[0.4, 0.25, 0.3])
 
 
 def _loss(model_fn, objective="eps", n=32768, seed=0, **kw):
   x = ORACLE.sample_data(jax.random.PRNGKey(100 + seed), n)
-  return D.diffusion_loss(model_fn, x, None, jax.random.PRNGKey(seed), schedule=D.CosineSchedule(),
-                          objective=objective, **kw)
+  return D.diffusion_loss(
+    model_fn,
+    x,
+    None,
+    jax.random.PRNGKey(seed),
+    schedule=D.CosineSchedule(),
+    objective=objective,
+    **kw,
+  )
 
 
 def test_optimal_denoiser_loss_matches_closed_form():
@@ -44,7 +51,10 @@ def test_min_snr_weights_agree_across_objectives():
   log_snr = jnp.linspace(-8, 8, 33)
   gamma = 5.0
   snr = np.exp(np.asarray(log_snr, np.float64))
-  w = {o: np.asarray(D.loss_weight(log_snr, o, "min_snr", gamma), np.float64) for o in ("eps", "x0", "v")}
+  w = {
+    o: np.asarray(D.loss_weight(log_snr, o, "min_snr", gamma), np.float64)
+    for o in ("eps", "x0", "v")
+  }
   np.testing.assert_allclose(w["x0"], np.minimum(snr, gamma), rtol=1e-5)
   # |x0 error|^2 = |eps error|^2 / SNR and |v error|^2 = |eps error|^2 (1 + SNR) / SNR.
   np.testing.assert_allclose(w["x0"] / snr, w["eps"], rtol=1e-5)
@@ -72,8 +82,12 @@ def test_condition_dropout_reaches_the_network():
   b = 2000
   cond = {D.TEXT_EMB: jnp.ones((b, 4, 2)), D.TEXT_MASK: jnp.ones((b, 4), bool)}
   x = jnp.zeros((b, 2, 2, 3))
-  D.diffusion_loss(fn, x, cond, jax.random.PRNGKey(0), schedule=D.CosineSchedule(), cond_drop_prob=0.25)
+  D.diffusion_loss(
+    fn, x, cond, jax.random.PRNGKey(0), schedule=D.CosineSchedule(), cond_drop_prob=0.25
+  )
   frac = 1 - np.asarray(seen["mask"]).any(1).mean()
   assert abs(frac - 0.25) < 4 * np.sqrt(0.25 * 0.75 / b)
-  D.diffusion_loss(fn, x, cond, jax.random.PRNGKey(0), schedule=D.CosineSchedule(), cond_drop_prob=0.0)
+  D.diffusion_loss(
+    fn, x, cond, jax.random.PRNGKey(0), schedule=D.CosineSchedule(), cond_drop_prob=0.0
+  )
   assert bool(np.asarray(seen["mask"]).all())

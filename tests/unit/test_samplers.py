@@ -6,22 +6,37 @@ import numpy as np
 import pytest
 
 from imagen_jax import diffusion as D
-from tests.gaussian_oracle import GaussianOracle
+from tests.helpers import GaussianOracle
 
 ORACLE = GaussianOracle(mean=[0.5, -0.3, 0.0, 0.6], std=[0.3, 0.5, 0.4, 0.35])
 
 
-@pytest.mark.parametrize("sampler,eta,objective,schedule", [
+@pytest.mark.parametrize(
+  "sampler,eta,objective,schedule",
+  [
     ("ddpm", 0.0, "eps", D.CosineSchedule()),
     ("ddim", 0.0, "v", D.CosineSchedule()),
     ("ddpm", 0.0, "x0", D.LinearSchedule()),
     ("ddim", 0.0, "eps", D.LinearSchedule()),
-])
+  ],
+)
 def test_oracle_denoiser_reproduces_data_mean_and_variance(sampler, eta, objective, schedule):
   n, steps = 32768, 1000
-  fn = jax.jit(lambda key: D.sample(ORACLE.model_fn(objective), key, (n, 1, 1, 4), None, schedule=schedule,
-                                    num_steps=steps, objective=objective, sampler=sampler, ddim_eta=eta,
-                                    guidance_scale=1.0, thresholding_method="none"))
+  fn = jax.jit(
+    lambda key: D.sample(
+      ORACLE.model_fn(objective),
+      key,
+      (n, 1, 1, 4),
+      None,
+      schedule=schedule,
+      num_steps=steps,
+      objective=objective,
+      sampler=sampler,
+      ddim_eta=eta,
+      guidance_scale=1.0,
+      thresholding_method="none",
+    )
+  )
   x = np.asarray(fn(jax.random.PRNGKey(0)), np.float64).reshape(n, 4)
   # Statistical tolerance (about 4 standard errors) plus the 1000-step discretisation bias (< 1.5%).
   np.testing.assert_allclose(x.mean(0), ORACLE.mean, atol=float(4 * ORACLE.std.max() / np.sqrt(n)))
@@ -31,8 +46,16 @@ def test_oracle_denoiser_reproduces_data_mean_and_variance(sampler, eta, objecti
 def test_oracle_sampler_is_not_fooled_by_a_wrong_denoiser():
   # The same check fails for a denoiser that believes the data is twice as wide.
   wrong = GaussianOracle(ORACLE.mean, 2 * ORACLE.std)
-  x = D.sample(wrong.model_fn("eps"), jax.random.PRNGKey(0), (8192, 1, 1, 4), None, schedule=D.CosineSchedule(),
-               num_steps=200, objective="eps", thresholding_method="none")
+  x = D.sample(
+    wrong.model_fn("eps"),
+    jax.random.PRNGKey(0),
+    (8192, 1, 1, 4),
+    None,
+    schedule=D.CosineSchedule(),
+    num_steps=200,
+    objective="eps",
+    thresholding_method="none",
+  )
   ratio = np.asarray(x).reshape(-1, 4).std(0) / ORACLE.std
   assert np.all(ratio > 1.6)
 
@@ -61,7 +84,9 @@ def test_ancestral_update_matches_textbook_posterior():
   noise = jax.random.normal(k[2], (2, 3, 3, 1))
   mean = ats * ss**2 / st**2 * z + as_ * sts2 / st**2 * x0
   std = np.sqrt(sts2 * ss**2 / st**2)
-  out = D.ancestral_update(z, x0, sched.log_snr(jnp.full((2,), t)), sched.log_snr(jnp.full((2,), s)), noise)
+  out = D.ancestral_update(
+    z, x0, sched.log_snr(jnp.full((2,), t)), sched.log_snr(jnp.full((2,), s)), noise
+  )
   np.testing.assert_allclose(out, mean + std * noise, rtol=1e-4, atol=1e-5)
 
 
@@ -73,11 +98,13 @@ def test_deterministic_per_key_and_trajectory():
   c = D.sample(ORACLE.model_fn(), jax.random.PRNGKey(12), (4, 2, 2, 4), None, num_steps=10, **kw)
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
-  out, traj = D.sample(ORACLE.model_fn(), key, (4, 2, 2, 4), None, num_steps=10, return_trajectory=True, **kw)
+  out, traj = D.sample(
+    ORACLE.model_fn(), key, (4, 2, 2, 4), None, num_steps=10, return_trajectory=True, **kw
+  )
   assert traj["z"].shape == (11, 4, 2, 2, 4) and traj["x0"].shape == (10, 4, 2, 2, 4)
   np.testing.assert_allclose(out, a, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(traj["z"][-1], out)
-  np.testing.assert_array_equal(traj["x0"][-1], out)   # the last step returns x0 exactly
+  np.testing.assert_array_equal(traj["x0"][-1], out)  # the last step returns x0 exactly
   # Dynamic thresholding keeps every x0 prediction in [-1, 1].
   assert float(jnp.abs(traj["x0"]).max()) <= 1.0 + 1e-6
 
@@ -85,14 +112,24 @@ def test_deterministic_per_key_and_trajectory():
 def _one_device_sampler(apply_fn, diffusion, image_size, channels):
   from imagen_jax import partitioning
   from imagen_jax.sample.stage_sampler import StageSampler
-  return StageSampler(apply_fn, diffusion, image_size, super_resolution=False, batch_size=8,
-                      mesh=partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1]), channels=channels)
+
+  return StageSampler(
+    apply_fn,
+    diffusion,
+    image_size,
+    super_resolution=False,
+    batch_size=8,
+    mesh=partitioning.create_mesh(1, 1, 1, devices=jax.devices()[:1]),
+    channels=channels,
+  )
 
 
 def test_sampler_compiles_once_whatever_the_step_count_and_guidance():
-  """The one sampler (sample.stage_sampler.StageSampler): step count and guidance weight are traced arguments."""
-  from imagen_jax.sample.stage_sampler import image_keys
+  """The one sampler (sample.stage_sampler.StageSampler): step count and guidance weight are
+  traced arguments."""
   from imagen_jax.sample.settings import StageSettings
+  from imagen_jax.sample.stage_sampler import image_keys
+
   traces = []
 
   def apply_fn(params, z, log_snr, cond):
@@ -103,11 +140,12 @@ def test_sampler_compiles_once_whatever_the_step_count_and_guidance():
   sampler = _one_device_sampler(apply_fn, D.DiffusionConfig(), 4, 3)
   params = {"scale": jnp.float32(0.5)}
   emb, mask, keys = np.ones((2, 3, 4), np.float32), np.ones((2, 3), bool), image_keys([0, 1], 0)
-  run = lambda n, w, guided=True: sampler.run(params, emb, mask, keys, StageSettings(num_steps=n, guidance_scale=w),
-                                              guided=guided)
+  run = lambda n, w, guided=True: sampler.run(
+    params, emb, mask, keys, StageSettings(num_steps=n, guidance_scale=w), guided=guided
+  )
   outs = [run(n, 3.0) for n in (2, 5, 17)] + [run(5, 1.5)]
   assert sampler.trace_count == 1
-  assert traces == [4]              # one traced network call on the doubled batch, not one per step
+  assert traces == [4]  # one traced network call on the doubled batch, not one per step
   assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[1], outs[3])
   # w = 1 unguided: a second program with a single, unguided network call.
   run(3, 1.0, guided=False)
@@ -116,27 +154,50 @@ def test_sampler_compiles_once_whatever_the_step_count_and_guidance():
 
 def test_jitted_sampler_equals_the_pure_function():
   from imagen_jax.diffusion import process
-  from imagen_jax.sample.stage_sampler import image_keys
   from imagen_jax.sample.settings import StageSettings
+  from imagen_jax.sample.stage_sampler import image_keys
+
   apply_fn = lambda params, z, log_snr, cond: ORACLE.model_fn("v")(z, log_snr, cond) * params
   cfg = D.DiffusionConfig(objective="v")
   keys = image_keys(range(8), 0)
   setting = StageSettings(sampler="ddim", num_steps=12, guidance_scale=1.0, thresholding="static")
-  got = _one_device_sampler(apply_fn, cfg, 1, 4).run(jnp.float32(1.0), np.zeros((8, 2, 3), np.float32),
-                                                 np.ones((8, 2), bool), keys, setting)
-  _, k_sample = process.split_key(jnp.asarray(keys))      # the sampler's own split of each image's key
-  ref = D.sample(ORACLE.model_fn("v"), k_sample, (8, 1, 1, 4), schedule=cfg.schedule, num_steps=12,
-                 objective="v", sampler="ddim", guidance_scale=1.0, thresholding_method="static")
+  got = _one_device_sampler(apply_fn, cfg, 1, 4).run(
+    jnp.float32(1.0), np.zeros((8, 2, 3), np.float32), np.ones((8, 2), bool), keys, setting
+  )
+  _, k_sample = process.split_key(jnp.asarray(keys))  # the sampler's own split of each image's key
+  ref = D.sample(
+    ORACLE.model_fn("v"),
+    k_sample,
+    (8, 1, 1, 4),
+    schedule=cfg.schedule,
+    num_steps=12,
+    objective="v",
+    sampler="ddim",
+    guidance_scale=1.0,
+    thresholding_method="static",
+  )
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_sampler_arguments():
   with pytest.raises(ValueError, match="unknown sampler"):
-    D.sample(ORACLE.model_fn(), jax.random.PRNGKey(0), (1, 1, 1, 4), schedule=D.CosineSchedule(), num_steps=2,
-             sampler="euler")
+    D.sample(
+      ORACLE.model_fn(),
+      jax.random.PRNGKey(0),
+      (1, 1, 1, 4),
+      schedule=D.CosineSchedule(),
+      num_steps=2,
+      sampler="euler",
+    )
   with pytest.raises(ValueError, match="Python int"):
-    D.sample(ORACLE.model_fn(), jax.random.PRNGKey(0), (1, 1, 1, 4), schedule=D.CosineSchedule(),
-             num_steps=jnp.int32(2), return_trajectory=True)
+    D.sample(
+      ORACLE.model_fn(),
+      jax.random.PRNGKey(0),
+      (1, 1, 1, 4),
+      schedule=D.CosineSchedule(),
+      num_steps=jnp.int32(2),
+      return_trajectory=True,
+    )
 
 
 @pytest.mark.parametrize("method", ["static", "dynamic"])
@@ -145,8 +206,16 @@ def test_thresholded_x0_and_eps_stay_a_consistent_pair(method):
   # from the clipped x0 (DDIM's update uses both), i.e. z = alpha x0 + sigma eps still holds.
   z = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 2))
   log_snr = jnp.array([-1.0, 0.5, 2.0])
-  x0, eps = D.samplers.denoise(lambda z, l, c: -0.2 * z, z, log_snr, None, objective="eps", guidance_scale=1.0,
-                               thresholding_method=method, percentile=99.5)
+  x0, eps = D.samplers.denoise(
+    lambda z, l, c: -0.2 * z,
+    z,
+    log_snr,
+    None,
+    objective="eps",
+    guidance_scale=1.0,
+    thresholding_method=method,
+    percentile=99.5,
+  )
   alpha, sigma = D.alpha_sigma_from_log_snr(log_snr)
   assert float(jnp.abs(x0).max()) <= 1.0 + 1e-6
   np.testing.assert_allclose(D.diffuse(x0, eps, alpha, sigma), z, rtol=1e-5, atol=1e-5)

@@ -37,7 +37,9 @@ def test_intermediate_level_follows_forward_process():
 
 def test_random_levels_per_example_in_range():
   x = _img(512)
-  out, level = D.noise_augment_random(x, jax.random.PRNGKey(4), D.CosineSchedule(), level_range=(0.0, 0.5))
+  out, level = D.noise_augment_random(
+    x, jax.random.PRNGKey(4), D.CosineSchedule(), level_range=(0.0, 0.5)
+  )
   level = np.asarray(level)
   assert level.shape == (512,) and level.min() >= 0 and level.max() <= 0.5
   assert len(np.unique(level)) > 500 and abs(level.mean() - 0.25) < 0.03
@@ -50,21 +52,29 @@ def test_random_levels_per_example_in_range():
 
 def test_sampling_uses_the_configured_level_never_a_random_one():
   from imagen_jax.sample.settings import StageSettings
+
   x = _img(32)
   key = jax.random.PRNGKey(5)
   cfg = D.DiffusionConfig(train_aug_level_range=(0.0, 1.0))
   # The sampler augments at its setting's level (StageSampler: noise_augment at settings.aug_level).
-  out, level = D.noise_augment(x, key, cfg.noise_aug_schedule, StageSettings(aug_level=0.3).aug_level)
+  out, level = D.noise_augment(
+    x, key, cfg.noise_aug_schedule, StageSettings(aug_level=0.3).aug_level
+  )
   np.testing.assert_array_equal(level, np.full(32, 0.3, np.float32))
   # Exactly the forward process at 0.3 with the key's noise: no key spent on drawing a level.
   alpha, sigma = cfg.noise_aug_schedule.alpha_sigma(0.3)
-  np.testing.assert_allclose(out, alpha * x + sigma * jax.random.normal(key, x.shape), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    out, alpha * x + sigma * jax.random.normal(key, x.shape), rtol=1e-6, atol=1e-6
+  )
   # Level 0 is the untouched image.
   out0, level0 = D.noise_augment(x, key, cfg.noise_aug_schedule, 0.0)
   np.testing.assert_array_equal(out0, x)
   np.testing.assert_array_equal(level0, np.zeros(32))
-  # The default setting samples at level 0 (the paper's best-FID setting), whatever the training range.
-  np.testing.assert_array_equal(D.noise_augment(x, key, cfg.noise_aug_schedule, StageSettings().aug_level)[0], x)
+  # The default setting samples at level 0 (the paper's best-FID setting), whatever the training
+  # range.
+  np.testing.assert_array_equal(
+    D.noise_augment(x, key, cfg.noise_aug_schedule, StageSettings().aug_level)[0], x
+  )
   # Training draws random levels from its range, one per example.
   _, train_levels = cfg.augment_lowres_for_training(x, key)
   assert len(np.unique(np.asarray(train_levels))) == 32

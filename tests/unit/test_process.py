@@ -41,7 +41,9 @@ def test_conversions_invert_each_other(seed):
     x0_hat, eps_hat = D.prediction_to_x0_eps(pred, z, alpha, sigma, objective)
     np.testing.assert_allclose(x0_hat, x0, **tol)
     np.testing.assert_allclose(eps_hat, eps, **tol)
-    np.testing.assert_allclose(D.target_for_objective(x0, eps, alpha, sigma, objective), pred, **tol)
+    np.testing.assert_allclose(
+      D.target_for_objective(x0, eps, alpha, sigma, objective), pred, **tol
+    )
 
 
 def test_round_trips_through_every_pair():

@@ -5,8 +5,15 @@ import pytest
 from imagen_jax import diffusion as D
 
 
-@pytest.mark.parametrize("schedule", [D.CosineSchedule(), D.LinearSchedule(), D.CosineSchedule(-10.0, 12.0),
-                                      D.LinearSchedule(1e-4, 0.02, 100)])
+@pytest.mark.parametrize(
+  "schedule",
+  [
+    D.CosineSchedule(),
+    D.LinearSchedule(),
+    D.CosineSchedule(-10.0, 12.0),
+    D.LinearSchedule(1e-4, 0.02, 100),
+  ],
+)
 def test_variance_preserving_and_strictly_decreasing(schedule):
   t = jnp.linspace(0.0, 1.0, 10001)
   alpha, sigma = schedule.alpha_sigma(t)
@@ -16,7 +23,7 @@ def test_variance_preserving_and_strictly_decreasing(schedule):
   # Strictly decreasing wherever the log-SNR is not clipped at its maximum.
   inner = lam[1:] < schedule.logsnr_max
   assert np.all(np.diff(lam)[inner] < 0)
-  assert np.sum(lam >= schedule.logsnr_max) <= 1   # only t = 0 may sit at the clip
+  assert np.sum(lam >= schedule.logsnr_max) <= 1  # only t = 0 may sit at the clip
 
 
 def test_cosine_matches_closed_form_and_clip_range():
@@ -32,9 +39,14 @@ def test_cosine_matches_closed_form_and_clip_range():
 
 @pytest.mark.parametrize("lo,hi", [(-20.0, 20.0), (-10.0, 12.0), (-30.0, 30.0)])
 def test_cosine_log_snr_keeps_float32_precision_up_to_t_one(lo, hi):
-  """Against float64 at the same float32 t, on a dense grid and at the points samplers start from."""
-  t = np.concatenate([np.linspace(0.0, 1.0, 400_001, dtype=np.float32),
-                      np.float32([1e-6, 1 - 1e-6, 1 - 2.0**-24, 0.5, np.nextafter(np.float32(0.5), 0), 1.0])])
+  """Against float64 at the same float32 t, on a dense grid and at the points samplers start
+  from."""
+  t = np.concatenate(
+    [
+      np.linspace(0.0, 1.0, 400_001, dtype=np.float32),
+      np.float32([1e-6, 1 - 1e-6, 1 - 2.0**-24, 0.5, np.nextafter(np.float32(0.5), 0), 1.0]),
+    ]
+  )
   t64 = t.astype(np.float64)
   b = np.arctan(np.exp(-0.5 * hi))
   a = np.arctan(np.exp(-0.5 * lo)) - b
@@ -46,9 +58,9 @@ def test_cosine_log_snr_keeps_float32_precision_up_to_t_one(lo, hi):
 
 
 def test_linear_matches_discrete_ddpm_cumprod():
-  s = D.LinearSchedule()   # beta 1e-4 .. 0.02 over 1000 steps, the paper's 256->1024 schedule
+  s = D.LinearSchedule()  # beta 1e-4 .. 0.02 over 1000 steps, the paper's 256->1024 schedule
   betas = np.linspace(1e-4, 0.02, 1000)
-  alpha_bar = np.cumprod(1.0 - betas)            # independent of the schedule's own table
+  alpha_bar = np.cumprod(1.0 - betas)  # independent of the schedule's own table
   t = np.arange(1, 1001) / 1000.0
   alpha, _ = s.alpha_sigma(jnp.asarray(t, jnp.float32))
   np.testing.assert_allclose(np.asarray(alpha, np.float64) ** 2, alpha_bar, rtol=1e-5)

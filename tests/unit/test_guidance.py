@@ -63,7 +63,9 @@ def test_guided_combination_in_eps_space_for_every_objective(objective):
   w = 4.0
   x0, eps = D.guided_x0_eps(net, z, log_snr, c, w, objective)
   _, eps_c = D.prediction_to_x0_eps(net(z, log_snr, c), z, alpha, sigma, objective)
-  _, eps_u = D.prediction_to_x0_eps(net(z, log_snr, D.null_condition(c)), z, alpha, sigma, objective)
+  _, eps_u = D.prediction_to_x0_eps(
+    net(z, log_snr, D.null_condition(c)), z, alpha, sigma, objective
+  )
   np.testing.assert_allclose(eps, w * eps_c + (1 - w) * eps_u, rtol=1e-4, atol=1e-5)
   # x0 and eps stay a consistent pair for the same z.
   np.testing.assert_allclose(x0, D.x0_from_eps(z, eps, alpha, sigma), rtol=1e-4, atol=1e-4)

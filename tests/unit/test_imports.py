@@ -7,7 +7,7 @@ import sys
 
 import imagen_jax
 
-TF_FREE_CHECK = r'''
+TF_FREE_CHECK = r"""
 import importlib, pkgutil, sys
 
 BLOCKED = ("tensorflow", "tensorflow_datasets", "tensorflow_text", "seqio")
@@ -35,16 +35,18 @@ assert "imagen_jax.diffusion.samplers" in names, names
 leaked = sorted(k for k in sys.modules if k.split(".")[0] in BLOCKED)
 assert not leaked, leaked
 print("imported", len(names), "modules")
-'''
+"""
 
 
 def test_training_and_sampling_modules_import_without_tensorflow():
-  res = subprocess.run([sys.executable, "-c", TF_FREE_CHECK], capture_output=True, text=True, timeout=300)
+  res = subprocess.run(
+    [sys.executable, "-c", TF_FREE_CHECK], capture_output=True, text=True, timeout=300
+  )
   assert res.returncode == 0, res.stdout + res.stderr
   assert "imported" in res.stdout
 
 
 def test_every_module_imports():
   for m in pkgutil.walk_packages(imagen_jax.__path__, "imagen_jax."):
-    if not m.name.endswith(".__main__"):         # a script: importing it runs the command line
+    if not m.name.endswith(".__main__"):  # a script: importing it runs the command line
       importlib.import_module(m.name)

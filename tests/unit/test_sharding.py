@@ -1,4 +1,5 @@
-"""A forward pass sharded over a simulated 2x2x2 (data, fsdp, tensor) mesh equals the unsharded one."""
+"""A forward pass sharded over a simulated 2x2x2 (data, fsdp, tensor) mesh equals the unsharded
+one."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from imagen_jax import models as M
 from imagen_jax import partitioning
-from tests.conftest import inputs, load_config, randomized_params
+from tests.helpers import inputs, load_config, randomized_params
 
 
 def _get(tree, path):
@@ -34,8 +35,11 @@ def test_sharded_forward_matches_unsharded_and_params_follow_the_rules(gin_file)
   batch = lambda x: partitioning.batch_sharding(mesh, x.ndim)
   data_shardings = jax.tree_util.tree_map(batch, (z, log_snr, cond))
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.AXIS_RULES):
-    fwd = jax.jit(lambda p, z, l, c: model.apply({"params": p}, z, l, c),
-                  in_shardings=(shardings,) + data_shardings, out_shardings=batch(z))
+    fwd = jax.jit(
+      lambda p, z, l, c: model.apply({"params": p}, z, l, c),
+      in_shardings=(shardings,) + data_shardings,
+      out_shardings=batch(z),
+    )
     out = fwd(params, z, log_snr, cond)
   np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
   assert out.sharding.spec == P(("data", "fsdp"), None, None, None)
@@ -53,10 +57,16 @@ def test_sharded_forward_matches_unsharded_and_params_follow_the_rules(gin_file)
   assert mlp.sharding.spec == P("fsdp", "tensor")
   norm = _get(params, "norm_out/GroupNorm_0/scale")
   assert norm.sharding.is_fully_replicated
-  attn_name = "mid_attn" if isinstance(config, M.UNetConfig) else f"down_{len(config.channels) - 1}_attn"
+  attn_name = (
+    "mid_attn" if isinstance(config, M.UNetConfig) else f"down_{len(config.channels) - 1}_attn"
+  )
   query = _get(params, f"{attn_name}/query/kernel")
-  assert query.sharding.spec == P("fsdp", "tensor", None)   # (embed, heads, kv)
-  assert query.addressable_shards[0].data.shape == (query.shape[0] // 2, query.shape[1] // 2, query.shape[2])
+  assert query.sharding.spec == P("fsdp", "tensor", None)  # (embed, heads, kv)
+  assert query.addressable_shards[0].data.shape == (
+    query.shape[0] // 2,
+    query.shape[1] // 2,
+    query.shape[2],
+  )
 
 
 def test_mesh_construction_errors():
@@ -70,10 +80,13 @@ def test_mesh_construction_errors():
 def test_every_parameter_carries_logical_axis_names(which):
   if which == "t5":
     from imagen_jax.text import t5
+
     boxed = t5.abstract_encoder_params(t5.t5_config("tiny"))
   else:
     boxed = M.abstract_params(load_config(which))
-  leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  leaves = jax.tree_util.tree_leaves(
+    boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+  )
   unnamed = [x for x in leaves if not isinstance(x, nn.LogicallyPartitioned)]
   assert leaves and not unnamed
   rule_names = {name for name, _ in partitioning.AXIS_RULES}

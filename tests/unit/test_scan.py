@@ -1,6 +1,7 @@
-"""Scanned layers (nn.scan over each U-Net level's repeated blocks): the same function as the unscanned
-network, the same gradients (with dropout and remat too), a lossless conversion between the two parameter
-layouts, the stacking axis left unsharded, and a smaller program for the compiler."""
+"""Scanned layers (nn.scan over each U-Net level's repeated blocks): the same function as the
+unscanned network, the same gradients (with dropout and remat too), a lossless conversion between
+the two parameter layouts, the stacking axis left unsharded, and a smaller program for the
+compiler."""
 
 import dataclasses
 
@@ -13,13 +14,14 @@ import pytest
 from imagen_jax import diffusion as D
 from imagen_jax import models as M
 from imagen_jax import partitioning
-from tests.conftest import inputs, load_config, randomized_params
+from tests.helpers import inputs, load_config, randomized_params
 
 CASES = {
-    # Three blocks per level: blocks 1-2 of each level are scanned, down (with attention on level 1) and up.
-    "base": ("models/tiny_base.gin", "UNetConfig.num_res_blocks = 3"),
-    # The Efficient U-Net scans every block of a level; level 1 has two and attention after them.
-    "sr": ("models/tiny_sr.gin",),
+  # Three blocks per level: blocks 1-2 of each level are scanned, down (with attention on level 1)
+  # and up.
+  "base": ("models/tiny_base.gin", "UNetConfig.num_res_blocks = 3"),
+  # The Efficient U-Net scans every block of a level; level 1 has two and attention after them.
+  "sr": ("models/tiny_sr.gin",),
 }
 
 
@@ -56,15 +58,17 @@ def _loss_and_grads(config, params, key, deterministic=True):
   x = jnp.tanh(z)
 
   def loss_fn(p):
-    fn = lambda zz, l, c: model.apply({"params": p}, zz, l, c, deterministic=deterministic,
-                                      rngs={"dropout": jax.random.PRNGKey(7)})
+    fn = lambda zz, l, c: model.apply(
+      {"params": p}, zz, l, c, deterministic=deterministic, rngs={"dropout": jax.random.PRNGKey(7)}
+    )
     return diffusion.loss(fn, x, cond, key)[0]
 
   return jax.jit(jax.value_and_grad(loss_fn))(params)
 
 
 def test_scanned_loss_and_gradients_equal_the_unscanned(pair):
-  """Base U-Net without remat, Efficient U-Net with remat inside the scan (one compile pair each: CPU time)."""
+  """Base U-Net without remat, Efficient U-Net with remat inside the scan (one compile pair each:
+  CPU time)."""
   config, scanned, params = pair
   remat = "none" if isinstance(config, M.UNetConfig) else "full"
   config = dataclasses.replace(config, remat=remat)
@@ -78,21 +82,31 @@ def test_scanned_loss_and_gradients_equal_the_unscanned(pair):
   flat, flat_s = jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(grads_back)
   scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads))
   for (path, g), gs in zip(flat, flat_s):
-    np.testing.assert_allclose(np.asarray(gs), np.asarray(g), rtol=1e-4, atol=1e-5 * scale,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      np.asarray(gs),
+      np.asarray(g),
+      rtol=1e-4,
+      atol=1e-5 * scale,
+      err_msg=jax.tree_util.keystr(path),
+    )
 
 
 def test_scanned_blocks_draw_their_own_dropout_keys():
-  """With dropout on, each repetition of the scan must draw a different mask (split_rngs): two stacked
-  blocks with identical parameters and identical inputs would otherwise drop the same units."""
+  """With dropout on, each repetition of the scan must draw a different mask (split_rngs): two
+  stacked blocks with identical parameters and identical inputs would otherwise drop the same
+  units."""
   config = dataclasses.replace(load_config(*CASES["sr"]), dropout=0.5, scan_layers=True)
-  params = M.convert_layout(randomized_params(dataclasses.replace(config, scan_layers=False)), config, scanned=True)
+  params = M.convert_layout(
+    randomized_params(dataclasses.replace(config, scan_layers=False)), config, scanned=True
+  )
   model = M.build_model(config)
   z, log_snr, cond = inputs(config)
-  run = lambda k: model.apply({"params": params}, z, log_snr, cond, deterministic=False, rngs={"dropout": k})
+  run = lambda k: model.apply(
+    {"params": params}, z, log_snr, cond, deterministic=False, rngs={"dropout": k}
+  )
   a, b = run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(1))
-  assert float(jnp.abs(a - b).max()) > 1e-3       # dropout is live inside the scan
-  np.testing.assert_array_equal(np.asarray(run(jax.random.PRNGKey(0))), np.asarray(a))   # and keyed
+  assert float(jnp.abs(a - b).max()) > 1e-3  # dropout is live inside the scan
+  np.testing.assert_array_equal(np.asarray(run(jax.random.PRNGKey(0))), np.asarray(a))  # and keyed
 
 
 def test_stacking_axis_is_never_sharded():
@@ -103,21 +117,27 @@ def test_stacking_axis_is_never_sharded():
   specs = nn.get_partition_spec(boxed)
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
   seen = 0
-  for spec, leaf, sharding in zip(jax.tree_util.tree_leaves(specs, is_leaf=is_spec),
-                                  jax.tree_util.tree_leaves(nn.unbox(boxed)), jax.tree_util.tree_leaves(shardings)):
+  for spec, leaf, sharding in zip(
+    jax.tree_util.tree_leaves(specs, is_leaf=is_spec),
+    jax.tree_util.tree_leaves(nn.unbox(boxed)),
+    jax.tree_util.tree_leaves(shardings),
+  ):
     if spec and spec[0] == "layers":
       seen += 1
       assert sharding.spec[0] is None, sharding.spec
       # The other dimensions keep the rules of the unstacked parameter.
-      unstacked = partitioning.fit_spec(nn.logical_to_mesh_axes(tuple(spec[1:]), partitioning.AXIS_RULES),
-                                        leaf.shape[1:], mesh)
-      assert tuple(sharding.spec[1:]) == tuple(unstacked) + (None,) * (len(sharding.spec) - 1 - len(unstacked))
+      unstacked = partitioning.fit_spec(
+        nn.logical_to_mesh_axes(tuple(spec[1:]), partitioning.AXIS_RULES), leaf.shape[1:], mesh
+      )
+      assert tuple(sharding.spec[1:]) == tuple(unstacked) + (None,) * (
+        len(sharding.spec) - 1 - len(unstacked)
+      )
   assert seen > 0
 
 
 def test_scanning_shrinks_the_program():
-  """The point of scanning: the lowered gradient program stops growing with depth (a 3x deeper level adds
-  nearly nothing), while the unscanned one grows with every block."""
+  """The point of scanning: the lowered gradient program stops growing with depth (a 3x deeper
+  level adds nearly nothing), while the unscanned one grows with every block."""
   base = load_config("models/tiny_sr.gin")
   sizes = {}
   for blocks in ((2, 2), (6, 6)):
