@@ -1,4 +1,4 @@
-"""One process of a simulated multi-host training run (tests/test_train_cli.py starts several on
+"""One process of a simulated multi-host training run (tests/e2e/test_train_cli.py starts several on
 127.0.0.1).
 
 python tests/multihost_worker.py MODEL_DIR NUM_PROCESSES PROCESS_ID PORT LOCAL_DEVICES Trains the

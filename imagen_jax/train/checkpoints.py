@@ -1,19 +1,6 @@
-"""Orbax checkpoints of a training run: asynchronous, atomic, restorable onto any mesh.
-
-A run directory (MODEL_DIR) holds
-  run.json                     what trains here: the stage's network config and parameter shapes,
-                               and the diffusion objective and schedules it trains with
-  config.gin                   the gin config the run was started with (operative_config.gin after
-                               step 1)
-  checkpoints/<step>/          one orbax composite checkpoint per saved step, items:
-      state                    step, params, optimizer state, run key, non-finite counters
-      ema_params               the EMA parameters alone (what sampling reads; no optimizer state)
-      data                     the data iterator's position, one file set per process
-  train/ (TensorBoard)         metrics
-
-Orbax writes each checkpoint into a temporary directory and renames it when every process has
-finished, so a checkpoint cut short (a kill during an asynchronous save) is never listed and never
-restored.
+"""Orbax checkpoints of a training run: asynchronous, atomic (a checkpoint cut short is never
+listed), restorable onto any mesh; run.json says what trains in a run directory. Layout:
+docs/outputs.md.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
-"""The COCO FID-30K inputs from the user's COCO 2014 files: `imagen-jax eval coco-prompts`.
-
-From `captions_val2014.json` (COCO's annotations) and the `val2014/` image folder: `num` images
-drawn at random (seeded) without replacement, one of each image's captions drawn at random, written
-as
-  OUT/prompts.txt        one caption per line (newlines inside captions folded to spaces)
-  OUT/ref_images/        symbolic links to the drawn images, named by order (00000_<file name>)
-  OUT/coco_fid.json      the seed, the image ids, file names and captions, in order
-so that `imagen-jax sample --prompts_file OUT/prompts.txt` and `imagen-jax eval fid --ref
-OUT/ref_images --center_crop 256` use the same 30k pairs (README: the COCO FID-30K recipe).
+"""The COCO FID-30K inputs from the user's COCO 2014 files: `num` val2014 images drawn at random
+(seeded), one caption each, their images linked for the reference statistics. Outputs:
+docs/outputs.md.
 """
 
 from __future__ import annotations

@@ -1,25 +1,6 @@
-"""DrawBench (Saharia et al. 2022, §4.2): the prompt list, sampling a model on it, a blinded
-side-by-side rating page, and the tally of raters' answers.
-
-- `load_prompts(csv)`: the CSV as users download it (header `Prompts,Category`; quoted prompts with
-  commas, category names with trailing spaces and blank lines are fine).
-- `sample_prompts(cascade, prompts, out)`: `samples_per_prompt` images per prompt through the
-  cascade into OUT/p<index>/s<j>.png, a prompt at a time marked done (OUT/p<index>/done.json) once
-  all its images are written; a second call skips done prompts (resumable). OUT/manifest.json says
-  what the folder holds.
-- `write_page(a, b, out)`: a static page (PAGE/index.html + PAGE/img/, no server, works from
-  file://) showing, per prompt, model A's and model B's sets side by side in an order drawn at
-  random per prompt and not shown: image files get random names, and which side is which lives only
-  in the key file written beside the page (`PAGE-key.json`, not inside PAGE/, so the folder can be
-  sent to raters as it is). The rater answers the paper's two questions — which set is more
-  photorealistic (fidelity), which better represents the text (alignment) — with left / indifferent
-  / right, by click or keys (fidelity: A S D, alignment: J K L, next: N or the right arrow, back: P
-  or the left arrow); answers live in localStorage (a reload loses nothing) and leave as a JSON
-  download.
-- `tally(answer_files, key)`: un-blinds the answers with the key and gives, per category and
-  overall, for each question, the fractions preferring A, indifferent and preferring B and the
-  preference rate for A (ties count half), with 95% bootstrap intervals over prompts (all raters'
-  answers to a prompt resampled together).
+"""DrawBench (Saharia et al. 2022, §4.2): the prompt CSV, resumable sampling of a model on it, a
+blinded side-by-side rating page (static, file://) and the tally of raters' answers with bootstrap
+intervals over prompts. Folders and page: docs/outputs.md.
 """
 
 from __future__ import annotations

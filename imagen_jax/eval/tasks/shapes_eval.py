@@ -1,17 +1,5 @@
-"""`imagen-jax eval shapes`: compositional alignment of a cascade on held-out synthetic captions,
-swept over guidance weight x thresholding.
-
-Prompts are the captions of scenes `seed` (default 1000), indices [--start, --start + num_prompts):
-a seed the training data never used (the synthetic training tasks use seed 0). The scene differs
-from every training scene; its caption may still occur in training (the grammar has a few hundred
-captions), so the JSON also says how many of the prompts' captions the first `--train_examples`
-scenes of the training seed contain, and scores the unseen ones on their own (kind "unseen").
-
-Writes into --out: shapes.json (settings, one row per setting x stage with the scorer's metrics per
-caption kind, speed, compiled programs), alignment_vs_guidance.png and alignment_vs_fidelity.png for
-the last stage (and each other stage's pair with the stage in the name), sweep_<stage>.png (the
-first 8 prompts, a row per setting, same seeds in every row), and every image under
-images/<setting>/<stage>/p<k>.png.
+"""`eval shapes`: compositional alignment of a cascade on held-out synthetic captions (a scene seed
+the training data never used), swept over guidance weight x thresholding. Outputs: docs/outputs.md.
 """
 
 from __future__ import annotations
