@@ -328,3 +328,42 @@ def test_startup_points_jax_away_from_an_absent_tpu(monkeypatch):
   )  # libtpu is installed here (the tpu extra)
   monkeypatch.setattr(startup, "has_tpu", lambda: True)
   assert startup.default_platforms() == ""  # a TPU VM: JAX's own choice
+
+
+@pytest.mark.parametrize(
+  "argv, line",
+  [
+    # Imports the training stack, TensorFlow included (the data pipeline), before failing.
+    (
+      ["train", "--gin_file=runs/demo_base.gin"],
+      "imagen-jax: error: required gin value(s) not set: MODEL_DIR, TRAIN_DATA (set them in a gin "
+      "file or with --gin.MODEL_DIR=VALUE; strings in quotes)",
+    ),
+    # Loads a cascade: the orbax and JAX start-up, then the one line.
+    (
+      [
+        "sample",
+        "--gin_file=runs/sample_demo.gin",
+        "--gin.VOCAB='/nonexistent/spiece.model'",
+        "--gin.ENCODER='/nonexistent/t5'",
+        "--gin.BASE_DIR='/nonexistent/base'",
+        "--gin.SR_DIR='/nonexistent/sr'",
+        "--prompts",
+        "a red circle",
+        "--out",
+        "OUT",
+      ],
+      "imagen-jax: error: stage base: run directory not found: /nonexistent/base",
+    ),
+  ],
+)
+def test_failing_commands_print_one_line_with_jax_platforms_unset(tmp_path, argv, line):
+  res = subprocess.run(
+    [sys.executable, "-m", "imagen_jax.cli", *argv],
+    capture_output=True,
+    text=True,
+    env=_plain_host_env(),
+    timeout=300,
+    cwd=tmp_path,
+  )
+  assert res.returncode == 2 and res.stderr.splitlines() == [line], res.stderr
