@@ -125,16 +125,21 @@ def parse_gin(
           gin.parse_config(f"{m} = None")
       unset = required_macros_left()
       if unset:
-        raise GinConfigError(
-          f"required gin value(s) not set: {', '.join(unset)} (set them in a gin file or with "
-          f"--gin.{unset[0]}=VALUE; strings in quotes)"
-        )
+        raise required_values_error(unset)
       try:
         gin.finalize()
       except ValueError as e:
         raise GinConfigError(_first_line(e)) from None
   finally:
     root.removeFilter(quiet)
+
+
+def required_values_error(names) -> GinConfigError:
+  """The one message for required gin values left unset, naming what the user binds."""
+  return GinConfigError(
+    f"required gin value(s) not set: {', '.join(names)} (set them in a gin file or with "
+    f"--gin.{names[0]}=VALUE; strings in quotes)"
+  )
 
 
 def required_macros_left() -> List[str]:
@@ -208,11 +213,7 @@ def require(configurable: str, **values) -> None:
   missing = [k for k, v in values.items() if v is gin.REQUIRED]
   if missing:
     names = list(dict.fromkeys(_what_to_set(configurable, k) for k in missing))
-    example = names[0]
-    raise GinConfigError(
-      f"required gin value(s) not set: {', '.join(names)} (set them in a gin file or with "
-      f"--gin.{example}=VALUE; strings in quotes)"
-    )
+    raise required_values_error(names)
 
 
 def from_gin_runtime_error(e: RuntimeError) -> Optional[GinConfigError]:
@@ -230,7 +231,4 @@ def from_gin_runtime_error(e: RuntimeError) -> Optional[GinConfigError]:
   except (ValueError, SyntaxError):
     params = [m.group(2)]
   names = [f"{m.group(1)}.{p}" for p in params]
-  return GinConfigError(
-    f"required gin value(s) not set: {', '.join(names)} (set them in a gin file or with "
-    f"--gin.{names[0]}=VALUE; strings in quotes)"
-  )
+  return required_values_error(names)

@@ -172,17 +172,6 @@ class LoadedStage:
     return imio.to_uint8(x)
 
 
-def _describe(record: dict) -> str:
-  cfg = record["config"]
-  kind = "super-resolution " if record.get("super_resolution") else "base "
-  low = f"{cfg.get('lowres_size')}->" if record.get("super_resolution") else ""
-  return (
-    f"{kind}{record['network']} {low}{cfg.get('image_size')}px, {record['parameters'] / 1e6:.2f}M "
-    "parameters "
-    f"(width {cfg.get('model_channels', cfg.get('channels'))})"
-  )
-
-
 def load_stage(
   spec: StageSpec, index: int, *, batch_size: int = 8, mesh=None, warn=print
 ) -> LoadedStage:
@@ -204,19 +193,21 @@ def load_stage(
   for field, want in (spec.expect or {}).items():
     if not hasattr(config, field):
       raise SampleError(
-        f"stage {spec.name}: {spec.run_dir} holds a {_describe(record)}, which has no {field!r} "
+        f"stage {spec.name}: {spec.run_dir} holds a {ckpt.describe(record)}, which has no "
+        f"{field!r} "
         "(named in the stage's expect)"
       )
     have = getattr(config, field)
     if (tuple(want) if isinstance(want, list) else want) != have:
       raise SampleError(
-        f"stage {spec.name}: {spec.run_dir} holds a {_describe(record)}, but the stage expects "
+        f"stage {spec.name}: {spec.run_dir} holds a {ckpt.describe(record)}, but the stage expects "
         f"{field} = {want!r} (the run has {have!r})"
       )
   sr = models.is_super_resolution(config)
   if not sr and spec.image_size != config.image_size:
     raise SampleError(
-      f"stage {spec.name}: {spec.run_dir} holds a {_describe(record)}, but the stage is configured "
+      f"stage {spec.name}: {spec.run_dir} holds a {ckpt.describe(record)}, but the stage is "
+      "configured "
       f"for {spec.image_size}px"
     )
   if sr and (spec.image_size * config.lowres_size) % config.image_size:
@@ -260,7 +251,7 @@ def load_stage(
     sampler=sampler,
     params=params,
     checkpoint={"run_dir": str(spec.run_dir), "path": path, "step": int(step)},
-    description=_describe(record),
+    description=ckpt.describe(record),
   )
 
 

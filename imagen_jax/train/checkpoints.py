@@ -87,12 +87,15 @@ def run_record(model_config, params, diffusion=None) -> dict:
   }
 
 
-def _describe(record: dict) -> str:
+def describe(record: dict) -> str:
+  """A run's network in words, from its run.json record: kind, network, resolution, size, width."""
   cfg = record["config"]
-  size = cfg.get("model_channels", cfg.get("channels"))
+  sr = record.get("super_resolution")
+  low = f"{cfg.get('lowres_size')}->" if sr else ""
+  width = cfg.get("model_channels", cfg.get("channels"))
   return (
-    f"{record['network']} {cfg.get('image_size')}px, {record['parameters'] / 1e6:.2f}M parameters "
-    f"(width {size})"
+    f"{'super-resolution' if sr else 'base'} {record['network']} {low}{cfg.get('image_size')}px, "
+    f"{record['parameters'] / 1e6:.2f}M parameters (width {width})"
   )
 
 
@@ -109,8 +112,8 @@ def check_run_dir(model_dir, record: dict) -> None:
         if old.get("config", {}).get(k) != record["config"].get(k)
       )
       raise RunDirError(
-        f"{model_dir} holds a run of {_describe(old)}, not of the configured "
-        f"{_describe(record)} (differs in: {', '.join(diff[:6]) or 'parameter shapes'}); "
+        f"{model_dir} holds a run of {describe(old)}, not of the configured "
+        f"{describe(record)} (differs in: {', '.join(diff[:6]) or 'parameter shapes'}); "
         "use another MODEL_DIR"
       )
     if "diffusion" in old and "diffusion" in record and old["diffusion"] != record["diffusion"]:
