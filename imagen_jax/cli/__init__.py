@@ -86,7 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except RuntimeError as e:
       raise from_gin_runtime_error(e) or e
   except UserError as e:
-    print(f"imagen-jax: error: {train_cli.first_line(e)}", file=sys.stderr)
+    print(f"imagen-jax: error: {common.first_line(e)}", file=sys.stderr)
     return 2
   finally:
     if args is not None and getattr(args, "gin_modules", None) is not None:

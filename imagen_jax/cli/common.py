@@ -191,3 +191,8 @@ def name_list(text: str) -> List[str]:
 def command_line(args) -> List[str]:
   """The command as the user typed it (recorded in outputs)."""
   return ["imagen-jax"] + list(args.argv)
+
+
+def first_line(e: BaseException) -> str:
+  """The first line of an error (gin appends "In call to configurable ..." lines)."""
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -50,7 +50,7 @@ def train(args) -> int:
   try:
     summary = loop.train()
   except loop.NonFiniteError as e:
-    print(f"imagen-jax: stopped: {first_line(e)}", file=sys.stderr)
+    print(f"imagen-jax: stopped: {common.first_line(e)}", file=sys.stderr)
     return 3
   last = f", loss {summary.history[-1][1]:.4f}" if summary.history else ""
   print(
@@ -58,8 +58,3 @@ def train(args) -> int:
     f"{summary.checkpoints or 'none new'}"
   )
   return 0
-
-
-def first_line(e: BaseException) -> str:
-  """The first line of an error (gin appends "In call to configurable ..." lines)."""
-  return (str(e).strip().splitlines() or [type(e).__name__])[0]
