@@ -21,3 +21,4 @@ TOKENS = "tokens"
 CAPTION = "caption"
 KEY = "key"
 GROUND_TRUTH = "ground_truth"  # synthetic examples: the scene as JSON (for alignment scoring)
+SOURCE_SIZE = "source_size"  # the source image's shorter side in pixels (0: not recorded)

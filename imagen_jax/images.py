@@ -36,6 +36,17 @@ def from_uint8(x) -> np.ndarray:
   return np.asarray(x, np.float32) / 127.5 - 1.0
 
 
+def downsample(images, size: int) -> np.ndarray:
+  """(B, H, W, C) float images -> (B, size, size, C): the cascade's one down-sampler, antialiased
+  bicubic (the data pipeline resizes base targets and SR conditioning images with TensorFlow's
+  equivalent; tests check the two agree)."""
+  import jax
+
+  x = np.asarray(images, np.float32)
+  b, _, _, c = x.shape
+  return np.asarray(jax.image.resize(x, (b, size, size, c), "bicubic", antialias=True))
+
+
 def save_png(path, image_uint8: np.ndarray) -> None:
   """Writes atomically (temporary name, then rename): a reader never sees half a file."""
   from PIL import Image

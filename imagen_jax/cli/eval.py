@@ -8,6 +8,8 @@ from pathlib import Path
 from imagen_jax.cli import common
 from imagen_jax.cli.sample import add_setting_flags
 
+SR_SETTING_FLAGS = ("steps", "guidance", "aug_level", "thresholding")
+
 
 def add_parsers(sub) -> None:
   ev = sub.add_parser(
@@ -30,6 +32,12 @@ def add_parsers(sub) -> None:
       "FID-against-CLIP plot",
     ),
     ("drawbench", drawbench, "sample every DrawBench prompt with one cascade (resumable)"),
+    (
+      "sr-conditioning",
+      sr_conditioning,
+      "does an SR stage follow its input: x0 error against t with its own, another image's and "
+      "a zero low-res input, and the downsample consistency of its samples",
+    ),
   ):
     p = group.add_parser(name, help=helptext)
     common.gin_command(
@@ -46,14 +54,14 @@ def add_parsers(sub) -> None:
       metavar="STAGE=RUN_DIR[@STEP]",
       help="the run (and step) each stage samples from, replacing the gin config's",
     )
-    add_setting_flags(p, ("steps",))
+    add_setting_flags(p, SR_SETTING_FLAGS if name == "sr-conditioning" else ("steps",))
     p.add_argument("--batch_size", type=int, default=8, help="images per sampler call")
     p.add_argument(
       "--label",
       default=None if name == "drawbench" else "model",
       help="the model's name in outputs",
     )
-    if name != "drawbench":
+    if name in ("shapes", "fid-clip"):
       p.add_argument("--guidance", default="1,2,3,5,8", help="guidance weights of the swept stage")
       p.add_argument("--sweep_stage", help="the stage swept (default the first)")
   _add_sweep_options(group)
@@ -100,6 +108,14 @@ def _add_sweep_options(group) -> None:
   p.add_argument(
     "--save_images", action="store_true", help="write the last stage's images per setting"
   )
+  p = group.choices["sr-conditioning"]
+  p.add_argument("--stage", help="the SR stage measured (default the last SR stage)")
+  p.add_argument("--num_images", type=int, default=32, help="held-out scenes")
+  p.add_argument(
+    "--seed", type=int, default=1000, help="scene seed of the held-out scenes (training uses 0)"
+  )
+  p.add_argument("--times", default="0.5,0.7,0.8,0.9,0.95,0.99", help="the t of the x0-error curve")
+  p.add_argument("--no_images", action="store_true", help="do not write the input/output grids")
   p = group.choices["drawbench"]
   p.add_argument("--csv", required=True, help="DrawBench CSV (header Prompts,Category)")
   p.add_argument("--samples_per_prompt", type=int, default=8)
@@ -215,15 +231,15 @@ def _add_metric_tools(group) -> None:
   p.set_defaults(fn=clip)
 
 
-def _cascade(args):
-  """The cascade the sampling gin config describes, with --checkpoints, --steps and --batch_size
-  applied."""
+def _cascade(args, flags=("steps",)):
+  """The cascade the sampling gin config describes, with --checkpoints, the setting flags and
+  --batch_size applied."""
   from imagen_jax.sample import cascade
 
   return cascade.prepare(
     cascade.cascade_config(),
     batch_size=args.batch_size,
-    overrides=common.setting_overrides(args, ("steps",)),
+    overrides=common.setting_overrides(args, flags),
     **common.checkpoints(args.checkpoints),
   )
 
@@ -413,4 +429,27 @@ def clip(args) -> int:
     f"({r['images_per_prompt']} "
     f"image(s) per prompt); {r['pairs_per_second']:.1f} pairs/s"
   )
+  return 0
+
+
+def sr_conditioning(args) -> int:
+  from imagen_jax.eval.tasks import sr_conditioning as src
+
+  result = src.evaluate(
+    _cascade(args, SR_SETTING_FLAGS),
+    args.out,
+    stage=args.stage,
+    num_images=args.num_images,
+    seed=args.seed,
+    times=common.float_list(args.times, "--times"),
+    label=args.label,
+    save_images=not args.no_images,
+    command=common.command_line(args),
+  )
+  for what, s in result["samples"].items():
+    print(
+      f"eval sr-conditioning: samples from {what}: {s['psnr_own_db']:.1f} dB against their own "
+      f"inputs, {s['psnr_mismatched_db']:.1f} dB against another's ({s['margin_db']:+.1f} dB)"
+    )
+  print(f"eval sr-conditioning: wrote {Path(args.out) / 'sr_conditioning.json'}")
   return 0

@@ -60,6 +60,16 @@ class CacheSummary:
     )
 
 
+def source_size_counts(cache_dir, split: str = "train") -> dict:
+  """{source image's shorter side: records} over the cache's shards (from their statistics files;
+  empty for a cache written before source sizes were recorded)."""
+  counts: dict = {}
+  for path in sorted(Path(cache_dir).glob(f"{split}.stats-*-of-*.json")):
+    for size, n in json.loads(path.read_text()).get("source_sizes", {}).items():
+      counts[int(size)] = counts.get(int(size), 0) + int(n)
+  return counts
+
+
 def shard_path(output_dir: Path, split: str, index: int, count: int) -> Path:
   return output_dir / f"{split}.tfrecord-{index:05d}-of-{count:05d}"
 
@@ -75,6 +85,7 @@ def serialize(
   ground_truth: bytes,
   tokens: np.ndarray,
   embeddings: np.ndarray,
+  source_size: int = 0,
 ) -> bytes:
   """One cache record; `embeddings` is (num_tokens, d_model) and stored as bfloat16 bytes."""
   import ml_dtypes
@@ -89,6 +100,7 @@ def serialize(
       int64_list=tf.train.Int64List(value=tokens.astype(np.int64).tolist())
     ),
     "num_tokens": tf.train.Feature(int64_list=tf.train.Int64List(value=[n])),
+    K.SOURCE_SIZE: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(source_size)])),
     "embeddings": _bytes(np.ascontiguousarray(embeddings[:n].astype(ml_dtypes.bfloat16)).tobytes()),
   }
   return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
@@ -219,7 +231,15 @@ def _write_shard(
       for i, p in enumerate(pending):
         n = len(p["ids"])
         writer.write(
-          serialize(p[K.KEY], p[K.IMAGE], p[K.CAPTION], p[K.GROUND_TRUTH], p["ids"], emb[i, :n])
+          serialize(
+            p[K.KEY],
+            p[K.IMAGE],
+            p[K.CAPTION],
+            p[K.GROUND_TRUTH],
+            p["ids"],
+            emb[i, :n],
+            p[K.SOURCE_SIZE],
+          )
         )
         stats["tokens"] += n
       stats["examples"] += len(pending)
@@ -234,6 +254,7 @@ def _write_shard(
           K.IMAGE: ex[K.IMAGE],
           K.CAPTION: ex[K.CAPTION],
           K.GROUND_TRUTH: ex[K.GROUND_TRUTH],
+          K.SOURCE_SIZE: int(ex.get(K.SOURCE_SIZE, 0)),
           "ids": ids,
         }
       )
@@ -244,6 +265,9 @@ def _write_shard(
   src_stats = task.source.stats.get((split, index))
   stats["bad_records"] = src_stats.bad if src_stats else 0
   stats["bad_by_reason"] = dict(src_stats.skipped) if src_stats else {}
+  stats["source_sizes"] = (
+    {str(k): v for k, v in sorted((src_stats.source_sizes or {}).items())} if src_stats else {}
+  )
   stats["bytes_written"] = tmp.stat().st_size
   os.replace(tmp, final)
   return stats

@@ -3,10 +3,11 @@
 Per example (deterministic: its randomness is a stateless function of the seed and its position):
   - decode the stored image, resize (antialiased, bicubic) and centre-crop to the stage's size, or,
     for crop-trained stages (256->1024 trains on 64->256 crops of 1024 images), to `full_size`;
-  - super-resolution stages: the low-resolution conditioning image is the target box-downsampled by
-    the integer factor image_size / lowres_size (area resize); crops of target and conditioning are
-    taken at aligned offsets (multiples of the factor), so the low-res crop is exactly the
-    downsampled target crop;
+  - super-resolution stages: the low-resolution conditioning image is the target downsampled by
+    the integer factor image_size / lowres_size with the resize that makes base targets (antialiased
+    bicubic: one down-sampler for the whole cascade); crops of target and conditioning are taken at
+    aligned offsets (multiples of the factor) of the full image and of its downsample;
+  - records whose source image is smaller than the stage's output are skipped (min_source_size);
   - optional horizontal flip of both (off by default: it breaks "left of" captions);
   - pixels scaled to [-1, 1].
 Batches: 'image' (B, H, W, 3) float32, 'lowres' (SR stages), 'text_emb' (B, L, D) bfloat16 (or
@@ -44,6 +45,10 @@ class StageDataConfig:
   seed: int = 0
   embeddings: str = "cached"  # 'cached' (text_emb in the records) | 'on_the_fly' (tokens only)
   max_length: int = 128  # on-the-fly mode: tokens trimmed (EOS kept) and padded to this
+  # Skip records whose source image's shorter side is below this (an upscaled source would teach an
+  # SR stage to reproduce blur). None: the stage's output size (full_size for crop-trained stages);
+  # 0: keep every record. Records of caches written before source sizes were recorded are kept.
+  min_source_size: Optional[int] = None
 
   def __post_init__(self):
     if self.batch_size < 1:
@@ -61,6 +66,13 @@ class StageDataConfig:
         )
     if self.embeddings not in ("cached", "on_the_fly"):
       raise ConfigError(f"embeddings must be 'cached' or 'on_the_fly', got {self.embeddings!r}")
+
+  @property
+  def source_size_floor(self) -> int:
+    """The smallest source (shorter side, pixels) this stage trains on; 0: no floor."""
+    if self.min_source_size is not None:
+      return int(self.min_source_size)
+    return int(self.full_size or self.image_size)
 
   @property
   def factor(self) -> int:
@@ -85,6 +97,15 @@ def _resize_square(img, size: int):
   return tf.ensure_shape(img[top : top + size, left : left + size, :], [size, size, 3])
 
 
+def downsample(img, size: int):
+  """(H, W, 3) float32 in [0, 255] -> (size, size, 3): the cascade's one down-sampler (antialiased
+  bicubic, clipped), the same resize that makes the base stage's targets, so an SR stage is trained
+  on the kind of low-res image a base stage learns to draw (`images.downsample` is its JAX twin)."""
+  return tf.clip_by_value(
+    tf.image.resize(img, (size, size), method="bicubic", antialias=True), 0.0, 255.0
+  )
+
+
 def stage_example(index, ex, config: StageDataConfig):
   """One record -> stage example; randomness from (seed, index) only."""
   img = tf.cast(tf.io.decode_image(ex[K.IMAGE], channels=3, expand_animations=False), tf.float32)
@@ -99,10 +120,10 @@ def stage_example(index, ex, config: StageDataConfig):
     target = _resize_square(img, config.image_size)
     lowres = None
     if config.lowres_size is not None:
-      lowres = tf.image.resize(target, (config.lowres_size, config.lowres_size), method="area")
+      lowres = downsample(target, config.lowres_size)
   else:
     full = _resize_square(img, config.full_size)
-    low_full = tf.image.resize(full, (config.full_size // f, config.full_size // f), method="area")
+    low_full = downsample(full, config.full_size // f)
     steps = (config.full_size - config.image_size) // f + 1
     off = tf.random.stateless_uniform([2], seed=seed, minval=0, maxval=steps, dtype=tf.int32)
     target = full[
@@ -143,6 +164,9 @@ def stage_dataset(
     num_epochs=1,
     try_in_mem_cache=False,
   )
+  floor = config.source_size_floor
+  if floor > 0:
+    ds = ds.filter(lambda ex: (ex[K.SOURCE_SIZE] == 0) | (ex[K.SOURCE_SIZE] >= floor))
   if config.embeddings == "on_the_fly":
     ds = pad_tokens_dataset(ds, config.max_length).map(
       lambda ex: {**ex, K.TEXT_MASK: ex[K.TOKENS] > 0}
@@ -159,6 +183,17 @@ def stage_dataset(
     deterministic=True,
   )
   return ds.batch(config.batch_size // process_count, drop_remainder=True).prefetch(2)
+
+
+def source_size_skips(counts: dict, config: StageDataConfig) -> dict:
+  """What the stage's source-size floor skips of a cache: {'records', 'kept', 'skipped_by_reason':
+  {'source_smaller_than_<N>px': n}} from the cache's per-size counts (`cache.source_size_counts`;
+  records of unknown size are kept)."""
+  floor = config.source_size_floor
+  total = sum(counts.values())
+  small = sum(n for size, n in counts.items() if 0 < size < floor) if floor > 0 else 0
+  reasons = {f"source_smaller_than_{floor}px": small} if small else {}
+  return {"records": total, "kept": total - small, "skipped_by_reason": reasons}
 
 
 def pad_tokens_dataset(ds, max_length: int):

@@ -2,8 +2,9 @@
 
 A source yields raw records {'key', 'image' (encoded bytes or an HxWxC uint8 array), 'caption'}.
 `clean_records` decodes each image with Pillow, converts any mode (greyscale, RGBA, CMYK, palette,
-16-bit) to RGB, rejects tiny images and missing/empty captions, resizes to the cache resolution and
-re-encodes as PNG. Bad records are skipped and counted by reason; a source where most records are
+16-bit) to RGB, rejects tiny images and missing/empty captions, records the source's shorter side
+(stages skip sources smaller than their output), resizes to the cache resolution and re-encodes as
+PNG. Bad records are skipped and counted by reason; a source where most records are
 bad fails with a clear error.
 """
 
@@ -34,6 +35,9 @@ class SourceStats:
   kept: int = 0
   skipped: Dict[str, int] = dataclasses.field(default_factory=collections.Counter)
   converted: Dict[str, int] = dataclasses.field(default_factory=collections.Counter)
+  # kept records by the shorter side of their source image (stages skip sources smaller than
+  # their output: pipeline.StageDataConfig.min_source_size)
+  source_sizes: Dict[int, int] = dataclasses.field(default_factory=collections.Counter)
 
   @property
   def bad(self) -> int:
@@ -113,13 +117,15 @@ def clean_records(
     if img.mode != "RGB":
       stats.converted[img.mode] += 1
     img = to_rgb(img)
+    source_size = int(min(img.size))
+    stats.source_sizes[source_size] += 1
     if image_size is not None:
       img = resize_center_crop(img, image_size)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     stats.kept += 1
     out = {k: v for k, v in rec.items() if k not in ("image", "caption", "error")}
-    out.update(image=buf.getvalue(), caption=str(caption).strip())
+    out.update(image=buf.getvalue(), caption=str(caption).strip(), source_size=source_size)
     yield out
   _check_bad_fraction(stats, max_bad_fraction, 1)
 

@@ -25,6 +25,7 @@ RECORD_SIGNATURE = {
   K.IMAGE: tf.TensorSpec((), tf.string),
   K.CAPTION: tf.TensorSpec((), tf.string),
   K.GROUND_TRUTH: tf.TensorSpec((), tf.string),
+  K.SOURCE_SIZE: tf.TensorSpec((), tf.int64),
 }
 
 
@@ -88,6 +89,7 @@ class CaptionedImageSource(seqio.DataSource):
           K.IMAGE: rec[K.IMAGE],
           K.CAPTION: rec[K.CAPTION],
           K.GROUND_TRUTH: rec.get(K.GROUND_TRUTH, ""),
+          K.SOURCE_SIZE: int(rec.get(K.SOURCE_SIZE, 0)),
         }
 
     ds = tf.data.Dataset.from_generator(gen, output_signature=RECORD_SIGNATURE)
@@ -184,6 +186,7 @@ def register_source_task(
 # ---------------------------------------------------------------------------------- cached records
 
 METADATA = "metadata.json"
+CACHE_DIRS: Dict[str, str] = {}  # registered cached task -> its directory (for its statistics)
 
 FEATURES = {
   K.KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
@@ -193,6 +196,8 @@ FEATURES = {
   K.TOKENS: tf.io.VarLenFeature(tf.int64),
   "num_tokens": tf.io.FixedLenFeature([], tf.int64),
   "embeddings": tf.io.FixedLenFeature([], tf.string),
+  # caches written before it was recorded read 0 (unknown: no stage skips them)
+  K.SOURCE_SIZE: tf.io.FixedLenFeature([], tf.int64, default_value=0),
 }
 
 
@@ -214,6 +219,7 @@ def decode_cached(ex, max_length: int, d_model: int):
     K.IMAGE: ex[K.IMAGE],
     K.CAPTION: ex[K.CAPTION],
     K.GROUND_TRUTH: ex[K.GROUND_TRUTH],
+    K.SOURCE_SIZE: ex[K.SOURCE_SIZE],
     K.TOKENS: tf.pad(tokens, [[0, pad]]),
     K.TEXT_EMB: tf.ensure_shape(tf.pad(emb, [[0, pad], [0, 0]]), [max_length, d_model]),
     K.TEXT_MASK: tf.range(max_length) < n,
@@ -231,6 +237,7 @@ def register_cached_task(
   """The written cache as a seqio Task: records with image bytes, caption, tokens and embeddings.
   vocab_path (optional: the records hold token ids already) only labels the task's token feature."""
   meta = read_metadata(cache_dir)
+  CACHE_DIRS[name] = str(cache_dir)
   source = seqio.TFExampleDataSource(
     split_to_filepattern={s: cached_file_pattern(cache_dir, s) for s in meta["splits"]},
     feature_description=FEATURES,

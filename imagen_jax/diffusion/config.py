@@ -26,7 +26,8 @@ from imagen_jax.errors import ConfigError
 
 # What a sampler must reproduce of how a stage was trained (the rest of DiffusionConfig is training-
 # only).
-TRAINED_FIELDS = ("objective", "schedule", "noise_aug_schedule")
+TRAINED_FIELDS = ("objective", "schedule", "noise_aug_schedule", "noise_aug_at")
+NOISE_AUG_AT = ("output", "input")
 
 
 @gin.configurable
@@ -44,6 +45,9 @@ class DiffusionConfig:
   # Noise-conditioning augmentation (super-resolution stages only).
   noise_aug_schedule: NoiseSchedule = CosineSchedule()
   train_aug_level_range: Tuple[float, float] = (0.0, 1.0)
+  # 'output': upsample the low-res image to the output size, then add the noise (imagen-pytorch,
+  # DeepFloyd IF); 'input': noise the low-res pixels (runs recorded before this field existed).
+  noise_aug_at: str = "output"
 
   def __post_init__(self):
     object.__setattr__(self, "schedule", get_schedule(self.schedule))
@@ -53,6 +57,8 @@ class DiffusionConfig:
     )
     process.check_objective(self.objective)
     losses.check_weighting(self.loss_weighting)
+    if self.noise_aug_at not in NOISE_AUG_AT:
+      raise ConfigError(f"noise_aug_at must be one of {NOISE_AUG_AT}, got {self.noise_aug_at!r}")
     if not 0.0 <= self.cond_drop_prob <= 1.0:
       raise ConfigError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
 
@@ -62,15 +68,18 @@ class DiffusionConfig:
       "objective": self.objective,
       "schedule": schedule_record(self.schedule),
       "noise_aug_schedule": schedule_record(self.noise_aug_schedule),
+      "noise_aug_at": self.noise_aug_at,
     }
 
   @classmethod
   def from_training_record(cls, record: dict) -> "DiffusionConfig":
-    """The config a stage trained with (its `training_record`)."""
+    """The config a stage trained with (its `training_record`; a record without noise_aug_at is
+    from before it existed, when the noise was added at the input resolution)."""
     return cls(
       objective=record["objective"],
       schedule=schedule_from_record(record["schedule"]),
       noise_aug_schedule=schedule_from_record(record["noise_aug_schedule"]),
+      noise_aug_at=record.get("noise_aug_at", "input"),
     )
 
   def loss(self, model_fn, x, cond, key):
@@ -89,9 +98,20 @@ class DiffusionConfig:
       low_discrepancy=self.low_discrepancy_time,
     )
 
-  def augment_lowres_for_training(self, lowres, key):
+  def _aug_size(self, output_size: int):
+    return int(output_size) if self.noise_aug_at == "output" else None
+
+  def augment_lowres_for_training(self, lowres, key, output_size: int):
     """Noise-conditioning augmentation in training: a random level per example from
-    train_aug_level_range. Returns (augmented low-res image, levels (B,))."""
+    train_aug_level_range, added where noise_aug_at says. Returns (augmented conditioning image,
+    levels (B,))."""
     return augmentation.noise_augment_random(
-      lowres, key, self.noise_aug_schedule, self.train_aug_level_range
+      lowres, key, self.noise_aug_schedule, self.train_aug_level_range, self._aug_size(output_size)
+    )
+
+  def augment_lowres(self, lowres, key, aug_level, output_size: int):
+    """Noise-conditioning augmentation at sampling: the given level, added where noise_aug_at
+    says. Returns (augmented conditioning image, levels (B,))."""
+    return augmentation.noise_augment(
+      lowres, key, self.noise_aug_schedule, aug_level, self._aug_size(output_size)
     )

@@ -7,8 +7,9 @@ Differences from the base U-Net, all from the paper:
 - a level's down-sampling (strided 3x3 conv) comes *before* its convolutions (DBlock) and its
   up-sampling (nearest, then 3x3 conv) *after* them (UBlock), so the blocks run at the lower
   resolution;
-- the low-resolution conditioning image is upsampled to the output size and concatenated to z; its
-  noise-augmentation level is embedded like the time and added to the conditioning embedding;
+- the low-resolution conditioning image (given at the output size, or upsampled here) is
+  concatenated to z; its noise-augmentation level is embedded like the time and added to the
+  conditioning embedding;
 - attention only where configured per level: self-attention with the text concatenated into its
   keys/values (64->256, lowest level), or explicit text cross-attention with no self-attention
   (256->1024). Everything else is convolutional, so a model trained on crops runs on whole images.
@@ -107,11 +108,9 @@ class EfficientUNet(nn.Module):
       raise ConfigError(
         f"image size {hgt}x{wid} must be divisible by the total stride {cfg.total_stride}"
       )
-    lowres = jax.image.resize(
-      cond[LOWRES].astype(jnp.float32),
-      (b, hgt, wid, cond[LOWRES].shape[-1]),
-      method=cfg.lowres_resize,
-    )
+    lowres = cond[LOWRES].astype(jnp.float32)
+    if lowres.shape[1:3] != (hgt, wid):  # noise-augmented at the input size: upsample here
+      lowres = jax.image.resize(lowres, (b, hgt, wid, lowres.shape[-1]), method=cfg.lowres_resize)
     x = jnp.concatenate([z.astype(dt), lowres.astype(dt)], axis=-1)
     emb, text, mask = layers.TextConditioning(
       cfg.embed_dim, cfg.text_dim, cfg.pool_heads, dt, cfg.attention_impl, name="conditioning"

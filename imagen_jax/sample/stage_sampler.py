@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from imagen_jax import batch_keys as K
 from imagen_jax import partitioning
-from imagen_jax.diffusion import DiffusionConfig, augmentation, process, samplers, thresholding
+from imagen_jax.diffusion import DiffusionConfig, process, samplers, thresholding
 from imagen_jax.errors import UserError
 from imagen_jax.sample.settings import StageSettings
 
@@ -104,8 +104,8 @@ class StageSampler:
     k_aug, k_sample = process.split_key(keys)
     cond = {K.TEXT_EMB: text_emb, K.TEXT_MASK: text_mask}
     if self.super_resolution:
-      low, level = augmentation.noise_augment(
-        lowres, k_aug, self.diffusion.noise_aug_schedule, scalars["aug_level"]
+      low, level = self.diffusion.augment_lowres(
+        lowres, k_aug, scalars["aug_level"], self.image_size
       )
       cond[K.LOWRES] = low
       cond[K.LOWRES_AUG_LEVEL] = level

@@ -108,6 +108,25 @@ class TaskSource:
     self._it = pipeline.StageIterator(
       pipeline.stage_dataset(task_name, stage_config, process_index=index, process_count=count)
     )
+    self.skips = self._source_size_skips(task_name, stage_config)
+    if self.skips and self.skips["skipped_by_reason"] and index == 0:
+      reasons = ", ".join(f"{k}={v}" for k, v in self.skips["skipped_by_reason"].items())
+      print(
+        f"data: {self.skips['kept']} of {self.skips['records']} cached records used; skipped: "
+        f"{reasons}",
+        flush=True,
+      )
+
+  @staticmethod
+  def _source_size_skips(task_name: str, stage_config) -> Optional[dict]:
+    """The records the stage's source-size floor skips (`pipeline.source_size_skips`), for a
+    cached task; None for other tasks."""
+    from imagen_jax.data import cache, pipeline, tasks
+
+    cache_dir = tasks.CACHE_DIRS.get(task_name)
+    if cache_dir is None:
+      return None
+    return pipeline.source_size_skips(cache.source_size_counts(cache_dir), stage_config)
 
   def __iter__(self):
     return self

@@ -3,7 +3,8 @@ stages), a linear warm-up then cosine decay, global-norm clipping and optional g
 accumulation.
 
 Defaults are the paper's (docs/paper.md §2): learning rate 1e-4, 10k warm-up steps, cosine decay
-over the 2.5M training steps, Adafactor with optax's defaults and no weight decay; Adam with b1 0.9,
+over the 2.5M training steps, Adafactor with absolute steps (the learning rate is the step size, not
+optax's default parameter-relative step) and no weight decay; Adam with b1 0.9,
 b2 0.999, eps 1e-8 (`runs/train_sr_*.gin` select it).
 """
 
@@ -44,6 +45,11 @@ class OptimizerConfig:
     1.0  # global-norm clipping of the (accumulated) gradient; None: off
   )
   accumulate_steps: int = 1  # > 1: optax.MultiSteps, one update every k micro-batches
+  # Adafactor only. False (default): the learning rate is the size of a step, as for Adam, so the
+  # paper's 1e-4 moves every weight by about 1e-4 (docs/training.md#adafactor). True (optax's and
+  # T5's default): the step is relative to each tensor's RMS (floor 1e-3), which at 1e-4 moves
+  # typical weights 20-100x less than Adam and zero-initialised tensors by about 1e-7.
+  multiply_by_parameter_scale: bool = False
 
   def __post_init__(self):
     check_optimizer(self.name)
@@ -76,7 +82,9 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   schedule = learning_rate_schedule(config)
   if config.name == "adafactor":
-    opt = optax.adafactor(learning_rate=schedule)
+    opt = optax.adafactor(
+      learning_rate=schedule, multiply_by_parameter_scale=config.multiply_by_parameter_scale
+    )
   elif config.name == "adam":
     opt = optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps)
   elif config.name == "adamw":

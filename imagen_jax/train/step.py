@@ -77,7 +77,9 @@ def train_step(
   else:
     cond = {K.TEXT_EMB: batch[K.TEXT_EMB], K.TEXT_MASK: batch[K.TEXT_MASK]}
   if super_resolution:
-    lowres, level = diffusion.augment_lowres_for_training(batch[K.LOWRES], k_aug)
+    lowres, level = diffusion.augment_lowres_for_training(
+      batch[K.LOWRES], k_aug, batch[K.IMAGE].shape[1]
+    )
     cond[K.LOWRES] = lowres
     cond[K.LOWRES_AUG_LEVEL] = level
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from imagen_jax import diffusion as D
+from imagen_jax.errors import ConfigError
 
 
 def _img(b=64):
@@ -76,8 +77,34 @@ def test_sampling_uses_the_configured_level_never_a_random_one():
     D.noise_augment(x, key, cfg.noise_aug_schedule, StageSettings().aug_level)[0], x
   )
   # Training draws random levels from its range, one per example.
-  _, train_levels = cfg.augment_lowres_for_training(x, key)
+  _, train_levels = cfg.augment_lowres_for_training(x, key, x.shape[1])
   assert len(np.unique(np.asarray(train_levels))) == 32
   # The low-level function has no default level to fall back on.
   with pytest.raises(TypeError):
     D.noise_augment(x, key, D.CosineSchedule())
+
+
+def test_noise_is_added_at_the_output_resolution_by_default():
+  # 'output' (the default): upsample first, then independent noise per output pixel, so level l
+  # means alpha_l * upsampled + sigma_l * N(0, 1) per pixel, as for the stage's own diffusion.
+  x = _img(8)
+  key = jax.random.PRNGKey(3)
+  cfg = D.DiffusionConfig()
+  assert cfg.noise_aug_at == "output"
+  out, _ = cfg.augment_lowres(x, key, 0.5, 32)
+  assert out.shape == (8, 32, 32, 3)
+  alpha, sigma = cfg.noise_aug_schedule.alpha_sigma(0.5)
+  up = jax.image.resize(x, (8, 32, 32, 3), "bilinear")
+  noise = (np.asarray(out) - alpha * np.asarray(up)) / sigma
+  assert abs(noise.std() - 1.0) < 0.02
+  neighbour = np.mean(noise[:, :, 1:] * noise[:, :, :-1])
+  assert abs(neighbour) < 0.03  # independent neighbours
+  # 'input' (runs recorded before the field existed): noise at 8 px, the network upsamples it.
+  old = D.DiffusionConfig.from_training_record({**cfg.training_record(), "noise_aug_at": "input"})
+  low, _ = old.augment_lowres(x, key, 0.5, 32)
+  assert low.shape == x.shape
+  legacy = {k: v for k, v in cfg.training_record().items() if k != "noise_aug_at"}
+  assert D.DiffusionConfig.from_training_record(legacy).noise_aug_at == "input"
+  assert D.DiffusionConfig.from_training_record(cfg.training_record()) == cfg
+  with pytest.raises(ConfigError):
+    D.DiffusionConfig(noise_aug_at="middle")
