@@ -60,16 +60,6 @@ class CacheSummary:
     )
 
 
-def source_size_counts(cache_dir, split: str = "train") -> dict:
-  """{source image's shorter side: records} over the cache's shards (from their statistics files;
-  empty for a cache written before source sizes were recorded)."""
-  counts: dict = {}
-  for path in sorted(Path(cache_dir).glob(f"{split}.stats-*-of-*.json")):
-    for size, n in json.loads(path.read_text()).get("source_sizes", {}).items():
-      counts[int(size)] = counts.get(int(size), 0) + int(n)
-  return counts
-
-
 def shard_path(output_dir: Path, split: str, index: int, count: int) -> Path:
   return output_dir / f"{split}.tfrecord-{index:05d}-of-{count:05d}"
 

@@ -187,7 +187,7 @@ def stage_dataset(
 
 def source_size_skips(counts: dict, config: StageDataConfig) -> dict:
   """What the stage's source-size floor skips of a cache: {'records', 'kept', 'skipped_by_reason':
-  {'source_smaller_than_<N>px': n}} from the cache's per-size counts (`cache.source_size_counts`;
+  {'source_smaller_than_<N>px': n}} from the cache's per-size counts (`tasks.source_size_counts`;
   records of unknown size are kept)."""
   floor = config.source_size_floor
   total = sum(counts.values())

@@ -226,6 +226,16 @@ def decode_cached(ex, max_length: int, d_model: int):
   }
 
 
+def source_size_counts(cache_dir, split: str = "train") -> dict:
+  """{source image's shorter side: records} over the cache's shards (from their statistics files;
+  empty for a cache written before source sizes were recorded)."""
+  counts: dict = {}
+  for path in sorted(Path(cache_dir).glob(f"{split}.stats-*-of-*.json")):
+    for size, n in json.loads(path.read_text()).get("source_sizes", {}).items():
+      counts[int(size)] = counts.get(int(size), 0) + int(n)
+  return counts
+
+
 def cached_file_pattern(cache_dir, split: str) -> str:
   return str(Path(cache_dir) / f"{split}.tfrecord-*-of-*")
 

@@ -29,6 +29,10 @@ class UNetConfig:
   channel_mult: Tuple[int, ...] = (1, 2, 3, 4)
   num_res_blocks: int = 3
   attention_resolutions: Tuple[int, ...] = (32, 16, 8)
+  # The attention layers also attend to the text sequence (its keys/values concatenated to the
+  # image's: the paper). False: the text reaches the network only as the attention-pooled vector
+  # added to the time embedding (the paper's ablation, docs/findings.md).
+  text_attention: bool = True
   head_dim: Optional[int] = 64
   num_heads: Optional[int] = None
   embed_mult: int = 4  # time/text embedding width = embed_mult * model_channels
@@ -103,7 +107,14 @@ class UNet(nn.Module):
       features, resample, cfg.dropout, cfg.norm_groups, dt, name=name
     )
     attn = lambda name: attn_cls(
-      cfg.num_heads, cfg.head_dim, True, True, cfg.norm_groups, dt, cfg.attention_impl, name=name
+      cfg.num_heads,
+      cfg.head_dim,
+      True,
+      cfg.text_attention,
+      cfg.norm_groups,
+      dt,
+      cfg.attention_impl,
+      name=name,
     )
     attn_levels = cfg.attention_levels()
     last = len(cfg.channel_mult) - 1
@@ -122,7 +133,7 @@ class UNet(nn.Module):
         dt,
         deterministic,
         self_attention=has_attn,
-        text_attention=has_attn,
+        text_attention=has_attn and cfg.text_attention,
         num_heads=cfg.num_heads,
         head_dim=cfg.head_dim,
         attention_impl=cfg.attention_impl,

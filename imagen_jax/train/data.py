@@ -121,12 +121,12 @@ class TaskSource:
   def _source_size_skips(task_name: str, stage_config) -> Optional[dict]:
     """The records the stage's source-size floor skips (`pipeline.source_size_skips`), for a
     cached task; None for other tasks."""
-    from imagen_jax.data import cache, pipeline, tasks
+    from imagen_jax.data import pipeline, tasks
 
     cache_dir = tasks.CACHE_DIRS.get(task_name)
     if cache_dir is None:
       return None
-    return pipeline.source_size_skips(cache.source_size_counts(cache_dir), stage_config)
+    return pipeline.source_size_skips(tasks.source_size_counts(cache_dir), stage_config)
 
   def __iter__(self):
     return self

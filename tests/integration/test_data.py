@@ -525,7 +525,7 @@ def test_stages_skip_and_count_sources_smaller_than_their_output(
   cache.cache_embeddings(
     "sized_source", str(out), str(t5_dir), num_shards=2, batch_size=4, max_length=12, progress=False
   )
-  assert cache.source_size_counts(out) == {20: 4, 40: 4, 80: 4}
+  assert tasks.source_size_counts(out) == {20: 4, 40: 4, 80: 4}
   tasks.register_cached_task("sized_cached", str(out), spm_model)
 
   def keys(**kw):

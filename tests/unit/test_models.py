@@ -1,5 +1,6 @@
 """The U-Nets: paper-size parameter counts, text conditioning, Efficient U-Net structure, crops."""
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -174,3 +175,41 @@ def test_bad_configs_fail_clearly():
   z, log_snr, cond = inputs(config, image_size=30)
   with pytest.raises(ValueError, match="divisible by the total stride"):
     M.build_model(config).init(jax.random.PRNGKey(0), z, log_snr, cond)
+
+
+def test_base_unet_without_text_attention_uses_only_the_pooled_text():
+  """text_attention=False (the paper's pooling-only ablation): no attention layer has text keys or
+  values, yet the output still depends on the text (through the pooled embedding)."""
+  from imagen_jax.models.unet import UNet, UNetConfig
+
+  cfg = UNetConfig(
+    image_size=16,
+    model_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(8,),
+    head_dim=8,
+    pool_heads=2,
+    norm_groups=4,
+    text_embed_dim=8,
+    max_text_length=4,
+    text_attention=False,
+  )
+  z = jnp.zeros((2, 16, 16, 3))
+  cond = {
+    "text_emb": jax.random.normal(jax.random.PRNGKey(0), (2, 4, 8)),
+    "text_mask": jnp.ones((2, 4), bool),
+  }
+  model = UNet(cfg)
+  params = model.init(jax.random.PRNGKey(1), z, jnp.zeros(2), cond)["params"]
+  names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+  assert not any("text_key" in n or "text_value" in n for n in names)
+  with_text = UNet(dataclasses.replace(cfg, text_attention=True))
+  full = with_text.init(jax.random.PRNGKey(1), z, jnp.zeros(2), cond)["params"]
+  full_names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(full)}
+  assert any("text_key" in n for n in full_names)
+  params = jax.tree_util.tree_map(lambda p: p + 0.05, params)  # zero-initialised outputs move
+  other = dict(cond, text_emb=cond["text_emb"][::-1])
+  a = model.apply({"params": params}, z, jnp.zeros(2), cond)
+  b = model.apply({"params": params}, z, jnp.zeros(2), other)
+  assert float(jnp.abs(a - b).max()) > 1e-4

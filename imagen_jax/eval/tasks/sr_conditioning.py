@@ -230,7 +230,7 @@ def evaluate(
       "lowres_size": low_size,
       "image_size": size,
       "objective": st.diffusion.objective,
-      "setting": setting.label(True),
+      "setting": setting.slug(True),
     },
     "held_out": {"seed": seed, "num_images": num_images},
     "x0_error": {"t": list(times), **errors, "own_over_other": ratio},
