@@ -12,6 +12,9 @@ DEMO_DIR        ?= out/demo
 DEMO_BASE_STEPS ?= 450
 DEMO_SR_STEPS   ?= 200
 
+DEMO_SAMPLE_FLAGS = --gin_file=runs/sample_demo.gin --gin.VOCAB="'$(DEMO_DIR)/spiece.model'" \
+  --gin.ENCODER="'$(DEMO_DIR)/t5'" --gin.BASE_DIR="'$(DEMO_DIR)/base'" --gin.SR_DIR="'$(DEMO_DIR)/sr'"
+
 .PHONY: test test-unit test-slow lint format docs install browser demo demo-long eval-demo clean
 
 $(PY):
@@ -65,24 +68,27 @@ test-slow: $(STAMP)
 # The demo runs on the CPU: the venv holds libtpu (for compile-check), which would otherwise look for a TPU.
 demo: export JAX_PLATFORMS ?= cpu
 demo: $(STAMP)
-	@echo "== demo 1/5: vocabulary and a tiny T5 encoder with random weights (untrained; real runs load T5-XXL)"
+	@echo "== demo 1/6: vocabulary and a tiny T5 encoder with random weights (untrained; real runs load T5-XXL)"
 	$(PY) -m imagen_jax.demo prepare --out $(DEMO_DIR)
-	@echo "== demo 2/5: embedding cache of the synthetic captioned shapes"
+	@echo "== demo 2/6: embedding cache of the synthetic captioned shapes"
 	$(CLI) cache-embeddings --gin_file=runs/demo_cache.gin --gin.VOCAB="'$(DEMO_DIR)/spiece.model'" \
 	  --gin.ENCODER="'$(DEMO_DIR)/t5'" --gin.CACHE_DIR="'$(DEMO_DIR)/cache'"
-	@echo "== demo 3/5: base stage, 32x32"
+	@echo "== demo 3/6: base stage, 32x32"
 	$(CLI) train --gin_file=runs/demo_base.gin --gin.MODEL_DIR="'$(DEMO_DIR)/base'" \
 	  --gin.TRAIN_DATA="'$(DEMO_DIR)/cache'" --gin.NUM_STEPS=$(DEMO_BASE_STEPS)
-	@echo "== demo 4/5: super-resolution stage, 32 -> 64"
+	@echo "== demo 4/6: super-resolution stage, 32 -> 64"
 	$(CLI) train --gin_file=runs/demo_sr.gin --gin.MODEL_DIR="'$(DEMO_DIR)/sr'" \
 	  --gin.TRAIN_DATA="'$(DEMO_DIR)/cache'" --gin.NUM_STEPS=$(DEMO_SR_STEPS)
-	@echo "== demo 5/5: sample the cascade (base, then SR) for the demo prompts, with a guidance sweep of the base"
+	@echo "== demo 5/6: sample the cascade (base, then SR) for the demo prompts, with a guidance sweep of the base"
 	rm -rf $(DEMO_DIR)/samples
-	$(CLI) sample --gin_file=runs/sample_demo.gin --gin.VOCAB="'$(DEMO_DIR)/spiece.model'" \
-	  --gin.ENCODER="'$(DEMO_DIR)/t5'" --gin.BASE_DIR="'$(DEMO_DIR)/base'" --gin.SR_DIR="'$(DEMO_DIR)/sr'" \
-	  --prompts_file=$(DEMO_DIR)/prompts.txt --guidance base=1,3,5 --out $(DEMO_DIR)/samples
+	$(CLI) sample $(DEMO_SAMPLE_FLAGS) --prompts_file=$(DEMO_DIR)/prompts.txt --guidance base=1,3,5 --out $(DEMO_DIR)/samples
 	cp $(DEMO_DIR)/samples/grid.png $(DEMO_DIR)/samples.png
 	cp $(DEMO_DIR)/samples/base/sweep.png $(DEMO_DIR)/guidance_sweep.png
+	@echo "== demo 6/6: measured on held-out scenes: does the SR stage follow its input; does the base draw the caption"
+	$(CLI) eval sr-conditioning $(DEMO_SAMPLE_FLAGS) --num_images 32 --label demo --out $(DEMO_DIR)/eval/sr_conditioning
+	$(CLI) eval shapes $(DEMO_SAMPLE_FLAGS) --gin.cascade_config.stages="[@base/stage()]" --num_prompts 64 \
+	  --guidance 3 --thresholding dynamic --steps base=32 --batch_size 32 --train_examples 3000 --no_images \
+	  --label demo --out $(DEMO_DIR)/eval/shapes
 	@echo "== demo done. Under $(DEMO_DIR)/: spiece.model, t5/ (random encoder), cache/ (embeddings),"
 	@echo "   base/ and sr/ (checkpoints/, samples/ grids during training, TensorBoard logs in train/, run.json),"
 	@echo "   samples/ (every image, settings.json). The cascade's grid: $(DEMO_DIR)/samples.png"

@@ -24,6 +24,7 @@ import numpy as np
 from imagen_jax import partitioning
 from imagen_jax.data.pipeline import StageDataConfig
 from imagen_jax.diffusion import DiffusionConfig
+from imagen_jax.gin_utils import parse_gin
 from imagen_jax.models.unet import UNetConfig
 from imagen_jax.train import setup as setup_lib
 from imagen_jax.train.data import TaskSource, cached_task
@@ -38,7 +39,7 @@ SETTINGS = {
 
 def run(name: str, cache: str, steps: int, lr: float, batch: int) -> dict:
   gin.clear_config()
-  gin.parse_config_files_and_bindings(["gin_configs/models/tiny_base.gin"], [])
+  parse_gin(["models/tiny_base.gin"], [])
   model = UNetConfig()
   opt = OptimizerConfig(
     learning_rate=lr, warmup_steps=20, decay_steps=None, clip_grad_norm=1.0, **SETTINGS[name]

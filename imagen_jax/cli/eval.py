@@ -115,6 +115,11 @@ def _add_sweep_options(group) -> None:
     "--seed", type=int, default=1000, help="scene seed of the held-out scenes (training uses 0)"
   )
   p.add_argument("--times", default="0.5,0.7,0.8,0.9,0.95,0.99", help="the t of the x0-error curve")
+  p.add_argument(
+    "--no_cascade",
+    action="store_true",
+    help="load only the SR stage (--stage) and measure it on the held-out renders alone",
+  )
   p.add_argument("--no_images", action="store_true", help="do not write the input/output grids")
   p = group.choices["drawbench"]
   p.add_argument("--csv", required=True, help="DrawBench CSV (header Prompts,Category)")
@@ -231,13 +236,15 @@ def _add_metric_tools(group) -> None:
   p.set_defaults(fn=clip)
 
 
-def _cascade(args, flags=("steps",)):
-  """The cascade the sampling gin config describes, with --checkpoints, the setting flags and
-  --batch_size applied."""
+def _cascade(args, flags=("steps",), only=None):
+  """The cascade the sampling gin config describes (or its stages `only`, the first given low-res
+  inputs), with --checkpoints, the setting flags and --batch_size applied."""
   from imagen_jax.sample import cascade
 
   return cascade.prepare(
     cascade.cascade_config(),
+    only=only,
+    has_lowres_input=only is not None,
     batch_size=args.batch_size,
     overrides=common.setting_overrides(args, flags),
     **common.checkpoints(args.checkpoints),
@@ -435,8 +442,10 @@ def clip(args) -> int:
 def sr_conditioning(args) -> int:
   from imagen_jax.eval.tasks import sr_conditioning as src
 
+  if args.no_cascade and not args.stage:
+    raise common.UsageError("--no_cascade needs --stage (the SR stage to load)")
   result = src.evaluate(
-    _cascade(args, SR_SETTING_FLAGS),
+    _cascade(args, SR_SETTING_FLAGS, only=[args.stage] if args.no_cascade else None),
     args.out,
     stage=args.stage,
     num_images=args.num_images,

@@ -506,7 +506,25 @@ def _write_grids(
         ),
       )
   last = stages[-1].spec.name
-  imio.save_png(out_dir / "grid.png", imio.read_image(out_dir / last / "grid.png"))
+  if len(stages) == 1:
+    imio.save_png(out_dir / "grid.png", imio.read_image(out_dir / last / "grid.png"))
+    return
+  # The cascade side by side: a row per stage (first setting, first sample of each input), every
+  # image enlarged (nearest) to the last stage's size, so each SR output sits under its input.
+  size = stages[-1].spec.image_size
+  rows, row_labels = [], []
+  for st, res in zip(stages, results):
+    row = []
+    for k in range(n_in):
+      im = imio.read_image(out_dir / res.files[0][by[(k, 0)]])
+      f = max(1, size // im.shape[0])
+      row.append(im.repeat(f, axis=0).repeat(f, axis=1))
+    rows.append(row)
+    row_labels.append(f"{st.spec.name} {st.spec.image_size}px")
+  imio.save_png(
+    out_dir / "grid.png",
+    imio.grid(rows, labels, row_labels, title="cascade: each stage's output (sample 0)"),
+  )
 
 
 def _write_record(

@@ -378,7 +378,8 @@ def test_micro_sr_stage_relies_on_its_low_res_input(tmp_path):
   arrays.pop(K.CAPTION)
   train_set = {k: v[:512] for k, v in arrays.items()}
   heldout = {k: v[512:] for k, v in arrays.items()}
-  # The demo's SR recipe (runs/demo_sr.gin): v objective, augmentation noise at the output size.
+  # v objective (the demo's runs/demo_sr.gin uses x0, which relies on its input as strongly), with
+  # the augmentation noise at the output size.
   diffusion = DiffusionConfig(objective="v", noise_aug_at="output")
   loop.train(
     model_dir=str(tmp_path / "sr"),
