@@ -46,7 +46,7 @@ class OptimizerConfig:
   )
   accumulate_steps: int = 1  # > 1: optax.MultiSteps, one update every k micro-batches
   # Adafactor only. False (default): the learning rate is the size of a step, as for Adam, so the
-  # paper's 1e-4 moves every weight by about 1e-4 (docs/training.md#adafactor). True (optax's and
+  # paper's 1e-4 moves every weight by about 1e-4 (docs/findings.md#adafactor). True (optax's and
   # T5's default): the step is relative to each tensor's RMS (floor 1e-3), which at 1e-4 moves
   # typical weights 20-100x less than Adam and zero-initialised tensors by about 1e-7.
   multiply_by_parameter_scale: bool = False
