@@ -55,7 +55,9 @@ def standin_stage(
   name, index, apply_fn, size, *, lowres=None, objective="eps", settings=(), batch_size=4
 ):
   sr = lowres is not None
-  diffusion = DiffusionConfig(objective=objective)
+  # Noise at the input size: the stand-in then sees the previous stage's pixels themselves (at
+  # 'output', the default, it would see their bilinear upsample; test_augmentation covers that).
+  diffusion = DiffusionConfig(objective=objective, noise_aug_at="input")
   sampler = stage_sampler.StageSampler(
     apply_fn,
     diffusion,
