@@ -444,13 +444,14 @@ def sr_conditioning(args) -> int:
 
   if args.no_cascade and not args.stage:
     raise common.UsageError("--no_cascade needs --stage (the SR stage to load)")
+  times = common.float_list(args.times, "--times")  # checked before any stage is loaded
   result = src.evaluate(
     _cascade(args, SR_SETTING_FLAGS, only=[args.stage] if args.no_cascade else None),
     args.out,
     stage=args.stage,
     num_images=args.num_images,
     seed=args.seed,
-    times=common.float_list(args.times, "--times"),
+    times=times,
     label=args.label,
     save_images=not args.no_images,
     command=common.command_line(args),
