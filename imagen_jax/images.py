@@ -104,6 +104,57 @@ def read_folder(folder, size: int, what: str) -> "tuple[np.ndarray, List[Path]]"
   return np.stack(out), files
 
 
+def _image_paths(path) -> List[Path]:
+  """A file, or the image files of a folder."""
+  path = Path(path)
+  if path.is_file():
+    return [path]
+  return image_files(path)
+
+
+def read_square_images(path, what: str) -> "tuple[np.ndarray, List[Path]]":
+  """An image file or a folder of them, all square and of one size, as (N, S, S, 3) floats in
+  [-1, 1] (inpainting inputs; each stage resizes them to its own resolution)."""
+  files = _image_paths(path)
+  ims = [read_image(f) for f in files]
+  size = ims[0].shape[:2]
+  for f, im in zip(files, ims):
+    if im.shape[0] != im.shape[1] or im.shape[:2] != size:
+      raise ImageError(
+        f"{what} {f} is {im.shape[1]}x{im.shape[0]}; inpainting images must be square and of one "
+        f"size ({size[1]}x{size[0]} first)"
+      )
+  return from_uint8(np.stack(ims)), files
+
+
+def read_masks(path, keep: str = "white") -> np.ndarray:
+  """An inpainting mask file or a folder of them as (N, S, S, 1) floats in [0, 1], 1 = keep (the
+  known region). keep='white': white pixels are kept (black ones generated); 'black': the other
+  way round. Grey levels blend."""
+  if keep not in ("white", "black"):
+    raise ImageError(f"mask keep must be 'white' or 'black', got {keep!r}")
+  files = _image_paths(path)
+  masks = []
+  for f in files:
+    m = read_image(f).astype(np.float32).mean(-1, keepdims=True) / 255.0
+    if m.shape[0] != m.shape[1]:
+      raise ImageError(f"mask {f} is {m.shape[1]}x{m.shape[0]}; masks must be square")
+    masks.append(m if keep == "white" else 1.0 - m)
+  if len({m.shape for m in masks}) > 1:
+    raise ImageError(f"the masks in {path} differ in size")
+  return np.stack(masks)
+
+
+def resize_mask(mask, size: int) -> np.ndarray:
+  """(N, S, S, 1) masks in [0, 1] -> (N, size, size, 1): area-weighted (antialiased bilinear), so
+  a border pixel of a downsized mask blends."""
+  import jax
+
+  m = np.asarray(mask, np.float32)
+  out = jax.image.resize(m, (m.shape[0], size, size, m.shape[-1]), "linear", antialias=True)
+  return np.clip(np.asarray(out), 0.0, 1.0)
+
+
 def _font():
   from PIL import ImageFont
 

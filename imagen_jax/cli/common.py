@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from imagen_jax import files
@@ -151,6 +152,7 @@ SETTING_FLAGS = {
   "thresholding": ("thresholding", str),
   "aug_level": ("aug_level", float),
   "ddim_eta": ("ddim_eta", float),
+  "spacing": ("spacing", str),
 }
 
 
@@ -196,3 +198,31 @@ def command_line(args) -> List[str]:
 def first_line(e: BaseException) -> str:
   """The first line of an error (gin appends "In call to configurable ..." lines)."""
   return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def add_negative_flags(parser) -> None:
+  """--negative_prompt / --negative_prompts_file: guidance's unconditional half."""
+  parser.add_argument(
+    "--negative_prompt",
+    help="a negative prompt for every prompt: guidance pushes away from it instead of from the "
+    "empty condition ('' = the plain null condition)",
+  )
+  parser.add_argument(
+    "--negative_prompts_file",
+    help="a text file of negative prompts, one per prompt line (an empty line: none for that one)",
+  )
+
+
+def negative_prompts(args):
+  """The negative prompts of --negative_prompt / --negative_prompts_file, or None."""
+  if args.negative_prompt is not None and args.negative_prompts_file:
+    raise UsageError("give --negative_prompt or --negative_prompts_file, not both")
+  if args.negative_prompt is not None:
+    return [args.negative_prompt]
+  if args.negative_prompts_file:
+    try:
+      text = Path(args.negative_prompts_file).read_text()
+    except OSError as e:
+      raise UsageError(f"--negative_prompts_file: {e}") from None
+    return text.splitlines()
+  return None

@@ -34,7 +34,10 @@ def add_parsers(sub) -> None:
     default=8,
     help="images per device batch call (rounded up to a multiple of the local device count)",
   )
-  add_setting_flags(p, ("guidance", "steps", "thresholding", "aug_level", "sampler", "ddim_eta"))
+  add_setting_flags(
+    p, ("guidance", "steps", "thresholding", "aug_level", "sampler", "spacing", "ddim_eta")
+  )
+  common.add_negative_flags(p)
   p.add_argument(
     "--checkpoint_step",
     action="append",
@@ -45,7 +48,28 @@ def add_parsers(sub) -> None:
     "--lowres_images",
     help="folder of low-resolution inputs for a cascade that starts at an SR stage",
   )
-  p.add_argument("--init_images", help="img2img: folder of images the first stage starts from")
+  p.add_argument(
+    "--init_images",
+    help="img2img: folder of images the first stage starts from; with --mask: the image(s) to "
+    "inpaint (a file or a folder, any square size)",
+  )
+  p.add_argument(
+    "--mask",
+    help="inpainting: a mask image (or a folder, one per --init_images image); white = keep "
+    "(see --mask_keep); every stage keeps the known region at its resolution",
+  )
+  p.add_argument(
+    "--mask_keep",
+    choices=("white", "black"),
+    default="white",
+    help="which pixels of the mask are kept (the rest is generated)",
+  )
+  p.add_argument(
+    "--resample",
+    type=int,
+    default=1,
+    help="inpainting: RePaint resampling, runs per step (jump length 1; 1 = none)",
+  )
   p.add_argument(
     "--no_grids",
     action="store_true",
@@ -65,7 +89,8 @@ SETTING_HELP = {
   "steps": "sampling step count(s)",
   "thresholding": "none | static | dynamic[:PERCENTILE], or a list",
   "aug_level": "SR noise-conditioning augmentation level(s) in [0, 1]",
-  "sampler": "ddpm | ddim",
+  "sampler": "ddpm | ddim | dpmpp_2m | dpmpp_3m | dpmpp_2m_sde",
+  "spacing": "step spacing: uniform (in t) | logsnr | karras",
   "ddim_eta": "DDIM stochasticity in [0, 1]",
 }
 
@@ -100,6 +125,10 @@ def sample(args) -> int:
     lowres_images=args.lowres_images,
     init_images=args.init_images,
     strength=args.strength,
+    negative_prompts=common.negative_prompts(args),
+    masks=args.mask,
+    mask_keep=args.mask_keep,
+    resample=args.resample,
     grids=not args.no_grids,
     record_extra={"command": ["imagen-jax"] + list(sys.argv[1:])},
   )

@@ -13,6 +13,7 @@ from imagen_jax.diffusion.guidance import (
   TEXT_MASK,
   drop_condition,
   guided_x0_eps,
+  negative_condition,
   null_condition,
 )
 from imagen_jax.diffusion.losses import diffusion_loss, loss_weight, sample_times
@@ -29,7 +30,7 @@ from imagen_jax.diffusion.process import (
   x0_from_eps,
   x0_from_v,
 )
-from imagen_jax.diffusion.samplers import ancestral_update, ddim_update, sample
+from imagen_jax.diffusion.samplers import ancestral_update, ddim_update, dpmpp_update, sample
 from imagen_jax.diffusion.schedules import (
   SCHEDULES,
   CosineSchedule,

@@ -55,6 +55,16 @@ def drop_condition(cond, key, drop_prob: float):
   return out
 
 
+def negative_condition(cond, neg_emb, neg_mask):
+  """The unconditional half of guidance with a negative prompt: `cond` with its text replaced by
+  the negative prompt's (B, L, D) embeddings and (B, L) mask. A row whose negative prompt is empty
+  carries zeros and an all-False mask: exactly the null condition."""
+  out = dict(cond)
+  out[TEXT_EMB] = jnp.asarray(neg_emb, jnp.float32)
+  out[TEXT_MASK] = jnp.asarray(neg_mask, bool)
+  return out
+
+
 def is_unguided(guidance_scale) -> bool:
   """True when the scale is statically 1 (a Python or NumPy number): one network call suffices."""
   if isinstance(guidance_scale, (int, float, np.number)):
@@ -66,8 +76,11 @@ def is_unguided(guidance_scale) -> bool:
   )
 
 
-def guided_x0_eps(model_fn, z, log_snr, cond, guidance_scale, objective: str):
-  """Classifier-free guided (x0, eps): eps~ = w eps(z, c) + (1 - w) eps(z, null).
+def guided_x0_eps(model_fn, z, log_snr, cond, guidance_scale, objective: str, uncond=None):
+  """Classifier-free guided (x0, eps): eps~ = w eps(z, c) + (1 - w) eps(z, u).
+
+  u is `uncond` (a negative prompt's condition, `negative_condition`) or, by default, the null
+  condition.
 
   w = 1 (statically) makes one network call on the batch. Otherwise the batch is doubled
   (conditional half, then unconditional half) and the network is called once on it. The same affine
@@ -79,9 +92,8 @@ def guided_x0_eps(model_fn, z, log_snr, cond, guidance_scale, objective: str):
     pred = model_fn(z, log_snr, cond)
     return process.prediction_to_x0_eps(pred, z, alpha, sigma, objective)
   b = z.shape[0]
-  both = jax.tree_util.tree_map(
-    lambda c, u: jnp.concatenate([c, u], axis=0), cond, null_condition(cond)
-  )
+  uncond = null_condition(cond) if uncond is None else uncond
+  both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
   pred = model_fn(
     jnp.concatenate([z, z], axis=0), jnp.concatenate([log_snr, log_snr], axis=0), both
   )

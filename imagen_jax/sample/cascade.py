@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import gin
@@ -60,11 +60,12 @@ def stage(
   percentile: float = StageSettings.percentile,
   aug_level=StageSettings.aug_level,
   ddim_eta: float = StageSettings.ddim_eta,
+  spacing=StageSettings.spacing,
 ) -> StageSpec:
   """A cascade stage, bound per stage with a gin scope (`base/stage.run_dir = %BASE_DIR`).
   image_size: the stage's output resolution. guidance_scale, thresholding ('dynamic:99.9'
-  allowed), aug_level and num_steps may be lists: a sweep (their cartesian product; the first
-  setting is passed on)."""
+  allowed), aug_level, num_steps, sampler and spacing may be lists: a sweep (their cartesian
+  product; the first setting is passed on)."""
   require("stage", name=name, run_dir=run_dir, image_size=image_size)
   fields = {
     "guidance_scale": guidance_scale,
@@ -72,6 +73,7 @@ def stage(
     "aug_level": aug_level,
     "num_steps": num_steps,
     "sampler": sampler,
+    "spacing": spacing,
   }
   scalar = {
     k: v for k, v in fields.items() if not isinstance(v, (list, tuple)) and k != "thresholding"
@@ -135,6 +137,10 @@ class LoadedStage:
     lowres: Optional[np.ndarray] = None,
     init: Optional[np.ndarray] = None,
     strength: float = 1.0,
+    negative: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+    known: Optional[np.ndarray] = None,
+    known_mask: Optional[np.ndarray] = None,
+    resample: int = 1,
     guided: Optional[bool] = None,
     stats: Optional[RunStats] = None,
     on_batch=None,
@@ -149,6 +155,11 @@ class LoadedStage:
       lowres: SR stages: the previous stage's output in [-1, 1].
       init: img2img: images in [-1, 1] to start from at t = strength.
       strength: img2img strength.
+      negative: the negative prompts' (emb, mask), one row per image: guidance's unconditional
+        half (rows of zeros and False: the null condition).
+      known, known_mask: inpainting: (N, S', S', 3) images in [-1, 1] and (N, S', S', 1) masks
+        (1 = keep) of any square size, resized here to the stage's resolution.
+      resample: RePaint's resampling count when inpainting.
       guided: compile the guided program even where w = 1 (a sweep over w compiles once).
       stats: timings to add to.
       on_batch: progress callback, on_batch(done, total).
@@ -156,6 +167,10 @@ class LoadedStage:
     Returns:
       The 8-bit images (what the next stage and the PNGs see).
     """
+    size = self.spec.image_size
+    if known is not None:
+      known = known if known.shape[1] == size else imio.downsample(known, size)
+      known_mask = known_mask if known_mask.shape[1] == size else imio.resize_mask(known_mask, size)
     x = self.sampler.run(
       self.params,
       emb,
@@ -165,6 +180,11 @@ class LoadedStage:
       lowres=lowres if self.super_resolution else None,
       x_init=init,
       strength=strength,
+      negative_emb=None if negative is None else negative[0],
+      negative_mask=None if negative is None else negative[1],
+      known=known,
+      mask=known_mask,
+      resample=resample,
       guided=guided,
       stats=stats,
       on_batch=on_batch,
@@ -314,7 +334,7 @@ def _share(n: int) -> slice:
 
 
 def _jobs(
-  stages, text, seed, samples_per_prompt, lowres_images, init_images, strength
+  stages, text, seed, samples_per_prompt, lowres_images, init_images, strength, masks=None
 ) -> List[dict]:
   """Checks a cascade call's inputs; returns its images: [{input, prompt, sample, seed}]."""
   if samples_per_prompt < 1:
@@ -326,13 +346,21 @@ def _jobs(
   check_chain(stages, lowres_images is not None)
   first = stages[0]
   n_in = None
+  if masks is not None:
+    if init_images is None:
+      raise SampleError("inpainting: a mask needs the image(s) it applies to (init_images)")
+    if len(masks) not in (1, len(init_images)):
+      raise SampleError(
+        f"inpainting: {len(masks)} masks for {len(init_images)} images; give one mask, or one "
+        "per image"
+      )
   for arr, what, size in (
     (lowres_images, "lowres_images", first.lowres_size),
-    (init_images, "init_images", first.spec.image_size),
+    (init_images, "init_images", None if masks is not None else first.spec.image_size),
   ):
     if arr is None:
       continue
-    if arr.shape[1:3] != (size, size):
+    if size is not None and arr.shape[1:3] != (size, size):
       raise SampleError(
         f"{what}: images are {arr.shape[2]}x{arr.shape[1]}, stage {first.spec.name} takes "
         f"{size}x{size}"
@@ -368,15 +396,24 @@ def run_cascade(
   lowres_images: Optional[np.ndarray] = None,
   init_images: Optional[np.ndarray] = None,
   strength: float = 0.8,
+  negative: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+  masks: Optional[np.ndarray] = None,
+  resample: int = 1,
   progress: bool = True,
   record_extra: Optional[dict] = None,
   grids: bool = True,
   log=print,
 ) -> CascadeResult:
-  """Samples the stages in order and writes everything (see the module docstring). lowres_images
-  (N, s, s, 3) in [-1, 1] feed the first stage (SR); init_images (N, S, S, 3) start the first
-  stage from the forward-noised image at t = strength (img2img)."""
-  jobs = _jobs(stages, text, seed, samples_per_prompt, lowres_images, init_images, strength)
+  """Samples the stages in order and writes everything (see the module docstring).
+
+  lowres_images (N, s, s, 3) in [-1, 1] feed the first stage (SR). init_images (N, S, S, 3) start
+  the first stage from the forward-noised image at t = strength (img2img); with masks (1 or N,
+  S', S', 1; 1 = keep) they are instead the known images of inpainting, kept in every stage at
+  its resolution (any square size; resized per stage). negative: per-prompt (emb, mask) of the
+  negative prompts (`Cascade.encode_negative`), guidance's unconditional half in every stage.
+  resample: RePaint's resampling count when inpainting.
+  """
+  jobs = _jobs(stages, text, seed, samples_per_prompt, lowres_images, init_images, strength, masks)
   first = stages[0]
   s = samples_per_prompt
   out_dir = Path(out_dir)
@@ -390,7 +427,12 @@ def run_cascade(
   emb, mask = text.emb[idx], text.mask[idx]
   inputs = np.array([j["input"] for j in mine], np.int64)
   prev = lowres_images[inputs] if lowres_images is not None else None
-  init = init_images[inputs] if init_images is not None else None
+  init = init_images[inputs] if init_images is not None and masks is None else None
+  known = known_mask = None
+  if masks is not None:
+    known = init_images[inputs]
+    known_mask = masks[inputs] if len(masks) > 1 else np.repeat(masks, len(inputs), axis=0)
+  neg = None if negative is None else (negative[0][idx], negative[1][idx])
   seeds = [j["seed"] for j in mine]
   results: List[StageResult] = []
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -418,6 +460,10 @@ def run_cascade(
         lowres=prev,
         init=init if st is first else None,
         strength=strength,
+        negative=neg,
+        known=known,
+        known_mask=known_mask,
+        resample=resample,
         guided=guided,
         stats=stats,
         on_batch=lambda done, total: bar.update(1),
@@ -468,8 +514,12 @@ def run_cascade(
       seed=seed,
       samples_per_prompt=s,
       strength=strength,
-      init=init_images is not None,
-      extra=record_extra,
+      init=init_images is not None and masks is None,
+      extra={
+        "negative_prompts": None if negative is None else list(negative[2]),
+        "inpainting": None if masks is None else {"masks": len(masks), "resample": int(resample)},
+        **(record_extra or {}),
+      },
     )
   return CascadeResult(out_dir=str(out_dir), stages=results, jobs=jobs, final=prev)
 
@@ -657,6 +707,7 @@ class Cascade:
     *,
     guided: Sequence[Optional[bool]],
     stats: Optional[Sequence[RunStats]] = None,
+    negative: Optional[Tuple[np.ndarray, np.ndarray, Sequence[str]]] = None,
   ) -> List[np.ndarray]:
     """Every stage's images (uint8, N x S x S x 3), one setting per stage; each SR stage sees the
     previous stage's 8-bit output (as `sample` passes it on).
@@ -668,12 +719,14 @@ class Cascade:
       settings: one setting per stage.
       guided: per stage, compile the guided program even at w = 1 (None: guided unless w = 1).
       stats: per stage, timings to add to.
+      negative: per-prompt negative prompts (`encode_negative`).
 
     Returns:
       One uint8 array per stage.
     """
     idx = np.asarray(prompt_index, np.int64)
     emb, mask = text.emb[idx], text.mask[idx]
+    neg = None if negative is None else (negative[0][idx], negative[1][idx])
     prev, out = None, []
     for i, (st, setting) in enumerate(zip(self.stages, settings)):
       u8 = st.images(
@@ -682,12 +735,40 @@ class Cascade:
         seeds,
         setting,
         lowres=prev,
+        negative=neg,
         guided=guided[i],
         stats=stats[i] if stats is not None else None,
       )
       out.append(u8)
       prev = imio.from_uint8(u8)
     return out
+
+  def encode_negative(
+    self, negatives: Sequence[str], num_prompts: int, warn=print
+  ) -> Optional[Tuple[np.ndarray, np.ndarray, List[str]]]:
+    """Negative prompts, one for every prompt or one per prompt, as per-prompt (emb (P, L, D),
+    mask (P, L), texts): an empty negative prompt is the null condition (zeros, all False), so it
+    reproduces plain guidance exactly; None when every negative prompt is empty.
+
+    Raises:
+      SampleError: neither one nor num_prompts negative prompts.
+    """
+    negatives = [str(t) for t in negatives]
+    if len(negatives) not in (1, num_prompts):
+      raise SampleError(
+        f"{len(negatives)} negative prompts for {num_prompts} prompts; give one, or one per prompt"
+      )
+    if len(negatives) == 1:
+      negatives = negatives * num_prompts
+    used = [t for t in negatives if t.strip()]
+    if not used:
+      return None
+    enc = self.encode(used, warn=warn)
+    emb = np.zeros((num_prompts,) + enc.emb.shape[1:], np.float32)
+    mask = np.zeros((num_prompts,) + enc.mask.shape[1:], bool)
+    rows = [i for i, t in enumerate(negatives) if t.strip()]
+    emb[rows], mask[rows] = enc.emb, enc.mask
+    return emb, mask, negatives
 
 
 def _warn(message: str) -> None:
@@ -785,6 +866,10 @@ def sample(
   lowres_images: Optional[str] = None,
   init_images: Optional[str] = None,
   strength: float = 0.8,
+  negative_prompts: Optional[Sequence[str]] = None,
+  masks: Optional[str] = None,
+  mask_keep: str = "white",
+  resample: int = 1,
   progress: bool = True,
   record_extra: Optional[dict] = None,
   grids: bool = True,
@@ -802,8 +887,13 @@ def sample(
     overrides: per-stage settings [(stage or None, field, values)] (`settings.stage_sweeps`).
     checkpoint_steps: {stage: step}.
     lowres_images: a folder of low-resolution inputs for a cascade that starts at an SR stage.
-    init_images: img2img: a folder of images the first stage starts from.
+    init_images: img2img: a folder of images the first stage starts from; with masks, the known
+      images of inpainting (a file or a folder; any square size).
     strength: img2img strength.
+    negative_prompts: one negative prompt for all prompts, or one per prompt ('' = none).
+    masks: inpainting: a mask file or folder (one per init image, or one for all).
+    mask_keep: 'white' (white pixels are kept) or 'black'.
+    resample: RePaint's resampling count when inpainting (1: none).
     progress: progress bars and lines.
     record_extra: more fields for settings.json.
     grids: write grid images.
@@ -827,11 +917,21 @@ def sample(
   )
   loaded = cascade.stages
   text = cascade.encode(prompts, warn=_warn)
-  low = init = None
+  negative = None
+  if negative_prompts is not None:
+    negative = cascade.encode_negative(negative_prompts, len(prompts), warn=_warn)
+  if resample < 1:
+    raise SampleError(f"resample must be >= 1, got {resample}")
+  low = init = mask_arr = None
   try:
     if lowres_images is not None:
       low, _ = imio.read_folder(lowres_images, loaded[0].lowres_size, "lowres_images image")
-    if init_images is not None:
+    if masks is not None:
+      if init_images is None:
+        raise SampleError("inpainting: masks need the image(s) to inpaint (init_images)")
+      init, _ = imio.read_square_images(init_images, "init_images image")
+      mask_arr = imio.read_masks(masks, mask_keep)
+    elif init_images is not None:
       init, _ = imio.read_folder(init_images, loaded[0].spec.image_size, "init_images image")
   except imio.ImageError as e:
     raise SampleError(str(e)) from None
@@ -844,6 +944,9 @@ def sample(
     lowres_images=low,
     init_images=init,
     strength=strength,
+    negative=negative,
+    masks=mask_arr,
+    resample=resample,
     progress=progress,
     record_extra=record_extra,
     grids=grids,

@@ -30,13 +30,14 @@ class StageSettings:
   `settings` sweeps, the gin stages and the command line all use these names). Defaults: the
   paper's base stage (docs/paper.md §2)."""
 
-  sampler: str = "ddpm"  # ddpm (ancestral) | ddim
+  sampler: str = "ddpm"  # ddpm (ancestral) | ddim | dpmpp_2m | dpmpp_3m | dpmpp_2m_sde
   num_steps: int = 256
   guidance_scale: float = 1.35  # w; 1 = unguided (one network call)
   thresholding: str = "dynamic"  # none | static | dynamic
   percentile: float = 99.5  # dynamic thresholding's percentile
   aug_level: float = 0.0  # SR stages: noise-conditioning augmentation level (0: best FID)
   ddim_eta: float = 0.0  # DDIM stochasticity (1: ancestral)
+  spacing: str = "uniform"  # the step grid: uniform (in t) | logsnr | karras
 
   def __post_init__(self):
     if (
@@ -50,6 +51,7 @@ class StageSettings:
       object.__setattr__(self, name, float(getattr(self, name)))
     samplers.check_sampler(self.sampler)  # the one check of each kind of name (a ConfigError)
     thresholding.check_thresholding(self.thresholding)
+    samplers.check_spacing(self.spacing)
     if self.guidance_scale < 0:
       raise SettingsError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
     if not 0.0 < self.percentile <= 100.0:
@@ -62,12 +64,14 @@ class StageSettings:
   def label(self, super_resolution: bool = False) -> str:
     thr = f"dynamic {self.percentile:g}" if self.thresholding == "dynamic" else self.thresholding
     out = f"w={self.guidance_scale:g} {thr} {self.sampler} {self.num_steps} steps"
+    out += "" if self.spacing == "uniform" else f" {self.spacing}"
     return out + (f" aug {self.aug_level:g}" if super_resolution else "")
 
   def slug(self, super_resolution: bool = False) -> str:
     """A folder name for a sweep row."""
     thr = f"dynamic{self.percentile:g}" if self.thresholding == "dynamic" else self.thresholding
     out = f"w{self.guidance_scale:g}_{thr}_{self.sampler}{self.num_steps}"
+    out += "" if self.spacing == "uniform" else f"_{self.spacing}"
     return out + (f"_aug{self.aug_level:g}" if super_resolution else "")
 
 
@@ -95,11 +99,13 @@ def _as_list(v) -> list:
 
 def expand(base: StageSettings, sweep: Dict[str, Sequence]) -> List[StageSettings]:
   """The settings of a sweep: `base` with each combination of the listed values (fields of
-  SWEEP_FIELDS plus 'sampler'; thresholding values may be 'dynamic:P')."""
-  unknown = set(sweep) - set(SWEEP_FIELDS) - {"sampler"}
+  SWEEP_FIELDS plus 'sampler' and 'spacing'; thresholding values may be 'dynamic:P')."""
+  unknown = set(sweep) - set(SWEEP_FIELDS) - {"sampler", "spacing"}
   if unknown:
-    raise SettingsError(f"cannot sweep {sorted(unknown)}; sweepable: {SWEEP_FIELDS + ('sampler',)}")
-  fields = [f for f in ("sampler",) + SWEEP_FIELDS if f in sweep]
+    raise SettingsError(
+      f"cannot sweep {sorted(unknown)}; sweepable: {SWEEP_FIELDS + ('sampler', 'spacing')}"
+    )
+  fields = [f for f in ("sampler", "spacing") + SWEEP_FIELDS if f in sweep]
   out = []
   for combo in itertools.product(*(_as_list(sweep[f]) for f in fields)):
     values = {}

@@ -5,10 +5,13 @@
   image is the same whatever the batch size, the padding and the number of devices;
 - rows are cut into batches of `batch_size` (a multiple of the device count); the last batch is
   padded by repeating its first row, and the padding is dropped;
-- the whole multi-step loop is one compiled program per (batch shape, guided or not, sampler,
-  img2img or not): the step count, guidance weight, thresholding (method and percentile), SR
-  augmentation level, DDIM eta and img2img strength are traced arguments, so a sweep over them
-  compiles once. `trace_count` counts traces.
+- the whole multi-step loop is one compiled program per (batch shape, guided or not, sampler
+  family, img2img or not, inpainting or not, negative prompts or not): the step count, guidance
+  weight, thresholding (method and percentile), step spacing, DPM-Solver++'s order and SDE flag,
+  SR augmentation level, DDIM eta, img2img strength and RePaint's resampling count are traced
+  arguments, and negative prompts are inputs, so a sweep over them compiles once. Without negative
+  prompts the unconditional half is the null condition built inside the program. `trace_count`
+  counts traces.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from imagen_jax import batch_keys as K
 from imagen_jax import partitioning
-from imagen_jax.diffusion import DiffusionConfig, process, samplers, thresholding
+from imagen_jax.diffusion import DiffusionConfig, guidance, process, samplers, thresholding
 from imagen_jax.errors import UserError
 from imagen_jax.sample.settings import StageSettings
 
@@ -84,12 +87,15 @@ class StageSampler:
     shards = partitioning.data_ways(self.mesh)
     self.batch_size = -(-max(batch_size, 1) // shards) * shards
     self.trace_count = 0
-    self._jitted = jax.jit(self._run, static_argnames=("guided", "sampler", "has_init"))
+    self._jitted = jax.jit(
+      self._run, static_argnames=("guided", "sampler", "has_init", "has_mask", "has_negative")
+    )
     self._compiled: Dict[Any, Any] = {}
 
   @property
   def programs(self) -> int:
-    """How many programs (batch shape x guided x sampler x img2img) this stage has compiled."""
+    """How many programs (batch shape x guided x sampler family x img2img x inpainting x
+    negative prompts) this stage has compiled."""
     return len(self._compiled)
 
   def place_params(self, params):
@@ -97,18 +103,20 @@ class StageSampler:
     training)."""
     return jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
 
-  def _run(
-    self, params, text_emb, text_mask, keys, lowres, x_init, scalars, *, guided, sampler, has_init
-  ):
+  def _run(self, params, data, scalars, *, guided, sampler, has_init, has_mask, has_negative):
     self.trace_count += 1  # runs at trace time only
+    keys, lowres = data["keys"], data[K.LOWRES]
     k_aug, k_sample = process.split_key(keys)
-    cond = {K.TEXT_EMB: text_emb, K.TEXT_MASK: text_mask}
+    cond = {K.TEXT_EMB: data[K.TEXT_EMB], K.TEXT_MASK: data[K.TEXT_MASK]}
     if self.super_resolution:
       low, level = self.diffusion.augment_lowres(
         lowres, k_aug, scalars["aug_level"], self.image_size
       )
       cond[K.LOWRES] = low
       cond[K.LOWRES_AUG_LEVEL] = level
+    uncond = None
+    if has_negative:  # otherwise the null condition, built inside the program
+      uncond = guidance.negative_condition(cond, data["neg_emb"], data["neg_mask"])
     shape = (keys.shape[0], self.image_size, self.image_size, self.channels)
     return samplers.sample(
       functools.partial(self.apply_fn, params),
@@ -123,13 +131,24 @@ class StageSampler:
       guidance_scale=scalars["guidance_scale"] if guided else 1.0,
       thresholding_method=scalars["thresholding"],
       percentile=scalars["percentile"],
-      x_init=x_init if has_init else None,
+      spacing=scalars["spacing"],
+      solver_order=scalars["solver_order"],
+      sde=scalars["sde"],
+      uncond=uncond,
+      known=data["known"] if has_mask else None,
+      mask=data["mask"] if has_mask else None,
+      resample=scalars["resample"],
+      x_init=data["x_init"] if has_init else None,
       t_start=scalars["t_start"],
     )
 
   @staticmethod
-  def _scalars(settings: StageSettings, t_start: float):
+  def _scalars(settings: StageSettings, t_start: float, resample: int):
     return {
+      "spacing": np.int32(samplers.spacing_index(settings.spacing)),
+      "solver_order": np.int32(samplers.SOLVER_ORDER[settings.sampler]),
+      "sde": np.float32(settings.sampler.endswith("_sde")),
+      "resample": np.int32(resample),
       "num_steps": np.int32(settings.num_steps),
       "guidance_scale": np.float32(settings.guidance_scale),
       "thresholding": np.int32(thresholding.thresholding_index(settings.thresholding)),
@@ -150,33 +169,73 @@ class StageSampler:
     lowres: Optional[np.ndarray] = None,
     x_init: Optional[np.ndarray] = None,
     strength: float = 1.0,
+    negative_emb: Optional[np.ndarray] = None,
+    negative_mask: Optional[np.ndarray] = None,
+    known: Optional[np.ndarray] = None,
+    mask: Optional[np.ndarray] = None,
+    resample: int = 1,
     guided: Optional[bool] = None,
     stats: Optional[RunStats] = None,
     on_batch: Optional[Callable[[int, int], None]] = None,
   ) -> np.ndarray:
     """Images (N, S, S, C) float32 in the model's range, one per row of keys (N, 2).
 
-    lowres (N, s, s, C): SR stages' conditioning images. x_init (N, S, S, C) with strength in [0,
-    1]: img2img. guided: compile the guided program (doubled batch) even where w = 1, so that a
-    sweep over w compiles once; default: guided unless w is 1. on_batch(done, total) is called after
-    each batch (progress bars).
+    Args:
+      params: the stage's parameters.
+      text_emb, text_mask: (N, L, D) and (N, L): the prompts' encodings.
+      keys: (N, 2) per-image keys (`image_keys`).
+      settings: the sampling setting.
+      lowres: (N, s, s, C) SR stages' conditioning images.
+      x_init, strength: img2img: (N, S, S, C) and a strength in [0, 1].
+      negative_emb, negative_mask: (N, L, D) and (N, L): the negative prompts' encodings, the
+        unconditional half of guidance (rows of zeros and an all-False mask: the null condition,
+        also the default).
+      known, mask: inpainting: (N, S, S, C) known images and (N, S, S, 1) masks (1 = keep).
+      resample: RePaint's resampling count when inpainting (1: none).
+      guided: compile the guided program (doubled batch) even where w = 1, so that a sweep over w
+        compiles once; default: guided unless w is 1.
+      stats: accumulates timings.
+      on_batch: called as on_batch(done, total) after each batch (progress bars).
+
+    Returns:
+      (N, S, S, C) float32 images.
     """
     n = keys.shape[0]
     if self.super_resolution and lowres is None:
       raise ValueError("a super-resolution stage needs its low-resolution images")
+    if (known is None) != (mask is None):
+      raise ValueError("inpainting needs both the known images and their masks")
     guided = (settings.guidance_scale != 1.0) if guided is None else guided
-    has_init = x_init is not None
-    scalars = self._scalars(settings, strength if has_init else 1.0)
+    has_init, has_mask = x_init is not None, mask is not None
+    scalars = self._scalars(settings, strength if has_init else 1.0, resample)
+    text_emb = np.asarray(text_emb, np.float32)
+    text_mask = np.asarray(text_mask, bool)
+    placeholder = np.zeros((n, 1, 1, 1), np.float32)
+    has_negative = negative_emb is not None and guided
     data = {
-      K.TEXT_EMB: np.asarray(text_emb, np.float32),
-      K.TEXT_MASK: np.asarray(text_mask, bool),
+      K.TEXT_EMB: text_emb,
+      K.TEXT_MASK: text_mask,
       "keys": np.asarray(keys, np.uint32),
+      K.LOWRES: np.asarray(lowres, np.float32) if lowres is not None else placeholder,
+      "x_init": np.asarray(x_init, np.float32) if has_init else placeholder,
+      "neg_emb": np.asarray(negative_emb, np.float32) if has_negative else placeholder,
+      "neg_mask": np.asarray(negative_mask, bool) if has_negative else placeholder[..., 0, 0],
+      "known": np.asarray(known, np.float32) if has_mask else placeholder,
+      "mask": np.asarray(mask, np.float32) if has_mask else placeholder,
     }
-    data[K.LOWRES] = (
-      np.asarray(lowres, np.float32) if lowres is not None else np.zeros((n, 1, 1, 1), np.float32)
-    )
-    data["x_init"] = (
-      np.asarray(x_init, np.float32) if has_init else np.zeros((n, 1, 1, 1), np.float32)
+    if has_negative and (
+      data["neg_emb"].shape != text_emb.shape or data["neg_mask"].shape != text_mask.shape
+    ):
+      raise ValueError(
+        f"negative prompts' encodings {data['neg_emb'].shape} do not match the prompts' "
+        f"{text_emb.shape}"
+      )
+    static = dict(
+      guided=guided,
+      sampler=samplers.FAMILY_SAMPLER[samplers.FAMILY[settings.sampler]],
+      has_init=has_init,
+      has_mask=has_mask,
+      has_negative=has_negative,
     )
 
     def run_batch(rows):
@@ -184,18 +243,10 @@ class StageSampler:
         k: jax.device_put(v[rows], partitioning.batch_sharding(self.mesh, v.ndim))
         for k, v in data.items()
       }
-      fn = self._compile(params, batch, scalars, guided, settings.sampler, has_init, stats)
+      fn = self._compile(params, batch, scalars, static, stats)
       t0 = time.perf_counter()
       with partitioning.mesh_context(self.mesh):
-        x = fn(
-          params,
-          batch[K.TEXT_EMB],
-          batch[K.TEXT_MASK],
-          batch["keys"],
-          batch[K.LOWRES],
-          batch["x_init"],
-          scalars,
-        )
+        x = fn(params, batch, scalars)
       x = jax.block_until_ready(x)
       if not x.is_fully_addressable:  # a multi-host mesh (the trainer's sample hook)
         from jax.experimental import multihost_utils
@@ -205,7 +256,7 @@ class StageSampler:
       if stats is not None:
         stats.seconds += time.perf_counter() - t0
         stats.batches += 1
-        stats.steps += settings.num_steps
+        stats.steps += settings.num_steps * (max(int(resample), 1) if has_mask else 1)
         stats.images += int(len(np.unique(rows)))
       return x
 
@@ -216,23 +267,12 @@ class StageSampler:
       return np.zeros((0, self.image_size, self.image_size, self.channels), np.float32)
     return out
 
-  def _compile(self, params, batch, scalars, guided, sampler, has_init, stats):
-    key = (tuple((k, v.shape) for k, v in sorted(batch.items())), guided, sampler, has_init)
+  def _compile(self, params, batch, scalars, static, stats):
+    key = (tuple((k, v.shape) for k, v in sorted(batch.items())), tuple(sorted(static.items())))
     if key not in self._compiled:
       t0 = time.perf_counter()
       with partitioning.mesh_context(self.mesh):
-        self._compiled[key] = self._jitted.lower(
-          params,
-          batch[K.TEXT_EMB],
-          batch[K.TEXT_MASK],
-          batch["keys"],
-          batch[K.LOWRES],
-          batch["x_init"],
-          scalars,
-          guided=guided,
-          sampler=sampler,
-          has_init=has_init,
-        ).compile()
+        self._compiled[key] = self._jitted.lower(params, batch, scalars, **static).compile()
       if stats is not None:
         stats.compile_seconds += time.perf_counter() - t0
     return self._compiled[key]

@@ -115,6 +115,60 @@ def test_sample_command_runs_the_cascade_and_records_how_to_regenerate(runs, tmp
   assert not (tmp_path / "no_grids" / "grid.png").exists() and "no grids" in stdout
 
 
+def test_sample_command_dpm_solver_negative_prompt_and_inpainting(runs, tmp_path, capsys):
+  """DPM-Solver++ on a Karras grid, a negative prompt, and inpainting through both stages: each
+  stage keeps the known region at its own resolution."""
+  rng = np.random.default_rng(0)
+  known = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  mask = np.zeros((32, 32, 3), np.uint8)
+  mask[:, :16] = 255  # white = keep: the left half
+  imio.save_png(tmp_path / "known.png", known)
+  imio.save_png(tmp_path / "mask.png", mask)
+  out = tmp_path / "out"
+  code, stdout, stderr = _run(
+    capsys,
+    "--gin_file",
+    runs / "cascade.gin",
+    "--prompts",
+    "a red circle",
+    "--samples_per_prompt",
+    "2",
+    "--sampler",
+    "dpmpp_2m",
+    "--spacing",
+    "karras",
+    "--steps",
+    "4",
+    "--guidance",
+    "3",
+    "--negative_prompt",
+    "blue",
+    "--init_images",
+    tmp_path / "known.png",
+    "--mask",
+    tmp_path / "mask.png",
+    "--resample",
+    "2",
+    "--out",
+    out,
+  )
+  assert code == 0, stderr
+  rec = json.loads((out / "settings.json").read_text())
+  assert rec["negative_prompts"] == ["blue"]
+  assert rec["inpainting"] == {"masks": 1, "resample": 2}
+  assert len(rec["images"]) == 2
+  for st in rec["stages"]:
+    assert st["settings"][0]["sampler"] == "dpmpp_2m"
+    assert st["settings"][0]["spacing"] == "karras"
+    size = st["image_size"]
+    want = imio.to_uint8(imio.downsample(imio.from_uint8(known[None]), size))[0]
+    keep = size // 2 - 1  # the columns the resized mask keeps entirely
+    for f in st["files"][0]:
+      got = imio.read_image(out / f)
+      np.testing.assert_array_equal(got[:, :keep], want[:, :keep])
+      assert np.abs(got[:, size // 2 + 1 :].astype(int) - want[:, size // 2 + 1 :]).mean() > 10
+
+
 def test_a_run_still_training_is_read_at_its_last_complete_checkpoint(runs, tmp_path, capsys):
   """A checkpoint being written (orbax's temporary directory) is skipped, not waited on."""
   run = tmp_path / "training"
@@ -158,6 +212,9 @@ def test_a_run_still_training_is_read_at_its_last_complete_checkpoint(runs, tmp_
     "unreadable_lowres",
     "not_contiguous",
     "bad_checkpoint_step",
+    "mask_without_image",
+    "negative_count",
+    "spacing",
   ],
 )
 def test_bad_input_is_one_line_and_exit_2_with_nothing_written(runs, tmp_path, capsys, case):
@@ -173,6 +230,8 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(runs, tmp_path, c
   bad = tmp_path / "bad"
   bad.mkdir()
   (bad / "a.png").write_bytes(b"\x89PNG truncated")
+  negatives = tmp_path / "negatives.txt"
+  negatives.write_text("blue\nred\n")
   args, message = {
     "no_prompts": (g + ["--prompts"], "no prompts"),
     "sampler": (g + p + ["--sampler", "euler"], "unknown sampler 'euler'"),
@@ -205,6 +264,12 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(runs, tmp_path, c
       g + p + ["--checkpoint_step", "base=9"],
       "no complete checkpoint at step 9",
     ),
+    "mask_without_image": (g + p + ["--mask", small / "a.png"], "masks need the image"),
+    "negative_count": (
+      g + p + ["--negative_prompts_file", negatives],
+      "2 negative prompts for 1 prompts",
+    ),
+    "spacing": (g + p + ["--spacing", "cosine"], "unknown step spacing 'cosine'"),
   }[case]
   code, stdout, stderr = _run(capsys, *args, "--out", tmp_path / "out")
   assert code == 2
