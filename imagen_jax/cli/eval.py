@@ -9,6 +9,9 @@ from imagen_jax.cli import common
 from imagen_jax.cli.sample import add_setting_flags
 
 SR_SETTING_FLAGS = ("steps", "guidance", "aug_level", "thresholding")
+# The setting flags of the commands that sample a whole cascade (guidance and thresholding are
+# their sweep's own options).
+CASCADE_FLAGS = ("steps", "sampler", "spacing")
 
 
 def add_parsers(sub) -> None:
@@ -54,7 +57,11 @@ def add_parsers(sub) -> None:
       metavar="STAGE=RUN_DIR[@STEP]",
       help="the run (and step) each stage samples from, replacing the gin config's",
     )
-    add_setting_flags(p, SR_SETTING_FLAGS if name == "sr-conditioning" else ("steps",))
+    add_setting_flags(p, SR_SETTING_FLAGS if name == "sr-conditioning" else CASCADE_FLAGS)
+    if name in ("shapes", "fid-clip"):
+      common.add_negative_flags(p)
+    if name == "drawbench":
+      p.add_argument("--negative_prompt", help="a negative prompt for every prompt")
     p.add_argument("--batch_size", type=int, default=8, help="images per sampler call")
     p.add_argument(
       "--label",
@@ -236,7 +243,7 @@ def _add_metric_tools(group) -> None:
   p.set_defaults(fn=clip)
 
 
-def _cascade(args, flags=("steps",), only=None):
+def _cascade(args, flags=None, only=None):
   """The cascade the sampling gin config describes (or its stages `only`, the first given low-res
   inputs), with --checkpoints, the setting flags and --batch_size applied."""
   from imagen_jax.sample import cascade
@@ -246,7 +253,7 @@ def _cascade(args, flags=("steps",), only=None):
     only=only,
     has_lowres_input=only is not None,
     batch_size=args.batch_size,
-    overrides=common.setting_overrides(args, flags),
+    overrides=common.setting_overrides(args, CASCADE_FLAGS if flags is None else flags),
     **common.checkpoints(args.checkpoints),
   )
 
@@ -270,6 +277,7 @@ def shapes(args) -> int:
     baselines=baselines,
     save_images=not args.no_images,
     command=common.command_line(args),
+    negative_prompts=common.negative_prompts(args),
   )
   print(shapes_eval.summary_table(result, baselines))
   for stage, b in result["best"].items():
@@ -302,6 +310,7 @@ def fid_clip(args) -> int:
     label=args.label,
     save_images=args.save_images,
     command=common.command_line(args),
+    negative_prompts=common.negative_prompts(args),
   )
   for r in result["rows"]:
     m = r["metrics"]["overall"]
@@ -327,6 +336,7 @@ def drawbench(args) -> int:
     seed=args.seed,
     label=args.label,
     command=common.command_line(args),
+    negative_prompt=args.negative_prompt,
   )
   print(
     f"eval drawbench: {len(manifest['prompts'])} prompts x {args.samples_per_prompt} samples in "

@@ -252,6 +252,12 @@ def test_eval_shapes_sweeps_with_one_compiled_sampler_per_stage(cascade_dir, tmp
         "--baseline",
         str(out),
         "--no_images",
+        "--sampler",
+        "dpmpp_2m",
+        "--spacing",
+        "logsnr",
+        "--negative_prompt",
+        "blue",
       ]
     )
     == 0
@@ -259,6 +265,11 @@ def test_eval_shapes_sweeps_with_one_compiled_sampler_per_stage(cascade_dir, tmp
   printed = capsys.readouterr().out
   assert "| micro |" in printed and "| model |" in printed
   assert not (out2 / "images").exists()
+  second = json.loads((out2 / "shapes.json").read_text())
+  assert second["negative_prompts"] == ["blue"]
+  assert {(s["setting"]["sampler"], s["setting"]["spacing"]) for s in second["stages"]} == {
+    ("dpmpp_2m", "logsnr")
+  }
 
 
 @pytest.mark.parametrize(

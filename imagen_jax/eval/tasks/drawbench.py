@@ -107,9 +107,11 @@ def sample_prompts(
   seed: int = 0,
   label: Optional[str] = None,
   command: Optional[List[str]] = None,
+  negative_prompt: Optional[str] = None,
   log=print,
 ) -> dict:
-  """Samples every prompt not done yet (see the module doc); returns the manifest."""
+  """Samples every prompt not done yet (see the module doc); returns the manifest.
+  negative_prompt: one negative prompt for every prompt (guidance's unconditional half)."""
   from imagen_jax import images as imio
 
   if samples_per_prompt < 1:
@@ -154,6 +156,9 @@ def sample_prompts(
   if not todo:
     return manifest
   text = cascade.encode([p.prompt for p in todo])
+  negative = None
+  if negative_prompt is not None:
+    negative = cascade.encode_negative([negative_prompt], len(todo), warn=log)
   per_call = max(1, stages[0].batch_size // samples_per_prompt)
   t0, n_images = time.perf_counter(), 0
   for c in range(0, len(todo), per_call):
@@ -165,7 +170,12 @@ def sample_prompts(
       for j in range(samples_per_prompt)
     ]
     final = cascade.generate(
-      text, idx, seeds, [st.setting for st in stages], guided=[None] * len(stages)
+      text,
+      idx,
+      seeds,
+      [st.setting for st in stages],
+      guided=[None] * len(stages),
+      negative=negative,
     )[-1]
     for n, k in enumerate(chunk):
       p = todo[k]

@@ -41,6 +41,7 @@ def evaluate(
   label: str = "model",
   save_images: bool = False,
   command: Optional[List[str]] = None,
+  negative_prompts: Optional[Sequence[str]] = None,
   log=print,
 ) -> dict:
   """FID and CLIP score of the cascade's last stage over a guidance x thresholding sweep.
@@ -60,6 +61,7 @@ def evaluate(
     label: the model's name in outputs.
     save_images: write the last stage's images per setting.
     command: the command line, recorded.
+    negative_prompts: one negative prompt for all prompts, or one per prompt.
     log: progress lines.
 
   Returns:
@@ -110,6 +112,11 @@ def evaluate(
     score,
     sweep_stage=swept.spec.name,
     on_images=on_images,
+    negative=(
+      None
+      if negative_prompts is None
+      else cascade.encode_negative(negative_prompts, len(prompts), warn=log)
+    ),
     log=log,
   )
   rows = [r for r in sweep.rows if r["stage"] == last]
@@ -121,6 +128,7 @@ def evaluate(
     "reference_count": ref.count,
     "swept_stage": swept.spec.name,
     "scored_stage": last,
+    "negative_prompts": None if negative_prompts is None else list(negative_prompts),
     "programs_compiled": sweep.programs,
     "rows": rows,
     "seconds": round(time.perf_counter() - t0, 2),

@@ -63,6 +63,7 @@ def evaluate(
   baselines: Sequence[dict] = (),
   save_images: bool = True,
   command: Optional[List[str]] = None,
+  negative_prompts: Optional[Sequence[str]] = None,
   log=print,
 ) -> dict:
   if num_prompts < 1:
@@ -107,6 +108,11 @@ def evaluate(
     lambda stage, ims: score_images(ims, captions, unseen),
     sweep_stage=swept.spec.name,
     on_images=on_images,
+    negative=(
+      None
+      if negative_prompts is None
+      else cascade.encode_negative(negative_prompts, num_prompts, warn=log)
+    ),
     log=log,
   )
   result = {
@@ -122,6 +128,7 @@ def evaluate(
       "unseen_captions": sum(unseen) if unseen is not None else None,
     },
     "swept_stage": swept.spec.name,
+    "negative_prompts": None if negative_prompts is None else list(negative_prompts),
     "stages": [
       {
         "name": st.spec.name,

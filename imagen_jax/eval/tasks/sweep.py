@@ -89,10 +89,12 @@ def run_sweep(
   *,
   sweep_stage: Optional[str] = None,
   on_images: Optional[Callable[[SweepPoint, str, np.ndarray], None]] = None,
+  negative=None,
   log=print,
 ) -> Sweep:
   """Runs every point through the cascade; `score(stage_name, images)` -> metrics for each
-  stage's images; `on_images(point, stage_name, images)` may write them."""
+  stage's images; `on_images(point, stage_name, images)` may write them; `negative`: per-prompt
+  negative prompts (`Cascade.encode_negative`)."""
   stages = cascade.stages
   names = [st.spec.name for st in stages]
   swept = stages.index(swept_stage(cascade, sweep_stage))
@@ -122,7 +124,13 @@ def run_sweep(
     # same (their
     # seeds and settings are fixed, so their images are identical), which keeps this loop simple.
     images = cascade.generate(
-      text, idx, seeds, settings, guided=guided, stats=[stats[n] for n in names]
+      text,
+      idx,
+      seeds,
+      settings,
+      guided=guided,
+      stats=[stats[n] for n in names],
+      negative=negative,
     )
     for name, im in zip(names, images):
       if on_images is not None:
