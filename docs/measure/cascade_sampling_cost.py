@@ -71,9 +71,7 @@ def main() -> None:
     }
     rows.append(row)
     print(json.dumps(row), flush=True)
-  total = {
-    label: sum(r["per_image"][label]["flops"] or 0 for r in rows) for label, _ in SETTINGS
-  }
+  total = {label: sum(r["per_image"][label]["flops"] or 0 for r in rows) for label, _ in SETTINGS}
   result = {"date": time.strftime("%Y-%m-%d"), "stages": rows, "cascade_flops_per_image": total}
   with open(args.json, "w") as f:
     json.dump(result, f, indent=1)

@@ -34,8 +34,12 @@ class SampleGridHook:
     thresholding: str = "dynamic",
     aug_level: float = 0.0,
     seed: int = 0,
+    sampler: str = StageSettings.sampler,
+    spacing: str = StageSettings.spacing,
   ):
     self.settings = StageSettings(
+      sampler=sampler,
+      spacing=spacing,
       num_steps=num_steps,
       guidance_scale=guidance_scale,
       thresholding=thresholding,
