@@ -30,11 +30,8 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# Two workers (the machines have 2 cores; most of a test's time is single-threaded tracing and
-# compilation), each taking whole test files so that module fixtures are built once.
-PYTEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest
 
 # The DrawBench rating page is tested in a real headless browser: Debian's chromium, installed here when missing
 # and possible (root); without it that test fails and says why.
