@@ -109,6 +109,8 @@ def _image_paths(path) -> List[Path]:
   path = Path(path)
   if path.is_file():
     return [path]
+  if not path.exists():
+    raise ImageError(f"no such image file or folder: {path}")
   return image_files(path)
 
 

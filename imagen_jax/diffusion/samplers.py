@@ -53,9 +53,6 @@ SPACINGS = ("uniform", "logsnr", "karras")
 # (DPM-Solver's t_end = 1e-3; diffusers ends its Karras sigmas at the first training step's).
 T_END_FRACTION = 1e-3
 KARRAS_RHO = 7.0
-# ... and start no noisier than this log-SNR (the state at t_start is pure noise either way; an
-# initial jump from the schedule's clipped -20 makes the multistep solvers' first steps huge).
-SPACING_LOGSNR_MIN = -20.0
 # With fewer steps than this, the second-to-last step is at most second order (diffusers' rule).
 LOWER_ORDER_FINAL_BELOW = 15
 
@@ -102,7 +99,7 @@ def grid_log_snr(schedule: NoiseSchedule, spacing, i, num_steps, t_start=1.0):
   n = jnp.asarray(num_steps, jnp.float32)
   t0 = jnp.asarray(t_start, jnp.float32)
   uniform = _log_snr_at(schedule, (n - i) / n * t0)
-  lam_a = jnp.maximum(schedule.log_snr(t0), SPACING_LOGSNR_MIN)
+  lam_a = schedule.log_snr(t0)
   lam_b = schedule.log_snr(T_END_FRACTION * t0)
   frac = i / jnp.maximum(n - 1.0, 1.0)  # 0 at the first point, 1 at the last before clean data
   logsnr = lam_a + frac * (lam_b - lam_a)
@@ -165,9 +162,8 @@ def dpmpp_update(z, x0s, log_snrs, log_snr_s, order, sde, noise):
   m0, m1, m2 = x0s
   lam_t, lam_1, lam_2 = (0.5 * jnp.asarray(v, jnp.float32) for v in log_snrs)
   lam_s = 0.5 * jnp.asarray(log_snr_s, jnp.float32)
-  alpha_t, sigma_t = alpha_sigma_from_log_snr(2.0 * lam_t)
+  _, sigma_t = alpha_sigma_from_log_snr(2.0 * lam_t)
   alpha_s, sigma_s = alpha_sigma_from_log_snr(2.0 * lam_s)
-  del alpha_t
   sde = jnp.asarray(sde, jnp.float32)
   order = jnp.asarray(order, jnp.int32)
   h = lam_s - lam_t
@@ -288,7 +284,8 @@ def sample(
       kept, (B, H, W, 1) or (B, H, W, C), 1 = keep, 0 = generate (values in between blend). At each
       step the kept region is replaced by `known` forward-noised to that step's level.
     resample: RePaint's resampling when inpainting (jump length 1): each step but the last is run
-      this many times, re-noising its result back to the step's start in between (may be traced).
+      this many times, re-noising its result back to the step's start in between, so the network
+      is called (num_steps - 1) * resample + 1 times (may be traced).
     return_trajectory: also return the states and x0 predictions (num_steps a Python int).
     z_init: the state at t = 1 (instead of N(0, I)).
     x_init, t_start: img2img (SDEdit): start from x_init forward-noised to t = t_start in [0, 1]
@@ -374,14 +371,18 @@ def sample(
     return z_s, (x0, hist[0], log_snr_t, hist[2]), x0
 
   def body(k, carry):
-    """Virtual step k: step i = k // repeats, its r-th run (RePaint; repeats = 1: plain)."""
+    """Virtual step k: step i = k // repeats, its r-th run (RePaint; repeats = 1: plain). The
+    last step (k = (n - 1) * repeats) runs once."""
     z, hist = carry
     i, r = k // repeats, k % repeats
-    z_s, new_hist, _ = step(i, z, hist, process.fold_in(k_loop, i))
+    k_step = process.fold_in(k_loop, i)
+    if inpaint:  # a rerun of a step draws its own noise (the first run: the plain sampler's)
+      k_step = jnp.where(r == 0, k_step, process.fold_in(k_extra, 3 * k + 3))
+    z_s, new_hist, _ = step(i, z, hist, k_step)
     if inpaint:
-      z_s = keep_known(z_s, lam(i + 1), process.fold_in(k_extra, 2 * k + 1))
+      z_s = keep_known(z_s, lam(i + 1), process.fold_in(k_extra, 3 * k + 1))
       again = (r < repeats - 1) & (i < n - 1)
-      renoise_noise = process.standard_normal(process.fold_in(k_extra, 2 * k + 2), shape)
+      renoise_noise = process.standard_normal(process.fold_in(k_extra, 3 * k + 2), shape)
       back = _renoise(z_s, lam(i + 1), lam(i), renoise_noise)
       z_s = jnp.where(again, back, z_s)
       new_hist = jax.tree_util.tree_map(lambda o, nw: jnp.where(again, o, nw), hist, new_hist)
@@ -393,7 +394,7 @@ def sample(
     return jnp.where(t0 <= 0, x_init, x)  # nothing to denoise: the init image itself
 
   if not return_trajectory:
-    out, _ = jax.lax.fori_loop(0, n * repeats, body, (z, hist0))
+    out, _ = jax.lax.fori_loop(0, (n - 1) * repeats + 1, body, (z, hist0))
     return finish(out)
 
   if not isinstance(num_steps, int):

@@ -906,6 +906,17 @@ def sample(
   out = Path(out_dir)
   if out.exists() and any(out.iterdir()):
     raise SampleError(f"out_dir {out} is not empty; choose a new directory")
+  if resample < 1:
+    raise SampleError(f"resample must be >= 1, got {resample}")
+  init = mask_arr = None
+  if masks is not None:  # any size: read (and checked) before the stages are loaded
+    if init_images is None:
+      raise SampleError("inpainting: masks need the image(s) to inpaint (init_images)")
+    try:
+      init, _ = imio.read_square_images(init_images, "init_images image")
+      mask_arr = imio.read_masks(masks, mask_keep)
+    except imio.ImageError as e:
+      raise SampleError(str(e)) from None
   cascade = prepare(
     config,
     batch_size=batch_size,
@@ -920,18 +931,11 @@ def sample(
   negative = None
   if negative_prompts is not None:
     negative = cascade.encode_negative(negative_prompts, len(prompts), warn=_warn)
-  if resample < 1:
-    raise SampleError(f"resample must be >= 1, got {resample}")
-  low = init = mask_arr = None
+  low = None
   try:
     if lowres_images is not None:
       low, _ = imio.read_folder(lowres_images, loaded[0].lowres_size, "lowres_images image")
-    if masks is not None:
-      if init_images is None:
-        raise SampleError("inpainting: masks need the image(s) to inpaint (init_images)")
-      init, _ = imio.read_square_images(init_images, "init_images image")
-      mask_arr = imio.read_masks(masks, mask_keep)
-    elif init_images is not None:
+    if masks is None and init_images is not None:
       init, _ = imio.read_folder(init_images, loaded[0].spec.image_size, "init_images image")
   except imio.ImageError as e:
     raise SampleError(str(e)) from None

@@ -47,7 +47,8 @@ def image_keys(seeds, stage_index: int) -> np.ndarray:
 class RunStats:
   images: int = 0
   batches: int = 0
-  steps: int = 0  # network evaluations of the loop summed over batches (per batch: num_steps)
+  steps: int = 0  # network evaluations of the loop summed over batches (per batch: num_steps;
+  # inpainting with resampling R: (num_steps - 1) * R + 1)
   seconds: float = 0.0  # sampling, device-synchronised, compilation excluded
   compile_seconds: float = 0.0
 
@@ -256,7 +257,8 @@ class StageSampler:
       if stats is not None:
         stats.seconds += time.perf_counter() - t0
         stats.batches += 1
-        stats.steps += settings.num_steps * (max(int(resample), 1) if has_mask else 1)
+        repeats = max(int(resample), 1) if has_mask else 1
+        stats.steps += (settings.num_steps - 1) * repeats + 1
         stats.images += int(len(np.unique(rows)))
       return x
 

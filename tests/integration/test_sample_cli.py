@@ -215,6 +215,8 @@ def test_a_run_still_training_is_read_at_its_last_complete_checkpoint(runs, tmp_
     "mask_without_image",
     "negative_count",
     "spacing",
+    "mask_missing",
+    "resample",
   ],
 )
 def test_bad_input_is_one_line_and_exit_2_with_nothing_written(runs, tmp_path, capsys, case):
@@ -270,6 +272,14 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(runs, tmp_path, c
       "2 negative prompts for 1 prompts",
     ),
     "spacing": (g + p + ["--spacing", "cosine"], "unknown step spacing 'cosine'"),
+    "mask_missing": (
+      g + p + ["--init_images", small / "a.png", "--mask", tmp_path / "nope.png"],
+      "no such image file or folder: .*nope.png",
+    ),
+    "resample": (
+      g + p + ["--init_images", small / "a.png", "--mask", small / "a.png", "--resample", "0"],
+      "resample must be >= 1, got 0",
+    ),
   }[case]
   code, stdout, stderr = _run(capsys, *args, "--out", tmp_path / "out")
   assert code == 2

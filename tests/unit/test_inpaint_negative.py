@@ -68,6 +68,22 @@ def test_inpainting_keeps_all_generates_all_and_keeps_the_known_region(sampler):
   assert not np.allclose(again[:, :, 4:], half[:, :, 4:])
 
 
+def test_repaint_reruns_every_step_but_the_last():
+  calls = []
+
+  def counted(z, log_snr, cond):
+    jax.debug.callback(lambda: calls.append(1))
+    return _net(z, log_snr, cond)
+
+  mask = np.zeros(SHAPE[:3] + (1,), np.float32)
+  mask[:, :, :4] = 1.0
+  kw = dict(schedule=D.CosineSchedule(), objective="x0", guidance_scale=1.0)
+  kw.update(thresholding_method="none", known=_known(), mask=jnp.asarray(mask))
+  out = D.sample(counted, jax.random.PRNGKey(4), SHAPE, _cond(), num_steps=12, resample=3, **kw)
+  jax.block_until_ready(out)
+  assert len(calls) == 11 * 3 + 1  # the last step lands on t = 0 once
+
+
 def test_negative_prompt_replaces_only_the_unconditional_branch():
   cond = _cond()
   z = jax.random.normal(jax.random.PRNGKey(0), SHAPE)
