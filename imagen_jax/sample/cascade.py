@@ -686,10 +686,18 @@ class Cascade:
   vocab: str
   encoder: str
   max_text_length: int
+  _encoder: Any = dataclasses.field(default=None, repr=False)  # (config, params), once read
 
   def encode(self, prompts: Sequence[str], warn=print) -> EncodedPrompts:
-    """The prompts' T5 embeddings, checked against the stages' text width."""
-    text = encode_prompts(prompts, self.vocab, self.encoder, self.max_text_length, warn=warn)
+    """The prompts' T5 embeddings, checked against the stages' text width. The encoder checkpoint
+    is read once per cascade (prompts and negative prompts share it)."""
+    from imagen_jax.text import checkpoints as text_checkpoints
+
+    if self._encoder is None:
+      self._encoder = text_checkpoints.load_any(self.encoder, None)
+    text = encode_prompts(
+      prompts, self.vocab, self.encoder, self.max_text_length, warn=warn, loaded=self._encoder
+    )
     for st in self.stages:
       if st.model_config.text_embed_dim != text.emb.shape[-1]:
         raise SampleError(

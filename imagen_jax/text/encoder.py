@@ -115,6 +115,7 @@ def encode_prompts(
   batch_size: Optional[int] = None,
   size: Optional[str] = None,
   warn: Optional[Callable[[str], None]] = None,
+  loaded=None,
 ) -> EncodedPrompts:
   """Tokenizes (EOS appended) and encodes prompts once with a T5 encoder checkpoint.
 
@@ -128,6 +129,7 @@ def encode_prompts(
     batch_size: prompts per encoder call (default: all of them, at most 64).
     size: the T5 size (needed for a T5X checkpoint; checked against the others).
     warn: called with a line for each truncated prompt.
+    loaded: the encoder's (config, params), already read (then `encoder` is not read again).
 
   Returns:
     The `EncodedPrompts`.
@@ -138,7 +140,9 @@ def encode_prompts(
   if not prompts:
     raise UserError("no prompts")
   tokenizer = Tokenizer(vocab, max_length, use_seqio=False)
-  config, params = checkpoints.load_any(encoder, None if size is None else t5.t5_config(size))
+  if loaded is None:
+    loaded = checkpoints.load_any(encoder, None if size is None else t5.t5_config(size))
+  config, params = loaded
   if tokenizer.vocab_size > config.vocab_size:
     raise UserError(
       f"vocabulary has {tokenizer.vocab_size} pieces but the encoder only {config.vocab_size} rows"

@@ -115,9 +115,18 @@ def test_sample_command_runs_the_cascade_and_records_how_to_regenerate(runs, tmp
   assert not (tmp_path / "no_grids" / "grid.png").exists() and "no grids" in stdout
 
 
-def test_sample_command_dpm_solver_negative_prompt_and_inpainting(runs, tmp_path, capsys):
+def test_sample_command_dpm_solver_negative_prompt_and_inpainting(
+  runs, tmp_path, capsys, monkeypatch
+):
   """DPM-Solver++ on a Karras grid, a negative prompt, and inpainting through both stages: each
-  stage keeps the known region at its own resolution."""
+  stage keeps the known region at its own resolution. The T5 checkpoint is read once."""
+  from imagen_jax.text import checkpoints as text_checkpoints
+
+  reads = []
+  load_any = text_checkpoints.load_any
+  monkeypatch.setattr(
+    text_checkpoints, "load_any", lambda *a, **k: reads.append(a[0]) or load_any(*a, **k)
+  )
   rng = np.random.default_rng(0)
   known = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
   mask = np.zeros((32, 32, 3), np.uint8)
@@ -153,6 +162,7 @@ def test_sample_command_dpm_solver_negative_prompt_and_inpainting(runs, tmp_path
     out,
   )
   assert code == 0, stderr
+  assert len(reads) == 1, reads  # prompts and the negative prompt share one read
   rec = json.loads((out / "settings.json").read_text())
   assert rec["negative_prompts"] == ["blue"]
   assert rec["inpainting"] == {"masks": 1, "resample": 2}
