@@ -52,7 +52,9 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 
 def is_super_resolution(config: ModelConfig) -> bool:
-  return isinstance(config, EfficientUNetConfig)
+  """Whether the network takes a low-resolution conditioning image (every Efficient U-Net; a base
+  U-Net with `lowres_size` set)."""
+  return isinstance(config, EfficientUNetConfig) or config.lowres_size is not None
 
 
 def example_inputs(config: ModelConfig, batch_size: int = 1, image_size=None, text_length=None):

@@ -4,6 +4,11 @@ Paper configuration (docs/paper.md §3): 64x64, width 512, channel_mult (1, 2, 3
 blocks per level, 64 channels per attention head, self-attention with text concatenated into the
 keys/values at resolutions 32, 16, 8, attention-pooled text added to the timestep embedding,
 dropout 0.
+
+With `lowres_size` set the same U-Net is a super-resolution network (the paper's baseline for the
+Efficient U-Net, docs/findings.md): the conditioning image, upsampled to the output size, is
+concatenated to z and its augmentation level embedded and added to the conditioning embedding, as
+the Efficient U-Net does.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from typing import Optional, Tuple
 
 import flax.linen as nn
 import gin
+import jax
 import jax.numpy as jnp
 
+from imagen_jax.batch_keys import LOWRES, LOWRES_AUG_LEVEL
 from imagen_jax.errors import ConfigError
 from imagen_jax.models import layers
 
@@ -46,6 +53,9 @@ class UNetConfig:
   remat: str = "none"  # none | full | dots | dots_no_batch
   attention_impl: Optional[str] = None  # None (cuDNN where it applies) | 'xla' | 'cudnn'
   scan_layers: bool = False  # nn.scan over each level's repeated blocks (1 .. num_res_blocks-1)
+  # Super-resolution: the training size of the conditioning image (None: a text-to-image base).
+  lowres_size: Optional[int] = None
+  lowres_resize: str = "bilinear"  # how the network upsamples the conditioning image
 
   def __post_init__(self):
     for name in ("channel_mult", "attention_resolutions"):
@@ -93,6 +103,14 @@ class UNet(nn.Module):
     cfg = self.config
     dt = cfg.compute_dtype
     ch = cfg.model_channels
+    extra_levels = ()
+    if cfg.lowres_size is not None:
+      b, hgt, wid, _ = z.shape
+      lowres = cond[LOWRES].astype(jnp.float32)
+      if lowres.shape[1:3] != (hgt, wid):  # noise-augmented at the input size: upsample here
+        lowres = jax.image.resize(lowres, (b, hgt, wid, lowres.shape[-1]), cfg.lowres_resize)
+      z = jnp.concatenate([z, lowres.astype(z.dtype)], axis=-1)
+      extra_levels = (cond[LOWRES_AUG_LEVEL],)
     emb, text, mask = layers.TextConditioning(
       ch * cfg.embed_mult,
       cfg.text_dim or ch,
@@ -100,7 +118,7 @@ class UNet(nn.Module):
       dt,
       cfg.attention_impl,
       name="conditioning",
-    )(log_snr, cond)
+    )(log_snr, cond, extra_levels)
     res_cls = layers.maybe_remat(layers.ResBlock, cfg.remat, static_argnums=(3,))
     attn_cls = layers.maybe_remat(layers.AttentionBlock, cfg.remat)
     res = lambda features, resample, name: res_cls(

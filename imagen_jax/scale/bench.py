@@ -167,6 +167,11 @@ def bench_train(run, *, repeats: int = 10, warmup: int = 2, seed: int = 0) -> Be
   seconds = timed_calls(call, repeats, warmup)
   cfg = run.model_config
   name = _name(cfg)
+  try:  # the compiled step's buffers on the device (XLA's memory analysis), where it reports them
+    memory = dataclasses.asdict(compile_check.Memory.of(compiled))
+    memory["total"] = compile_check.Memory.of(compiled).total
+  except (AttributeError, NotImplementedError, TypeError):
+    memory = None
   return summarise(
     "train",
     name,
@@ -176,7 +181,12 @@ def bench_train(run, *, repeats: int = 10, warmup: int = 2, seed: int = 0) -> Be
     flops_source=source,
     mesh=mesh,
     compile_seconds=compile_seconds,
-    extra={"dtype": cfg.dtype, "remat": cfg.remat, "scan_layers": cfg.scan_layers},
+    extra={
+      "dtype": cfg.dtype,
+      "remat": cfg.remat,
+      "scan_layers": cfg.scan_layers,
+      "memory_bytes": memory,
+    },
   )
 
 

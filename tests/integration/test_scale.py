@@ -293,6 +293,9 @@ def test_bench_cli_train_on_cpu_writes_json(tmp_path, capsys):
   # The step is the trainer's: FLOPs per device are the one-device step's over 8 devices (batch
   # split 8 ways).
   assert r["flops_source"].startswith("XLA cost analysis")
+  # XLA's memory analysis of the compiled step: the arguments hold at least the train state.
+  mem = r["extra"]["memory_bytes"]
+  assert mem["arguments"] > 0 and mem["temporaries"] > 0 and mem["total"] >= mem["arguments"]
 
 
 def test_flops_of_a_scanned_step_count_every_block():

@@ -28,6 +28,15 @@ def test_consistency_of_a_perfect_upsampler_beats_the_mismatched_floor():
   assert abs(bad["margin_db"]) < 3.0 and bad["psnr_own_db"] < good["psnr_own_db"] - 10
   with pytest.raises(src.SampleError):
     src.consistency(hi[:1], low[:1])
+  # Against the full-resolution renders: the renders themselves are exact (the PSNR cap), bicubic
+  # upsampling of the input is the finite trivial baseline, and drawing one image for all is worse.
+  t = src.against_target(hi, low, hi)
+  assert t["psnr_target_db"] == pytest.approx(120.0 + 10 * np.log10(4.0), abs=1e-6)
+  assert 10.0 < t["psnr_bicubic_db"] < 40.0
+  assert src.against_target(same, low, hi)["psnr_target_db"] < t["psnr_bicubic_db"]
+  assert src.fidelity(imio.to_uint8(hi)) > 0.95  # clean renders
+  noisy = np.random.default_rng(0).integers(0, 256, hi.shape, dtype=np.uint8)
+  assert src.fidelity(noisy) < 0.5
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +75,8 @@ def test_eval_sr_conditioning_writes_curves_and_consistency(cascade_dir, tmp_pat
   assert set(r["samples"]) == {"renders", "cascade"}
   for s in r["samples"].values():
     assert s["margin_db"] == pytest.approx(s["psnr_own_db"] - s["psnr_mismatched_db"])
+    assert 0.0 <= s["fidelity"] <= 1.0
+  assert {"psnr_target_db", "psnr_bicubic_db"} <= set(r["samples"]["renders"])
   for name in ("grid_renders.png", "grid_cascade.png"):
     assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

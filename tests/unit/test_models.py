@@ -201,15 +201,67 @@ def test_base_unet_without_text_attention_uses_only_the_pooled_text():
     "text_mask": jnp.ones((2, 4), bool),
   }
   model = UNet(cfg)
-  params = model.init(jax.random.PRNGKey(1), z, jnp.zeros(2), cond)["params"]
+  params = nn.unbox(M.init_boxed_params(cfg, jax.random.PRNGKey(1)))  # jitted: eager init is slow
   names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
   assert not any("text_key" in n or "text_value" in n for n in names)
-  with_text = UNet(dataclasses.replace(cfg, text_attention=True))
-  full = with_text.init(jax.random.PRNGKey(1), z, jnp.zeros(2), cond)["params"]
+  full = jax.eval_shape(
+    lambda: M.init_boxed_params(
+      dataclasses.replace(cfg, text_attention=True), jax.random.PRNGKey(1)
+    )
+  )
   full_names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(full)}
   assert any("text_key" in n for n in full_names)
   params = jax.tree_util.tree_map(lambda p: p + 0.05, params)  # zero-initialised outputs move
   other = dict(cond, text_emb=cond["text_emb"][::-1])
-  a = model.apply({"params": params}, z, jnp.zeros(2), cond)
-  b = model.apply({"params": params}, z, jnp.zeros(2), other)
-  assert float(jnp.abs(a - b).max()) > 1e-4
+  apply = jax.jit(lambda c: model.apply({"params": params}, z, jnp.zeros(2), c))
+  assert float(jnp.abs(apply(cond) - apply(other)).max()) > 1e-4
+
+
+def test_base_unet_as_super_resolution_network_uses_its_lowres_input():
+  """UNetConfig.lowres_size makes the base U-Net an SR network (the paper's baseline for the
+  Efficient U-Net): the output depends on the conditioning image and its augmentation level, a
+  conditioning image given at the input size is upsampled inside, and the cascade treats it as an
+  SR stage."""
+  from imagen_jax.models.unet import UNet, UNetConfig
+
+  cfg = UNetConfig(
+    image_size=16,
+    model_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(8,),
+    head_dim=8,
+    pool_heads=2,
+    norm_groups=4,
+    text_embed_dim=8,
+    max_text_length=4,
+    lowres_size=8,
+  )
+  assert M.is_super_resolution(cfg) and not M.is_super_resolution(
+    dataclasses.replace(cfg, lowres_size=None)
+  )
+  z, log_snr, cond = M.example_inputs(cfg, batch_size=2)
+  assert cond[D.LOWRES].shape == (2, 8, 8, 3)
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  cond = dict(
+    cond,
+    **{
+      D.TEXT_EMB: jax.random.normal(keys[0], cond[D.TEXT_EMB].shape),
+      D.LOWRES: jax.random.normal(keys[1], cond[D.LOWRES].shape),
+    },
+  )
+  z = jax.random.normal(keys[2], z.shape)
+  model = UNet(cfg)
+  params = nn.unbox(M.init_boxed_params(cfg, jax.random.PRNGKey(1)))
+  (kernel,) = [k for k in jax.tree_util.tree_leaves(params["conv_in"]) if k.ndim == 4]
+  assert kernel.shape[2] == 6  # z and the upsampled low-res image
+  params = jax.tree_util.tree_map(lambda p: p + 0.05, params)  # zero-initialised outputs move
+  apply = jax.jit(lambda c: model.apply({"params": params}, z, log_snr, c))
+  out = apply(cond)
+  assert out.shape == z.shape
+  assert float(jnp.abs(apply(dict(cond, lowres=-cond[D.LOWRES])) - out).max()) > 1e-3
+  aug = dict(cond, **{D.LOWRES_AUG_LEVEL: cond[D.LOWRES_AUG_LEVEL] + 0.5})
+  assert float(jnp.abs(apply(aug) - out).max()) > 1e-3
+  # Given at the output size (noise added there), the network uses it as it is.
+  up = jax.image.resize(cond[D.LOWRES], (2, 16, 16, 3), "bilinear")
+  np.testing.assert_allclose(apply(dict(cond, lowres=up)), out, rtol=1e-5, atol=1e-5)

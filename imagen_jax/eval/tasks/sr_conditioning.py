@@ -12,6 +12,10 @@ the scenes' captions as text:
   cascade has a stage before it, from that stage's own samples); each output is downsampled back to
   the input size (the data pipeline's bicubic antialiased resize) and compared with its own input
   (PSNR, dB) and with another image's (the mismatched floor: what ignoring the input scores).
+  From the held-out renders' inputs the outputs are also compared with the full-resolution renders
+  themselves (PSNR against the target, beside bicubic upsampling of the input: the trivial
+  super-resolution), and every set's outputs get the shapes scorer's fidelity (the share of pixels a
+  clean render explains).
 
 Low-res inputs are made the way the training data makes them (`images.downsample` of the render at
 the stage's size). Result: `sr_conditioning.json` (docs/outputs.md).
@@ -31,6 +35,7 @@ from imagen_jax import batch_keys as K
 from imagen_jax import images as imio
 from imagen_jax.data import synthetic
 from imagen_jax.diffusion import DiffusionConfig, process
+from imagen_jax.eval.metrics import shapes
 from imagen_jax.files import write_json
 from imagen_jax.sample.cascade import Cascade, SampleError
 
@@ -54,6 +59,24 @@ def consistency(outputs: np.ndarray, inputs: np.ndarray) -> dict:
   own = float(np.mean(psnr(down, inputs)))
   floor = float(np.mean(psnr(down, np.roll(inputs, 1, axis=0))))
   return {"psnr_own_db": own, "psnr_mismatched_db": floor, "margin_db": own - floor}
+
+
+def against_target(outputs: np.ndarray, inputs: np.ndarray, targets: np.ndarray) -> dict:
+  """SR outputs (N, S, S, 3) against the full-resolution images their inputs (N, s, s, 3) were made
+  from, all in [-1, 1]: mean PSNR of the outputs, and of the inputs upsampled bicubically (the
+  trivial super-resolution an SR stage has to beat)."""
+  size = targets.shape[1]
+  up = jax.image.resize(jnp.asarray(inputs), (inputs.shape[0], size, size, 3), "bicubic")
+  up = np.clip(np.asarray(up), -1.0, 1.0)
+  return {
+    "psnr_target_db": float(np.mean(psnr(outputs, targets))),
+    "psnr_bicubic_db": float(np.mean(psnr(up, targets))),
+  }
+
+
+def fidelity(images_u8: np.ndarray) -> float:
+  """The shapes scorer's mean fidelity of uint8 images (N, H, W, 3)."""
+  return float(np.mean([shapes.detect(im)[1] for im in images_u8]))
 
 
 def x0_errors(
@@ -207,12 +230,20 @@ def evaluate(
     if low.shape[1] != low_size:
       continue
     u8 = st.images(text.emb, text.mask, seeds, setting, lowres=low)
-    samples[what] = consistency(imio.from_uint8(u8), low)
-    s = samples[what]
+    s = samples[what] = consistency(imio.from_uint8(u8), low)
+    if what == "renders":
+      s.update(against_target(imio.from_uint8(u8), low, x))
+    s["fidelity"] = fidelity(u8)
     log(
       f"  samples from {what}: downsampled outputs {s['psnr_own_db']:.1f} dB from their own "
-      f"inputs, {s['psnr_mismatched_db']:.1f} dB from another's (margin {s['margin_db']:+.1f} dB)"
+      f"inputs, {s['psnr_mismatched_db']:.1f} dB from another's (margin {s['margin_db']:+.1f} dB); "
+      f"fidelity {s['fidelity']:.3f}"
     )
+    if what == "renders":
+      log(
+        f"    against the {size} px renders: {s['psnr_target_db']:.1f} dB (bicubic upsampling of "
+        f"the input: {s['psnr_bicubic_db']:.1f} dB)"
+      )
     if save_images:
       up = [
         np.repeat(np.repeat(im, size // low_size, 0), size // low_size, 1)
