@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's findings in miniature (docs/findings.md), on the demo's cache and runs: run `make demo`
 # first. Each finding trains what it compares beside the demo's own runs and scores it with the
-# project's eval commands. Usage: docs/measure/findings.sh [1|2|3|4 ...] (default: all four).
+# project's eval commands. Usage: docs/measure/findings.sh [1|2|3|4|base_min_snr ...] (default: the
+# four findings).
 # Results land in $OUT (default out/findings); about 45 minutes on 2 cores for all four.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -69,6 +70,15 @@ print(max(1, round($SR_STEPS * e / u)))")
   done
 }
 
+base_min_snr() {  # not a paper finding: the demo's base with min-SNR loss weighting (gamma 5)
+  train runs/demo_base.gin "$OUT/base_min_snr" "$BASE_STEPS" \
+    --gin.DiffusionConfig.loss_weighting="'min_snr'"
+  $CLI eval shapes $(flags "$OUT/base_min_snr" "$DEMO/sr") "${BASE_ONLY[@]}" "${SHAPES[@]}" \
+    --guidance 1,3,5 --thresholding dynamic --label "min-SNR base" --out "$OUT/base_min_snr_eval"
+}
+
 for f in "${@:-1 2 3 4}"; do
-  for n in $f; do "finding_$n"; done
+  for n in $f; do
+    if [[ $n == [0-9] ]]; then "finding_$n"; else "$n"; fi
+  done
 done

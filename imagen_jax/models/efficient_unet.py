@@ -10,6 +10,9 @@ Differences from the base U-Net, all from the paper:
 - the low-resolution conditioning image (given at the output size, or upsampled here) is
   concatenated to z; its noise-augmentation level is embedded like the time and added to the
   conditioning embedding;
+- (this project's option, off in the paper-size configs) `lowres_skip`: the conditioning image, as the
+  network is given it, is added to the output, so that with the x0 objective the network predicts only
+  what the low-res image lacks (docs/findings.md);
 - attention only where configured per level: self-attention with the text concatenated into its
   keys/values (64->256, lowest level), or explicit text cross-attention with no self-attention
   (256->1024). Everything else is convolutional, so a model trained on crops runs on whole images.
@@ -54,6 +57,9 @@ class EfficientUNetConfig:
   text_dim: int = 512  # width the text is projected to once
   max_text_length: int = 128
   lowres_resize: str = "bilinear"  # how the network upsamples the conditioning image
+  # Add the (upsampled, noise-augmented) conditioning image to the output: the x0 objective then
+  # learns the residual detail (needs objective 'x0'; not in the paper).
+  lowres_skip: bool = False
   dtype: str = "float32"
   remat: str = "none"
   attention_impl: Optional[str] = None
@@ -191,4 +197,5 @@ class EfficientUNet(nn.Module):
 
     h = nn.silu(layers.GroupNorm(cfg.norm_groups, dt, name="norm_out")(h))
     out = layers.Conv(cfg.out_channels, 3, dtype=dt, zero_init=True, name="conv_out")(h)
-    return out.astype(jnp.float32)
+    out = out.astype(jnp.float32)
+    return out + lowres if cfg.lowres_skip else out

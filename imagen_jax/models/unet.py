@@ -56,6 +56,7 @@ class UNetConfig:
   # Super-resolution: the training size of the conditioning image (None: a text-to-image base).
   lowres_size: Optional[int] = None
   lowres_resize: str = "bilinear"  # how the network upsamples the conditioning image
+  lowres_skip: bool = False  # SR: add the conditioning image to the output (EfficientUNetConfig's)
 
   def __post_init__(self):
     for name in ("channel_mult", "attention_resolutions"):
@@ -63,6 +64,8 @@ class UNetConfig:
     if self.image_size % 2 ** (len(self.channel_mult) - 1):
       raise ConfigError(f"image_size {self.image_size} must be divisible by 2^(levels - 1)")
     layers.check_remat(self.remat)
+    if self.lowres_skip and self.lowres_size is None:
+      raise ConfigError("lowres_skip needs a super-resolution U-Net (set lowres_size)")
 
   @property
   def compute_dtype(self):
@@ -103,7 +106,7 @@ class UNet(nn.Module):
     cfg = self.config
     dt = cfg.compute_dtype
     ch = cfg.model_channels
-    extra_levels = ()
+    extra_levels, lowres = (), None
     if cfg.lowres_size is not None:
       b, hgt, wid, _ = z.shape
       lowres = cond[LOWRES].astype(jnp.float32)
@@ -196,4 +199,5 @@ class UNet(nn.Module):
 
     h = nn.silu(layers.GroupNorm(cfg.norm_groups, dt, name="norm_out")(h))
     out = layers.Conv(cfg.out_channels, 3, dtype=dt, zero_init=True, name="conv_out")(h)
-    return out.astype(jnp.float32)
+    out = out.astype(jnp.float32)
+    return out + lowres if cfg.lowres_skip else out

@@ -37,6 +37,14 @@ class RunSpec:
   ema_decay: float = 0.9999
   ema_warmup: bool = True
 
+  def __post_init__(self):
+    if getattr(self.model_config, "lowres_skip", False) and self.diffusion.objective != "x0":
+      raise ConfigError(
+        "lowres_skip adds the low-res image to the network's output, which only an x0 prediction "
+        f"can use; the objective is {self.diffusion.objective!r} (set DiffusionConfig.objective = "
+        "'x0')"
+      )
+
 
 def run_spec_from_gin() -> RunSpec:
   """The run a parsed gin config describes, without calling `train` (its run directory and data

@@ -265,3 +265,51 @@ def test_base_unet_as_super_resolution_network_uses_its_lowres_input():
   # Given at the output size (noise added there), the network uses it as it is.
   up = jax.image.resize(cond[D.LOWRES], (2, 16, 16, 3), "bilinear")
   np.testing.assert_allclose(apply(dict(cond, lowres=up)), out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("network", ["efficient", "unet"])
+def test_lowres_skip_starts_as_the_upsampled_input_and_needs_x0(network):
+  """lowres_skip adds the conditioning image (at the output size, as given) to the output: with
+  the zero-initialised output conv a fresh network predicts exactly the upsampled low-res image;
+  the configs and the run refuse it where nothing could use it."""
+  from imagen_jax.diffusion import DiffusionConfig
+  from imagen_jax.train import optimizer
+  from imagen_jax.train.setup import RunSpec
+
+  if network == "efficient":
+    cfg = dataclasses.replace(load_config("models/tiny_sr.gin"), lowres_skip=True)
+  else:
+    cfg = M.UNetConfig(
+      image_size=16,
+      model_channels=16,
+      channel_mult=(1, 2),
+      num_res_blocks=1,
+      attention_resolutions=(8,),
+      head_dim=8,
+      pool_heads=2,
+      norm_groups=4,
+      text_embed_dim=8,
+      max_text_length=4,
+      lowres_size=8,
+      lowres_skip=True,
+    )
+  z, log_snr, cond = M.example_inputs(cfg, batch_size=2)
+  k = jax.random.split(jax.random.PRNGKey(0), 2)
+  cond = dict(cond, **{D.LOWRES: jax.random.uniform(k[0], cond[D.LOWRES].shape, minval=-1)})
+  z = jax.random.normal(k[1], z.shape)
+  model = M.build_model(cfg)
+  params = nn.unbox(M.init_boxed_params(cfg, jax.random.PRNGKey(1)))
+  out = jax.jit(lambda p: model.apply({"params": p}, z, log_snr, cond))(params)
+  up = jax.image.resize(cond[D.LOWRES], z.shape, "bilinear")
+  np.testing.assert_allclose(out, up, rtol=1e-6, atol=1e-6)
+  # Without the skip the fresh network predicts zero.
+  plain = M.build_model(dataclasses.replace(cfg, lowres_skip=False))
+  zero = jax.jit(lambda p: plain.apply({"params": p}, z, log_snr, cond))(params)
+  np.testing.assert_array_equal(zero, 0.0)
+  opt = optimizer.OptimizerConfig(name="adam")
+  RunSpec(cfg, DiffusionConfig(objective="x0"), opt, global_batch=2)
+  with pytest.raises(ValueError, match="only an x0 prediction"):
+    RunSpec(cfg, DiffusionConfig(objective="eps"), opt, global_batch=2)
+  if network == "unet":
+    with pytest.raises(ValueError, match="needs a super-resolution U-Net"):
+      dataclasses.replace(cfg, lowres_size=None)
