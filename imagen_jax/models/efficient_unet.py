@@ -10,9 +10,9 @@ Differences from the base U-Net, all from the paper:
 - the low-resolution conditioning image (given at the output size, or upsampled here) is
   concatenated to z; its noise-augmentation level is embedded like the time and added to the
   conditioning embedding;
-- (this project's option, off in the paper-size configs) `lowres_skip`: the conditioning image, as the
-  network is given it, is added to the output, so that with the x0 objective the network predicts only
-  what the low-res image lacks (docs/findings.md);
+- (this project's option, off in the paper-size configs) `lowres_skip`: the conditioning image, as
+  the network is given it, is added to the output, so that with the x0 objective the network
+  predicts only what the low-res image lacks (docs/findings.md);
 - attention only where configured per level: self-attention with the text concatenated into its
   keys/values (64->256, lowest level), or explicit text cross-attention with no self-attention
   (256->1024). Everything else is convolutional, so a model trained on crops runs on whole images.
