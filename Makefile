@@ -31,9 +31,10 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 # Two workers: most tests spend their time in XLA compiles, which use one core each (measured on a fresh
-# clone, 2 cores: 1299 s in one process, 841 s in two). worksteal keeps both busy to the end.
+# clone, 2 cores: 1299 s in one process, 841 s in two with --dist loadfile, 901 s with worksteal, which
+# builds the module fixtures on both workers).
 test: $(STAMP) browser
-	$(PY) -m pytest -n 2 --dist worksteal
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # The DrawBench rating page is tested in a real headless browser: Debian's chromium, installed here when missing
 # and possible (root); without it that test fails and says why.

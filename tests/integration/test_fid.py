@@ -262,6 +262,7 @@ def _write_folder(folder, images):
   return folder
 
 
+@pytest.mark.slow  # 47 s; its parts (Inception = torch-fidelity, the Frechet forms) stay in the run
 def test_fid_command_end_to_end(inception_pair, tmp_path, capsys):
   from imagen_jax import cli
   from imagen_jax.eval.networks import inception

@@ -298,6 +298,7 @@ def test_bench_cli_train_on_cpu_writes_json(tmp_path, capsys):
   assert mem["arguments"] > 0 and mem["temporaries"] > 0 and mem["total"] >= mem["arguments"]
 
 
+@pytest.mark.slow  # 74 s on 2 cores; scanning's equivalence is in tests/unit/test_scan.py
 def test_flops_of_a_scanned_step_count_every_block():
   """XLA's cost analysis counts a scan body once: the scanned step's compiled FLOPs fall short of
   the unscanned step's; the compile check's figure (the unscanned step's HLO) equals the

@@ -52,7 +52,9 @@ def _leaves(tree):
   return jax.tree_util.tree_leaves(jax.device_get(tree))
 
 
-@pytest.mark.parametrize("stage", ["base", "sr"])
+# The SR step is `slow` (77 s of the suite's budget): its sharded forward pass is compared in
+# tests/unit/test_sharding.py, and the trainer's sharding code is the base step's.
+@pytest.mark.parametrize("stage", ["base", pytest.param("sr", marks=pytest.mark.slow)])
 def test_sharded_step_equals_single_device_step(micro, shapes16, stage):
   """One train step on a 2x2x2 (data, fsdp, tensor) mesh of 8 devices = the same step on one
   device; for the base U-Net and for an SR Efficient U-Net (noise-conditioning augmentation

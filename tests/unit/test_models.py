@@ -139,6 +139,7 @@ def test_1024_model_trained_on_crops_runs_on_whole_images():
   assert cb[D.LOWRES].shape == (1, 256, 256, 3)
 
 
+@pytest.mark.slow  # 42 s; remat inside a scan is checked against the unscanned net in test_scan.py
 def test_remat_gives_identical_gradients_and_bf16_stays_close():
   config = load_config("models/tiny_base.gin")
   params = randomized_params(config)
