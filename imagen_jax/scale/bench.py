@@ -168,8 +168,8 @@ def bench_train(run, *, repeats: int = 10, warmup: int = 2, seed: int = 0) -> Be
   cfg = run.model_config
   name = _name(cfg)
   try:  # the compiled step's buffers on the device (XLA's memory analysis), where it reports them
-    memory = dataclasses.asdict(compile_check.Memory.of(compiled))
-    memory["total"] = compile_check.Memory.of(compiled).total
+    analysed = compile_check.Memory.of(compiled)
+    memory = dict(dataclasses.asdict(analysed), total=analysed.total)
   except (AttributeError, NotImplementedError, TypeError):
     memory = None
   return summarise(

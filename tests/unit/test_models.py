@@ -178,12 +178,9 @@ def test_bad_configs_fail_clearly():
     M.build_model(config).init(jax.random.PRNGKey(0), z, log_snr, cond)
 
 
-def test_base_unet_without_text_attention_uses_only_the_pooled_text():
-  """text_attention=False (the paper's pooling-only ablation): no attention layer has text keys or
-  values, yet the output still depends on the text (through the pooled embedding)."""
-  from imagen_jax.models.unet import UNet, UNetConfig
-
-  cfg = UNetConfig(
+def _micro_unet(**fields):
+  """A 16 px base U-Net small enough to build in a test (two levels of 16 channels)."""
+  return M.UNetConfig(
     image_size=16,
     model_channels=16,
     channel_mult=(1, 2),
@@ -194,8 +191,16 @@ def test_base_unet_without_text_attention_uses_only_the_pooled_text():
     norm_groups=4,
     text_embed_dim=8,
     max_text_length=4,
-    text_attention=False,
+    **fields,
   )
+
+
+def test_base_unet_without_text_attention_uses_only_the_pooled_text():
+  """text_attention=False (the paper's pooling-only ablation): no attention layer has text keys or
+  values, yet the output still depends on the text (through the pooled embedding)."""
+  from imagen_jax.models.unet import UNet
+
+  cfg = _micro_unet(text_attention=False)
   z = jnp.zeros((2, 16, 16, 3))
   cond = {
     "text_emb": jax.random.normal(jax.random.PRNGKey(0), (2, 4, 8)),
@@ -223,21 +228,9 @@ def test_base_unet_as_super_resolution_network_uses_its_lowres_input():
   Efficient U-Net): the output depends on the conditioning image and its augmentation level, a
   conditioning image given at the input size is upsampled inside, and the cascade treats it as an
   SR stage."""
-  from imagen_jax.models.unet import UNet, UNetConfig
+  from imagen_jax.models.unet import UNet
 
-  cfg = UNetConfig(
-    image_size=16,
-    model_channels=16,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(8,),
-    head_dim=8,
-    pool_heads=2,
-    norm_groups=4,
-    text_embed_dim=8,
-    max_text_length=4,
-    lowres_size=8,
-  )
+  cfg = _micro_unet(lowres_size=8)
   assert M.is_super_resolution(cfg) and not M.is_super_resolution(
     dataclasses.replace(cfg, lowres_size=None)
   )
@@ -280,20 +273,7 @@ def test_lowres_skip_starts_as_the_upsampled_input_and_needs_x0(network):
   if network == "efficient":
     cfg = dataclasses.replace(load_config("models/tiny_sr.gin"), lowres_skip=True)
   else:
-    cfg = M.UNetConfig(
-      image_size=16,
-      model_channels=16,
-      channel_mult=(1, 2),
-      num_res_blocks=1,
-      attention_resolutions=(8,),
-      head_dim=8,
-      pool_heads=2,
-      norm_groups=4,
-      text_embed_dim=8,
-      max_text_length=4,
-      lowres_size=8,
-      lowres_skip=True,
-    )
+    cfg = _micro_unet(lowres_size=8, lowres_skip=True)
   z, log_snr, cond = M.example_inputs(cfg, batch_size=2)
   k = jax.random.split(jax.random.PRNGKey(0), 2)
   cond = dict(cond, **{D.LOWRES: jax.random.uniform(k[0], cond[D.LOWRES].shape, minval=-1)})
