@@ -9,7 +9,7 @@ CLI     = $(VENV)/bin/imagen-jax
 STAMP   = $(VENV)/.installed
 
 DEMO_DIR        ?= out/demo
-DEMO_BASE_STEPS ?= 600
+DEMO_BASE_STEPS ?= 400
 DEMO_SR_STEPS   ?= 150
 
 DEMO_SAMPLE_FLAGS = --gin_file=runs/sample_demo.gin --gin.VOCAB="'$(DEMO_DIR)/spiece.model'" \
@@ -107,7 +107,7 @@ demo: $(STAMP)
 # 1.5 steps/s, SR about 0.6): 2700 base steps (30 min) and 600 SR steps (16 min), plus the demo's set-up,
 # sampling and evaluation.
 demo-long:
-	$(MAKE) demo DEMO_DIR=out/demo-long DEMO_BASE_STEPS=2700 DEMO_SR_STEPS=600
+	$(MAKE) demo DEMO_DIR=out/demo-long DEMO_BASE_STEPS=3000 DEMO_SR_STEPS=600
 
 # Alignment of the demo cascade on held-out synthetic captions (guidance x thresholding sweep) against the same
 # cascade trained with its text always dropped (chance). Needs `make demo` first; trains the text-free cascade
