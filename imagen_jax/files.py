@@ -7,12 +7,71 @@ paths may be local or cloud (`etils.epath`).
 
 from __future__ import annotations
 
+import itertools
 import json
-from typing import Any, List
+import re
+from typing import Any, List, Sequence, Union
 
 from etils import epath
 
 from imagen_jax.errors import MissingFileError, UserError
+
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_GLOB = re.compile(r"[*?\[]")
+
+
+def _brace_expand(pattern: str) -> List[str]:
+  """`shard-{000..002}.tar` -> the three names (webdataset's and img2dataset's shard notation)."""
+  parts, ranges = _BRACE.split(pattern), []
+  for lo, hi in zip(parts[1::3], parts[2::3]):
+    width = len(lo) if lo.startswith("0") and len(lo) == len(hi) else 0
+    ranges.append([str(i).zfill(width) for i in range(int(lo), int(hi) + 1)])
+  names = []
+  for combo in itertools.product(*ranges):
+    name = parts[0]
+    for k, value in enumerate(combo):
+      name += value + parts[3 * k + 3]
+    names.append(name)
+  return names
+
+
+def expand_paths(spec: Union[str, Sequence[str]], what: str = "files") -> List[epath.Path]:
+  """The files a path specification names, local or cloud (`gs://...`), in sorted order.
+
+  Args:
+    spec: a path, a glob (`gs://bucket/laion/*.tar`), a brace range (`shards/{00000..00099}.tar`),
+      a comma-separated string of these, or a list of them.
+    what: what the files are, for the error message.
+
+  Returns:
+    The files: a glob gives its sorted matches; a plain path or a brace range gives its names in
+    order (each must exist).
+
+  Raises:
+    MissingFileError: a plain path does not exist, or a glob matches nothing.
+  """
+  patterns = (
+    [p.strip() for p in spec.split(",")] if isinstance(spec, str) else [str(p) for p in spec]
+  )
+  out: List[epath.Path] = []
+  for pattern in (p for p in patterns if p):
+    for name in _brace_expand(pattern):
+      if _GLOB.search(name):
+        # the folder part before the first wildcard component, then the rest as the glob
+        head, _, _ = name.partition(_GLOB.search(name).group(0))
+        root = head.rsplit("/", 1)[0] if "/" in head else "."
+        matches = sorted(epath.Path(root).glob(name[len(root) + 1 :] if root != "." else name))
+        if not matches:
+          raise MissingFileError(f"no {what} match {name}")
+        out.extend(matches)
+      else:
+        path = epath.Path(name)
+        if not path.exists():
+          raise MissingFileError(f"{what}: {name} does not exist")
+        out.append(path)
+  if not out:
+    raise MissingFileError(f"no {what} given")
+  return out
 
 
 def write_json(path, obj: Any, indent: int = 1) -> None:

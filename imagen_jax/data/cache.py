@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional
 
 import gin
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from imagen_jax import batch_keys as K
@@ -60,7 +60,7 @@ class CacheSummary:
     )
 
 
-def shard_path(output_dir: Path, split: str, index: int, count: int) -> Path:
+def shard_path(output_dir: epath.Path, split: str, index: int, count: int) -> epath.Path:
   return output_dir / f"{split}.tfrecord-{index:05d}-of-{count:05d}"
 
 
@@ -96,7 +96,7 @@ def serialize(
   return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
 
 
-def _write_metadata(output_dir: Path, meta: dict) -> None:
+def _write_metadata(output_dir: epath.Path, meta: dict) -> None:
   path = output_dir / tasks_lib.METADATA
   if path.is_file():
     old = json.loads(path.read_text())
@@ -148,11 +148,12 @@ def cache_embeddings(
   task = seqio.get_mixture_or_task(task_name)
   config = None if encoder_size is None else t5.t5_config(encoder_size)
   config, params = ckpt_lib.load_any(encoder_checkpoint, config)
-  out = Path(output_dir)
+  out = epath.Path(output_dir)  # local or cloud: TFRecords are written through tf.io.gfile
   out.mkdir(parents=True, exist_ok=True)
-  encoder_id = (
-    f"{Path(encoder_checkpoint).resolve()} d_model={config.d_model} layers={config.num_layers}"
+  where = (
+    encoder_checkpoint if "://" in str(encoder_checkpoint) else Path(encoder_checkpoint).resolve()
   )
+  encoder_id = f"{where} d_model={config.d_model} layers={config.num_layers}"
   _write_metadata(
     out,
     {
@@ -196,7 +197,7 @@ def cache_embeddings(
 
 
 def _write_shard(
-  task, split, index, count, final: Path, encoder, batch_size, max_length, max_examples
+  task, split, index, count, final: epath.Path, encoder, batch_size, max_length, max_examples
 ) -> dict:
   ds = task.get_dataset(
     split=split,
@@ -258,6 +259,6 @@ def _write_shard(
   stats["source_sizes"] = (
     {str(k): v for k, v in sorted((src_stats.source_sizes or {}).items())} if src_stats else {}
   )
-  stats["bytes_written"] = tmp.stat().st_size
-  os.replace(tmp, final)
+  stats["bytes_written"] = int(tmp.stat().length)
+  tmp.replace(final)
   return stats

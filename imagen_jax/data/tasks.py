@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import gin
+from etils import epath
 
 from imagen_jax import batch_keys as K
 from imagen_jax.data import sources as sources_lib
 from imagen_jax.data import synthetic, tf_setup
 from imagen_jax.errors import ConfigError, MissingFileError
+from imagen_jax.files import expand_paths
 from imagen_jax.gin_utils import require
 
 tf = tf_setup()
@@ -38,17 +40,36 @@ class CaptionedImageSource(seqio.DataSource):
 
   def __init__(
     self,
-    records_fn: Callable[[str], Iterable[dict]],
+    records_fn: Callable[..., Iterable[dict]],
     image_size: Optional[int],
     splits: Tuple[str, ...] = ("train",),
     min_image_size: int = 16,
     max_bad_fraction: float = 0.5,
+    sharded: bool = False,
+    crop: str = "center",
+    clean_captions: bool = False,
   ):
+    """A source task's records.
+
+    Args:
+      records_fn: split -> raw records; with `sharded`, (split, index, count) -> shard `index` of
+        `count` of them (sources of many files hand each shard whole files).
+      image_size: the square the images are stored at (None: their own size).
+      splits: the splits the source has.
+      min_image_size: smaller images are skipped.
+      max_bad_fraction: fail when more records than this are bad.
+      sharded: see records_fn.
+      crop: 'center' or 'pad' (`sources.clean_records`).
+      clean_captions: clean web captions (`sources.clean_caption`).
+    """
     super().__init__(splits=splits, num_input_examples=None, caching_permitted=True)
     self._records_fn = records_fn
     self._image_size = image_size
     self._min_image_size = min_image_size
     self._max_bad_fraction = max_bad_fraction
+    self._sharded = sharded
+    self._crop = crop
+    self._clean_captions = clean_captions
     self.stats: Dict[Tuple[str, int], sources_lib.SourceStats] = {}
 
   @property
@@ -80,9 +101,18 @@ class CaptionedImageSource(seqio.DataSource):
     self.stats[(split, index)] = stats
 
     def gen():
-      raw = (r for i, r in enumerate(self._records_fn(split)) if i % count == index)
+      if self._sharded:
+        raw = self._records_fn(split, index, count)
+      else:
+        raw = (r for i, r in enumerate(self._records_fn(split)) if i % count == index)
       for rec in sources_lib.clean_records(
-        raw, stats, self._image_size, self._min_image_size, self._max_bad_fraction
+        raw,
+        stats,
+        self._image_size,
+        self._min_image_size,
+        self._max_bad_fraction,
+        crop=self._crop,
+        clean_captions=self._clean_captions,
       ):
         yield {
           K.KEY: str(rec.get(K.KEY, "")),
@@ -133,14 +163,25 @@ def register_source_task(
   splits: Optional[Tuple[str, ...]] = None,
   max_bad_fraction: float = 0.5,
   replace: bool = True,
+  json_caption_field: Optional[str] = None,
+  image_column: str = "jpg",
+  caption_column: str = "caption",
+  crop: str = "center",
+  clean_captions: bool = False,
 ) -> seqio.Task:
   """Registers a source as a seqio Task whose examples carry 'tokens' (the caption, T5-tokenized,
   not yet trimmed: the cache writer trims, appends EOS and counts truncation).
 
   kind: 'folder' (path: image files with same-named .txt captions), 'jsonl' (path), 'tfds'
-  (tfds_name, image_field, caption_field, all_captions, tfds_data_dir), 'synthetic' (seed,
-  num_examples; 'validation' uses seed + 1). image_size: resolution the stored images are resized /
-  centre-cropped to (the largest stage's; None keeps the original, synthetic renders at 64).
+  (tfds_name, image_field, caption_field, all_captions, tfds_data_dir), 'webdataset' (path: tar
+  shards as a glob, brace range `{00000..00099}`, comma list; caption from `.txt`, or with
+  json_caption_field from that '/'-path into `.json`),
+  'parquet' (path: files, as for webdataset; image_column, caption_column), 'synthetic' (seed,
+  num_examples; 'validation' uses seed + 1). Paths may be cloud paths (`gs://...`). Tar shards and
+  parquet files are split across hosts (and cache shards) by whole files when there are enough.
+  image_size: resolution the stored images are resized to (the largest stage's; None keeps the
+  original, synthetic renders at 64), by centre crop or, with crop='pad', padding to a square.
+  clean_captions: strip URLs and HTML, collapse whitespace (counted).
   """
   require(
     "register_source_task",
@@ -150,11 +191,24 @@ def register_source_task(
     path=path,
     tfds_data_dir=tfds_data_dir,
   )
-  if kind in ("folder", "jsonl") and not path:
+  if kind in ("folder", "jsonl", "webdataset", "parquet") and not path:
     raise ConfigError(f"a {kind} source needs path")
   if kind in ("folder", "jsonl") and "://" not in str(path) and not Path(path).exists():
     raise MissingFileError(f"the {kind} source's path {path} does not exist")
-  if kind == "folder":
+  sharded = False
+  if kind in ("webdataset", "parquet"):
+    files = expand_paths(path, what=f"{kind} files")
+    if kind == "webdataset":
+      read = functools.partial(sources_lib.webdataset_records, caption_field=json_caption_field)
+    else:
+      read = functools.partial(
+        sources_lib.parquet_records, image_column=image_column, caption_column=caption_column
+      )
+    records = lambda split, index, count: sources_lib.sharded_file_records(
+      files, read, index, count
+    )
+    sharded = True
+  elif kind == "folder":
     records = lambda split: sources_lib.folder_records(path)
   elif kind == "jsonl":
     records = lambda split: sources_lib.jsonl_records(path)
@@ -170,11 +224,20 @@ def register_source_task(
       seed if split == "train" else seed + 1, num_examples, res
     )
   else:
-    raise ConfigError(f"unknown source kind {kind!r}; expected folder, jsonl, tfds or synthetic")
+    raise ConfigError(
+      f"unknown source kind {kind!r}; expected folder, jsonl, tfds, webdataset, parquet or "
+      "synthetic"
+    )
   if splits is None:
     splits = ("train", "validation") if kind in ("tfds", "synthetic") else ("train",)
   source = CaptionedImageSource(
-    records, image_size, splits=tuple(splits), max_bad_fraction=max_bad_fraction
+    records,
+    image_size,
+    splits=tuple(splits),
+    max_bad_fraction=max_bad_fraction,
+    sharded=sharded,
+    crop=crop,
+    clean_captions=clean_captions,
   )
   preprocessors = [
     _caption_to_tokens,
@@ -202,7 +265,7 @@ FEATURES = {
 
 
 def read_metadata(cache_dir) -> dict:
-  path = Path(cache_dir) / METADATA
+  path = epath.Path(cache_dir) / METADATA
   if not path.is_file():
     raise sources_lib.DataError(f"{cache_dir}: no {METADATA}; not an embedding cache")
   return json.loads(path.read_text())
@@ -230,14 +293,14 @@ def source_size_counts(cache_dir, split: str = "train") -> dict:
   """{source image's shorter side: records} over the cache's shards (from their statistics files;
   empty for a cache written before source sizes were recorded)."""
   counts: dict = {}
-  for path in sorted(Path(cache_dir).glob(f"{split}.stats-*-of-*.json")):
+  for path in sorted(epath.Path(cache_dir).glob(f"{split}.stats-*-of-*.json")):
     for size, n in json.loads(path.read_text()).get("source_sizes", {}).items():
       counts[int(size)] = counts.get(int(size), 0) + int(n)
   return counts
 
 
 def cached_file_pattern(cache_dir, split: str) -> str:
-  return str(Path(cache_dir) / f"{split}.tfrecord-*-of-*")
+  return str(epath.Path(cache_dir) / f"{split}.tfrecord-*-of-*")
 
 
 @gin.configurable
