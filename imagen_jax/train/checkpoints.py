@@ -259,5 +259,80 @@ def restore_ema_params(model_dir, abstract_params, shardings=None, step: Optiona
     mgr.close()
 
 
+# ---------------------------------------------------------------------- starting from another run
+
+
+def parse_init_from(spec: str):
+  """'RUN_DIR' or 'RUN_DIR@STEP' -> (RUN_DIR, STEP or None)."""
+  head, at, tail = str(spec).rpartition("@")
+  if at and tail.isdigit():
+    return head, int(tail)
+  return str(spec), None
+
+
+def check_init_from(spec: str, record: dict) -> dict:
+  """Checks that the run `spec` names ('RUN_DIR[@STEP]') holds a checkpoint of the network `record`
+  describes (every tensor present, no other, same shapes).
+
+  Args:
+    spec: the run to start from, optionally with a step.
+    record: the configured network's run record (`run_record`).
+
+  Returns:
+    {'run': RUN_DIR, 'step': the step that will be read}.
+
+  Raises:
+    RunDirError: no run or checkpoint there, or a tensor missing, extra or of another shape (the
+      first such tensor is named).
+  """
+  run_dir, step = parse_init_from(spec)
+  other = read_run_record(run_dir)
+  want, have = record["param_shapes"], other.get("param_shapes", {})
+  for name in sorted(want):
+    if name not in have:
+      raise RunDirError(f"init_from {run_dir}: no tensor {name} there (it holds {describe(other)})")
+    if list(have[name]) != list(want[name]):
+      raise RunDirError(
+        f"init_from {run_dir}: tensor {name} has shape {list(have[name])} there, "
+        f"{list(want[name])} in the configured network"
+      )
+  extra = sorted(set(have) - set(want))
+  if extra:
+    raise RunDirError(f"init_from {run_dir}: tensor {extra[0]} is not in the configured network")
+  mgr = manager(run_dir, read_only=True)
+  try:
+    steps = mgr.all_steps()
+  finally:
+    mgr.close()
+  if not steps:
+    raise RunDirError(f"init_from {run_dir}: no complete checkpoint")
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise RunDirError(f"init_from {run_dir}: no checkpoint at step {step} (have {sorted(steps)})")
+  return {"run": str(run_dir), "step": int(step)}
+
+
+def restore_init_params(run_dir, step: int, abstract_params, shardings, which: str = "ema"):
+  """The parameters a run saved at `step`: its EMA ('ema') or its raw parameters ('params'),
+  placed with `shardings` (orbax reshards onto any mesh); the optimizer state is not read."""
+  if which == "ema":
+    return restore_ema_params(run_dir, abstract_params, shardings, step)[0]
+  if which != "params":
+    raise UserError(f"init_from_params must be 'ema' or 'params', got {which!r}")
+  mgr = manager(run_dir, read_only=True)
+  try:
+    item = {"params": _abstract(abstract_params, shardings)}
+    restore = ocp.args.PyTreeRestore(
+      item=item,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True,
+    )
+    out = mgr.restore(step, args=ocp.args.Composite(state=restore))
+    return out["state"]["params"]
+  finally:
+    mgr.close()
+
+
 def gin_file(model_dir, operative: bool = False) -> epath.Path:
   return epath.Path(model_dir) / ("operative_config.gin" if operative else "config.gin")

@@ -21,8 +21,10 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import flax.linen as nn
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -37,6 +39,7 @@ from imagen_jax.train import optimizer as optim
 from imagen_jax.train import setup as setup_lib
 from imagen_jax.train import state as state_lib
 from imagen_jax.train import step as step_lib
+from imagen_jax.train import writers as writers_lib
 
 
 class TrainError(UserError):
@@ -136,45 +139,6 @@ def _global_batch(batch: Dict[str, np.ndarray], keys, shardings) -> Dict[str, ja
   }
 
 
-class _Writer:
-  """Metrics to TensorBoard (clu, process 0 only; asynchronous) and one progress line on stdout."""
-
-  def __init__(self, model_dir, enabled: bool, progress: bool):
-    self.enabled = enabled
-    self.progress = progress
-    self._clu = None
-    if enabled:
-      try:
-        from imagen_jax.data import tf_setup
-
-        tf_setup()  # TensorFlow for tf.summary: host only, start-up chatter filtered
-        from clu import metric_writers  # TensorBoard event files through tf.summary
-
-        self._clu = metric_writers.AsyncWriter(
-          metric_writers.SummaryWriter(str(epath.Path(model_dir) / "train"))
-        )
-      except ImportError as e:  # no TensorFlow / TensorBoard on this machine: console only
-        print(f"metrics: no TensorBoard writer ({e}); console only", flush=True)
-        self._clu = None
-
-  def write(self, step: int, scalars: Dict[str, float], line: str) -> None:
-    if not self.enabled:
-      return
-    if self._clu is not None:
-      self._clu.write_scalars(step, scalars)
-    if self.progress:
-      print(line, flush=True)
-
-  def write_images(self, step: int, images: Dict[str, np.ndarray]) -> None:
-    if self.enabled and self._clu is not None:
-      self._clu.write_images(step, images)
-
-  def close(self):
-    if self._clu is not None:
-      self._clu.flush()
-      self._clu.close()
-
-
 def _mesh(mesh_shape: Sequence[int], devices=None):
   try:
     return partitioning.create_mesh(*mesh_shape, devices=devices)
@@ -230,11 +194,29 @@ def _compile_step(setup, state, first, keys, encoder, summary: TrainSummary):
   return compiled, sig
 
 
-def _restore_or_create(mgr, setup, batch_source, seed: int, announce: bool):
-  """The latest complete checkpoint's state (and data position), or a new state created sharded."""
+def _restore_or_create(mgr, setup, batch_source, seed: int, announce: bool, init=None):
+  """The latest complete checkpoint's state (and data position), or a new state created sharded;
+  with `init` ({'run', 'step', 'params'}), a new state whose parameters (and EMA) are another run's,
+  with a fresh optimizer at step 0."""
   latest = mgr.latest_step()
   if latest is None:
-    return setup.create_state(seed)
+    state = setup.create_state(seed)
+    if init is None:
+      return state
+    params = ckpt.restore_init_params(
+      init["run"], init["step"], setup.abstract.params, setup.shardings.params, init["params"]
+    )
+    if announce:
+      print(
+        f"initialised from {init['run']} step {init['step']} ({init['params']} parameters); "
+        "fresh optimizer, step 0",
+        flush=True,
+      )
+    # the EMA starts at the same values in buffers of its own (the step donates both)
+    ema = jax.jit(
+      lambda p: jax.tree_util.tree_map(jnp.copy, p), out_shardings=setup.shardings.params
+    )
+    return state.replace(params=params, ema_params=ema(params))
   state = ckpt.restore(mgr, latest, setup.abstract, setup.shardings, iterator=batch_source)
   if announce:
     print(f"resumed from {epath.Path(mgr.directory) / str(latest)} (step {latest})", flush=True)
@@ -248,7 +230,7 @@ class _MetricLog:
   def __init__(
     self,
     summary: TrainSummary,
-    writer: _Writer,
+    writer: writers_lib.MetricWriter,
     *,
     start: int,
     num_steps: int,
@@ -401,11 +383,10 @@ def _loop(
   num_steps: int,
   log_every: int,
   checkpoint_every: int,
-  sample_hook,
-  sample_every: int,
+  hooks,
   mesh,
   model_dir: str,
-  writer: _Writer,
+  writer: writers_lib.MetricWriter,
   preemption: _Preemption,
   mgr,
   log: _MetricLog,
@@ -440,11 +421,12 @@ def _loop(
       if host_step % log_every == 0 or host_step == num_steps:
         pending = (host_step, acc)
         acc = step_lib.zero_metrics()
-      if sample_hook is not None and host_step % sample_every == 0:
-        with partitioning.mesh_context(mesh):
-          sample_hook(
-            step=host_step, state=state, model_dir=model_dir, write_images=writer.write_images
-          )
+      for hook, every, write in hooks:  # write: the writer method the hook is handed
+        if hook is not None and every and host_step % every == 0:
+          with partitioning.mesh_context(mesh):
+            hook(
+              step=host_step, state=state, model_dir=model_dir, **{write: getattr(writer, write)}
+            )
       if preemption.reached(mgr, host_step):
         checkpointer.save(host_step, state)
         summary.stopped = "preempted"
@@ -461,6 +443,23 @@ def _loop(
       checkpointer.save(host_step, state)
   finally:
     summary.final_step = host_step
+
+
+def _check_init_from(init_from, which: str, model_dir, model_config) -> Optional[dict]:
+  """{'run', 'step', 'params'} of a new run's init_from, checked against the network before any
+  data is opened or anything written; None when there is none or MODEL_DIR resumes its own."""
+  if init_from is None or ckpt.latest_step(model_dir) is not None:
+    return None
+  if which not in ("ema", "params"):
+    raise TrainError(f"init_from_params must be 'ema' or 'params', got {which!r}")
+  shapes_only = ckpt.run_record(model_config, nn.unbox(models.abstract_params(model_config)))
+  return dict(ckpt.check_init_from(init_from, shapes_only), params=which)
+
+
+def _prepare_hooks(hooks, first, model_config, diffusion, mesh) -> None:
+  for hook, every, _ in hooks:
+    if hook is not None and every and hasattr(hook, "prepare"):
+      hook.prepare(batch=first, model_config=model_config, diffusion=diffusion, mesh=mesh)
 
 
 @gin.configurable
@@ -487,6 +486,11 @@ def train(
   text_encoder_checkpoint: Optional[str] = None,
   sample_every: int = 0,
   sample_hook: Optional[Callable[..., None]] = None,
+  eval_every: int = 0,
+  eval_hook: Optional[Callable[..., None]] = None,
+  writers: Sequence[str] = ("tensorboard",),
+  init_from: Optional[str] = None,
+  init_from_params: str = "ema",
   progress: bool = True,
   devices=None,
 ) -> TrainSummary:
@@ -518,6 +522,13 @@ def train(
     sample_hook: called as sample_hook(step=, state=, model_dir=, write_images=) every
       `sample_every` steps (`imagen_jax.sample.grid_hook.SampleGridHook`; its `prepare` gets the
       first batch).
+    eval_every: steps per evaluation (0: none).
+    eval_hook: called as eval_hook(step=, state=, model_dir=, write_scalars=) every `eval_every`
+      steps (`imagen_jax.eval.hook.ShapesEvalHook`; its `prepare` gets the first batch).
+    writers: where metrics go: any of 'tensorboard', 'wandb' (`train.writers.WandbSettings`).
+    init_from: 'RUN_DIR[@STEP]': a new run starts from that run's (shape-checked) parameters at
+      step 0, fresh optimizer; in run.json. Ignored once MODEL_DIR has a checkpoint (resuming).
+    init_from_params: 'ema' (the EMA parameters) or 'params' (the raw ones).
     progress: print progress lines.
     devices: (Python only) the mesh's devices (default: all).
 
@@ -537,6 +548,7 @@ def train(
     )
   mesh = _mesh(mesh_shape, devices)
   lead = jax.process_index() == 0
+  init = _check_init_from(init_from, init_from_params, model_dir, model_config)
 
   # ------------------------------------------------------------------ what trains, and the data
   batch_source, global_batch = _data_source(batch_source, data_task, data_config)
@@ -551,17 +563,17 @@ def train(
   )
   setup = setup_lib.TrainSetup(spec, mesh)
   record = ckpt.run_record(model_config, setup.abstract.params, diffusion)
-  # A MODEL_DIR of another network is refused before anything is written.
-  ckpt.check_run_dir(model_dir, record)
+  record.update({"init_from": init} if init else {})
+  ckpt.check_run_dir(model_dir, record)  # another network's MODEL_DIR: refused, nothing written
   local_batch = global_batch // jax.process_count()
   on_the_fly = text_encoder_checkpoint is not None
   keys = _needed_keys(model_config, on_the_fly)
 
   mgr = ckpt.manager(model_dir, max_to_keep=keep_checkpoints, async_save=async_checkpoints)
   preemption = _Preemption()
-  writer = _Writer(model_dir, enabled=lead, progress=progress)
+  writer = writers_lib.MetricWriter(model_dir, writers, enabled=lead, progress=progress)
   try:
-    state = _restore_or_create(mgr, setup, batch_source, seed, announce=progress and lead)
+    state = _restore_or_create(mgr, setup, batch_source, seed, progress and lead, init)
     start = int(jax.device_get(state.step))
     if lead:
       ckpt.gin_file(model_dir).write_text(gin.config_str())
@@ -579,8 +591,8 @@ def train(
     # ---------------------------------------------------------------- the first batch, the step
     first = next(batch_source)
     _check_batch(first, keys, model_config, local_batch)
-    if sample_hook is not None and sample_every and hasattr(sample_hook, "prepare"):
-      sample_hook.prepare(batch=first, model_config=model_config, diffusion=diffusion, mesh=mesh)
+    hooks = ((sample_hook, sample_every, "write_images"), (eval_hook, eval_every, "write_scalars"))
+    _prepare_hooks(hooks, first, model_config, diffusion, mesh)
     compiled, sig = _compile_step(setup, state, first, keys, encoder, summary)
     log = _MetricLog(
       summary,
@@ -620,8 +632,7 @@ def train(
         num_steps=num_steps,
         log_every=log_every,
         checkpoint_every=checkpoint_every,
-        sample_hook=sample_hook if sample_every else None,
-        sample_every=sample_every,
+        hooks=hooks,
         mesh=mesh,
         model_dir=model_dir,
         writer=writer,

@@ -11,9 +11,11 @@ b2 0.999, eps 1e-8 (`runs/train_sr_*.gin` select it).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import re
+from typing import Optional, Tuple
 
 import gin
+import jax
 import optax
 
 from imagen_jax.errors import ConfigError
@@ -50,9 +52,18 @@ class OptimizerConfig:
   # T5's default): the step is relative to each tensor's RMS (floor 1e-3), which at 1e-4 moves
   # typical weights 20-100x less than Adam and zero-initialised tensors by about 1e-7.
   multiply_by_parameter_scale: bool = False
+  # Parameters left as they are (fine-tuning): regular expressions searched in each parameter's
+  # '/'-joined path, e.g. ('^text_', 'down_blocks_0/'). Their updates are zero; the rest trains.
+  freeze: Tuple[str, ...] = ()
 
   def __post_init__(self):
     check_optimizer(self.name)
+    object.__setattr__(self, "freeze", tuple(self.freeze))  # gin gives lists
+    for pattern in self.freeze:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ConfigError(f"OptimizerConfig.freeze: bad pattern {pattern!r} ({e})") from None
     if self.learning_rate <= 0:
       raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
     if self.warmup_steps < 0:
@@ -79,7 +90,39 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
   )
 
 
+def param_path(key_path) -> str:
+  """A parameter's '/'-joined path, as run.json's param_shapes names it."""
+  return "/".join(str(getattr(k, "key", k)) for k in key_path)
+
+
+def frozen_labels(params, patterns) -> dict:
+  """'frozen' for each parameter whose path any of `patterns` matches (re.search), else 'train'."""
+  regexes = [re.compile(p) for p in patterns]
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: "frozen" if any(r.search(param_path(path)) for r in regexes) else "train",
+    params,
+  )
+
+
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+  """The optax transformation `config` describes (see the module docstring).
+
+  Args:
+    config: the optimizer settings.
+
+  Returns:
+    The transformation; with `freeze`, frozen parameters get zero updates and no optimizer state.
+  """
+  opt = _make_optimizer(config)
+  if config.freeze:
+    opt = optax.multi_transform(
+      {"train": opt, "frozen": optax.set_to_zero()},
+      lambda params: frozen_labels(params, config.freeze),
+    )
+  return opt
+
+
+def _make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   schedule = learning_rate_schedule(config)
   if config.name == "adafactor":
     opt = optax.adafactor(
