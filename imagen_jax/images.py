@@ -6,7 +6,7 @@ Pillow does the encoding and the text; nothing here imports TensorFlow.
 
 from __future__ import annotations
 
-import os
+import io
 import textwrap
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -48,22 +48,27 @@ def downsample(images, size: int) -> np.ndarray:
 
 
 def save_png(path, image_uint8: np.ndarray) -> None:
-  """Writes atomically (temporary name, then rename): a reader never sees half a file."""
+  """Writes atomically (temporary name, then rename): a reader never sees half a file. Local or
+  cloud paths (`etils.epath`)."""
+  from etils import epath
   from PIL import Image
 
-  path = Path(path)
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  Image.fromarray(np.asarray(image_uint8, np.uint8)).save(tmp, format="PNG")
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(image_uint8, np.uint8)).save(buf, format="PNG")
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_bytes(buf.getvalue())
+  tmp.replace(path)
 
 
 def read_image(path) -> np.ndarray:
   """(H, W, 3) uint8; ImageError when the file is not a readable image."""
+  from etils import epath
   from PIL import Image, UnidentifiedImageError
 
   try:
-    with Image.open(path) as im:
+    with epath.Path(path).open("rb") as f, Image.open(f) as im:
       return np.asarray(im.convert("RGB"), np.uint8)
   except (OSError, UnidentifiedImageError, ValueError) as e:
     raise ImageError(

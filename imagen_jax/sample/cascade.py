@@ -15,6 +15,7 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from imagen_jax import files, models
@@ -416,7 +417,7 @@ def run_cascade(
   jobs = _jobs(stages, text, seed, samples_per_prompt, lowres_images, init_images, strength, masks)
   first = stages[0]
   s = samples_per_prompt
-  out_dir = Path(out_dir)
+  out_dir = epath.Path(out_dir)  # local or cloud
   if out_dir.exists() and any(out_dir.iterdir()):
     raise SampleError(f"out_dir {out_dir} is not empty; choose a new directory")
 
@@ -525,7 +526,7 @@ def run_cascade(
 
 
 def _write_grids(
-  out_dir: Path, stages, results: List[StageResult], jobs, text: EncodedPrompts
+  out_dir: epath.Path, stages, results: List[StageResult], jobs, text: EncodedPrompts
 ) -> None:
   n_in = max(j["input"] for j in jobs) + 1
   s = max(j["sample"] for j in jobs) + 1
@@ -578,7 +579,7 @@ def _write_grids(
 
 
 def _write_record(
-  out_dir: Path,
+  out_dir: epath.Path,
   stages,
   results,
   jobs,
@@ -911,7 +912,7 @@ def sample(
   """
   if not prompts:
     raise SampleError("no prompts")
-  out = Path(out_dir)
+  out = epath.Path(out_dir)
   if out.exists() and any(out.iterdir()):
     raise SampleError(f"out_dir {out} is not empty; choose a new directory")
   if resample < 1:

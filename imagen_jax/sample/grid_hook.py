@@ -9,12 +9,12 @@ stages show their low-resolution inputs in a second row) and as a TensorBoard im
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import gin
 import jax
 import numpy as np
+from etils import epath
 
 from imagen_jax import batch_keys as K
 from imagen_jax import images as imio
@@ -104,7 +104,7 @@ class SampleGridHook:
       rows, self.labels, title=f"step {step}: {self.settings.label(K.LOWRES in self.data)} (EMA)"
     )
     if jax.process_index() == 0:
-      path = Path(model_dir) / "samples" / f"step_{step:08d}.png"
+      path = epath.Path(model_dir) / "samples" / f"step_{step:08d}.png"
       imio.save_png(path, picture)
       self.written.append(str(path))
       if write_images is not None:

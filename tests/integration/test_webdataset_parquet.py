@@ -301,3 +301,19 @@ def test_cache_from_bucket_shards_equals_the_folder_cache_and_resumes_mid_shard(
       mine[caption]["text_emb"].view(np.uint16).astype(int) - r["text_emb"].view(np.uint16)
     )
     assert ulps.max() <= 1 and (ulps > 0).mean() < 0.01
+
+
+def test_sample_images_and_json_go_to_a_cloud_path(tmp_path):
+  """What `sample` and the trainer's hooks write (PNG, JSON) goes through epath to the bucket."""
+  from imagen_jax import files
+  from imagen_jax import images as imio
+
+  img = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+  with fake_bucket(tmp_path):
+    imio.save_png(f"{BUCKET}/run/samples/a.png", img)
+    files.write_json(f"{BUCKET}/run/settings.json", {"w": 3})
+    back = imio.read_image(f"{BUCKET}/run/samples/a.png")
+  np.testing.assert_array_equal(back, img)
+  assert (tmp_path / "run" / "samples" / "a.png").is_file()
+  assert json.loads((tmp_path / "run" / "settings.json").read_text()) == {"w": 3}
+  assert not list(tmp_path.rglob("*.tmp"))
