@@ -14,6 +14,7 @@ reference folder (they need the Inception / CLIP weights the user provides).
 from __future__ import annotations
 
 import json
+import time
 from typing import Optional
 
 import gin
@@ -52,6 +53,7 @@ class ShapesEvalHook:
     num_steps: sampler steps.
     sampler: the sampler.
     seed: the noise seed (the same every time, so the curve follows the network, not the noise).
+    progress: print one line per evaluation.
   """
 
   def __init__(
@@ -65,7 +67,9 @@ class ShapesEvalHook:
     num_steps: int = 25,
     sampler: str = "dpmpp_2m_sde",
     seed: int = 0,
+    progress: bool = True,
   ):
+    self.progress = progress
     self.vocab, self.encoder = vocab, encoder
     self.num_prompts, self.scene_seed, self.seed = num_prompts, scene_seed, seed
     self.settings = StageSettings(
@@ -102,6 +106,7 @@ class ShapesEvalHook:
   def __call__(self, *, step: int, state, model_dir: str, write_scalars=None) -> Optional[dict]:
     from imagen_jax.eval.tasks.shapes_eval import score_images
 
+    t0 = time.perf_counter()
     x = self.sampler.run(state.ema_params, self.emb, self.mask, self.keys, self.settings)
     overall = score_images(imio.to_uint8(x), self.captions)["overall"]
     scalars = {f"eval/{name}": float(overall[key]) for name, key in METRICS.items()}
@@ -109,6 +114,14 @@ class ShapesEvalHook:
     if jax.process_index() == 0:
       if write_scalars is not None:
         write_scalars(step, scalars)
+      if self.progress:
+        shown = " ".join(f"{k} {v:.3f}" for k, v in scalars.items())
+        print(
+          f"eval step {step}: {self.num_prompts} held-out captions, "
+          f"{self.settings.label(False)}: {shown.replace('eval/', '')} "
+          f"({time.perf_counter() - t0:.1f}s)",
+          flush=True,
+        )
       path = epath.Path(model_dir) / "eval" / "shapes.jsonl"
       path.parent.mkdir(parents=True, exist_ok=True)
       with path.open("a") as f:
