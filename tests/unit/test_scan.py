@@ -25,7 +25,9 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+# The base case is `slow` (110 s of the suite's budget on a loaded 2-core VM, 2026-12-07): the SR
+# case runs the same scan code (scanned blocks, the layout conversion) in every `make test`.
+@pytest.fixture(scope="module", params=[pytest.param("base", marks=pytest.mark.slow), "sr"])
 def pair(request):
   config = load_config(*CASES[request.param])
   scanned = dataclasses.replace(config, scan_layers=True)
