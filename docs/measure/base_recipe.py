@@ -54,7 +54,9 @@ def load_cache(demo_dir: str, num: int, size: int) -> dict:
     batch = next(src)
     for k in out:
       out[k].append(batch[k])
-  return {k: np.concatenate(v).astype(bool if k == K.TEXT_MASK else np.float32) for k, v in out.items()}
+  return {
+    k: np.concatenate(v).astype(bool if k == K.TEXT_MASK else np.float32) for k, v in out.items()
+  }
 
 
 def text_reliance(apply_fn, params, diff: DiffusionConfig, data: dict) -> list:
@@ -87,15 +89,23 @@ def text_reliance(apply_fn, params, diff: DiffusionConfig, data: dict) -> list:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--demo_dir", default="out/demo", help="a `make demo` output (cache/, spiece.model, t5/)")
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--demo_dir", default="out/demo", help="a `make demo` output (cache/, spiece.model, t5/)"
+  )
   p.add_argument("--name", required=True)
   p.add_argument("--steps", type=int, default=600)
-  p.add_argument("--evals", default="", help="comma-separated steps to evaluate at (default: the last)")
+  p.add_argument(
+    "--evals", default="", help="comma-separated steps to evaluate at (default: the last)"
+  )
   p.add_argument("--batch", type=int, default=12)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--warmup", type=int, default=50)
-  p.add_argument("--decay", type=int, default=0, help="cosine decay steps; 0: constant after warm-up")
+  p.add_argument(
+    "--decay", type=int, default=0, help="cosine decay steps; 0: constant after warm-up"
+  )
   p.add_argument("--ema", type=float, default=0.999)
   p.add_argument("--objective", default="eps", choices=["eps", "v", "x0"])
   p.add_argument("--channels", type=int, default=32)
@@ -113,16 +123,30 @@ def main() -> None:
   data = load_cache(a.demo_dir, 3000, 32)
   captions = [s.caption for s in held_out_scenes(1000, 0, a.num_prompts)]
   held = encode_prompts(
-    captions, os.path.join(a.demo_dir, "spiece.model"), os.path.join(a.demo_dir, "t5"), max_length=16
+    captions,
+    os.path.join(a.demo_dir, "spiece.model"),
+    os.path.join(a.demo_dir, "t5"),
+    max_length=16,
   )
   model_cfg = UNetConfig(
-    image_size=32, model_channels=a.channels, channel_mult=tuple(int(v) for v in a.channel_mult.split(",")),
-    num_res_blocks=1, attention_resolutions=tuple(int(v) for v in a.attention_resolutions.split(",")),
-    head_dim=16, pool_heads=2, norm_groups=8, text_embed_dim=32, max_text_length=16,
+    image_size=32,
+    model_channels=a.channels,
+    channel_mult=tuple(int(v) for v in a.channel_mult.split(",")),
+    num_res_blocks=1,
+    attention_resolutions=tuple(int(v) for v in a.attention_resolutions.split(",")),
+    head_dim=16,
+    pool_heads=2,
+    norm_groups=8,
+    text_embed_dim=32,
+    max_text_length=16,
   )
   diff = DiffusionConfig(objective=a.objective, cond_drop_prob=0.1)
   opt = optim.OptimizerConfig(
-    name="adam", learning_rate=a.lr, warmup_steps=a.warmup, decay_steps=a.decay or None, clip_grad_norm=1.0
+    name="adam",
+    learning_rate=a.lr,
+    warmup_steps=a.warmup,
+    decay_steps=a.decay or None,
+    clip_grad_norm=1.0,
   )
   mesh = partitioning.create_mesh()
   setup = TrainSetup(RunSpec(model_cfg, diff, opt, a.batch, ema_decay=a.ema), mesh)
@@ -136,13 +160,24 @@ def main() -> None:
   @jax.jit
   def sample(params, keys, emb, mask, w):
     return samplers.sample(
-      lambda z, ls, c: model.apply({"params": params}, z, ls, c), keys, (emb.shape[0], 32, 32, 3),
-      {K.TEXT_EMB: emb, K.TEXT_MASK: mask}, schedule=diff.schedule, num_steps=a.sample_steps,
-      objective=a.objective, sampler=a.sampler, guidance_scale=w, thresholding_method=a.thresholding,
+      lambda z, ls, c: model.apply({"params": params}, z, ls, c),
+      keys,
+      (emb.shape[0], 32, 32, 3),
+      {K.TEXT_EMB: emb, K.TEXT_MASK: mask},
+      schedule=diff.schedule,
+      num_steps=a.sample_steps,
+      objective=a.objective,
+      sampler=a.sampler,
+      guidance_scale=w,
+      thresholding_method=a.thresholding,
     )
 
   evals = {int(v) for v in a.evals.split(",") if v} or {a.steps}
-  log = {"args": vars(a), "params": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))), "evals": []}
+  log = {
+    "args": vars(a),
+    "params": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
+    "evals": [],
+  }
   losses, train_s = [], 0.0
   for i in range(1, a.steps + 1):
     t0 = time.time()
@@ -154,15 +189,29 @@ def main() -> None:
     if i not in evals:
       continue
     probe = text_reliance(apply_fn, state.ema_params, diff, data)
-    print(f"{a.name} step {i} text reliance (x0 error right/other caption): "
-          + "  ".join(f"t={r['t']:.2f} {r['ratio']:.3f}" for r in probe), flush=True)
+    print(
+      f"{a.name} step {i} text reliance (x0 error right/other caption): "
+      + "  ".join(f"t={r['t']:.2f} {r['ratio']:.3f}" for r in probe),
+      flush=True,
+    )
     for w in (float(v) for v in a.guidance.split(",")):
       keys = jax.random.split(jax.random.PRNGKey(123), len(captions))
-      ims = sample(state.ema_params, shard(keys), shard(jnp.asarray(held.emb)), shard(jnp.asarray(held.mask)), w)
+      ims = sample(
+        state.ema_params,
+        shard(keys),
+        shard(jnp.asarray(held.emb)),
+        shard(jnp.asarray(held.mask)),
+        w,
+      )
       ims = np.asarray(jnp.clip((ims + 1) * 127.5, 0, 255).round().astype(jnp.uint8))
       agg = shapes.aggregate([shapes.score(im, c) for im, c in zip(ims, captions)])["overall"]
-      row = {"step": i, "w": w, "train_s": round(train_s), "text_reliance": probe,
-             **{k: round(v, 3) for k, v in agg.items()}}
+      row = {
+        "step": i,
+        "w": w,
+        "train_s": round(train_s),
+        "text_reliance": probe,
+        **{k: round(v, 3) for k, v in agg.items()},
+      }
       log["evals"].append(row)
       print(f"{a.name} step {i} w {w:g}: " + json.dumps({k: row[k] for k in agg}), flush=True)
   if a.json:

@@ -26,6 +26,7 @@ from imagen_jax import batch_keys as K
 from imagen_jax import images as imio
 from imagen_jax import models
 from imagen_jax.errors import ConfigError
+from imagen_jax.eval.tasks.shapes_eval import held_out_scenes, score_images
 from imagen_jax.sample.settings import StageSettings
 from imagen_jax.sample.stage_sampler import StageSampler, image_keys, model_apply_fn
 
@@ -80,7 +81,6 @@ class ShapesEvalHook:
   def prepare(self, *, batch, model_config, diffusion, mesh) -> None:
     """Called by the trainer with its first batch: encodes the held-out captions at the batch's
     text length and builds the sampler."""
-    from imagen_jax.eval.tasks.shapes_eval import held_out_scenes
     from imagen_jax.text.encoder import encode_prompts
 
     if models.is_super_resolution(model_config):
@@ -104,8 +104,6 @@ class ShapesEvalHook:
     self.keys = image_keys(self.seed + np.arange(self.num_prompts), 0)
 
   def __call__(self, *, step: int, state, model_dir: str, write_scalars=None) -> Optional[dict]:
-    from imagen_jax.eval.tasks.shapes_eval import score_images
-
     t0 = time.perf_counter()
     x = self.sampler.run(state.ema_params, self.emb, self.mask, self.keys, self.settings)
     overall = score_images(imio.to_uint8(x), self.captions)["overall"]
