@@ -137,3 +137,20 @@ def clip_checkpoint(tmp_path_factory):
         p.add_(0.1 * torch.randn_like(p))
   model.save_pretrained(d, safe_serialization=True)
   return d, model, tok
+
+
+@pytest.fixture(scope="module")
+def micro():
+  """The micro base U-Net (helpers.MICRO_BASE): what the training tests run, for compile time."""
+  return helpers.load_config(*helpers.MICRO_BASE)
+
+
+@pytest.fixture(scope="module")
+def shapes16():
+  """64 word-vector shapes at 16 px (one object each; 16 tokens of 32 dims), captions dropped."""
+  from imagen_jax import batch_keys as K
+  from imagen_jax.train import data as tdata
+
+  arrays = tdata.word_vector_shapes(64, 16, 32, 16, one_object=True)
+  arrays.pop(K.CAPTION)
+  return arrays

@@ -19,7 +19,7 @@ from imagen_jax.train import data as tdata
 from imagen_jax.train import loop, optimizer
 from imagen_jax.train import state as state_lib
 from imagen_jax.train import step as step_lib
-from tests.helpers import ADAM, BATCH, EMA, MICRO_BASE, load_config
+from tests.helpers import ADAM, BATCH, EMA, load_config
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +29,6 @@ def tiny16():
   return load_config(
     "models/tiny_base.gin", "UNetConfig.image_size = 16", "UNetConfig.attention_resolutions = (8,)"
   )
-
-
-@pytest.fixture(scope="module")
-def micro():
-  """The micro base U-Net (conftest.MICRO_BASE): what the training tests run, for compile time."""
-  return load_config(*MICRO_BASE)
-
-
-@pytest.fixture(scope="module")
-def shapes16():
-  arrays = tdata.word_vector_shapes(64, 16, 32, 16, one_object=True)
-  arrays.pop(K.CAPTION)
-  return arrays
 
 
 # ADAM, EMA and BATCH (tests.helpers): one optimizer, EMA and batch size for the in-process training

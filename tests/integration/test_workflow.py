@@ -11,24 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from imagen_jax import batch_keys as K
 from imagen_jax import models as M
 from imagen_jax.train import checkpoints as ckpt
 from imagen_jax.train import data as tdata
 from imagen_jax.train import loop, optimizer
-from tests.helpers import ADAM, BATCH, EMA, MICRO_BASE, load_config
-
-
-@pytest.fixture(scope="module")
-def micro():
-  return load_config(*MICRO_BASE)
-
-
-@pytest.fixture(scope="module")
-def shapes16():
-  arrays = tdata.word_vector_shapes(64, 16, 32, 16, one_object=True)
-  arrays.pop(K.CAPTION)
-  return arrays
+from tests.helpers import ADAM, BATCH, EMA
 
 
 def _train(model_dir, micro, shapes16, num_steps, **kw):
