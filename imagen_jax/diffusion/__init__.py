@@ -34,6 +34,7 @@ from imagen_jax.diffusion.samplers import ancestral_update, ddim_update, dpmpp_u
 from imagen_jax.diffusion.schedules import (
   SCHEDULES,
   CosineSchedule,
+  DiscreteCosineSchedule,
   LinearSchedule,
   NoiseSchedule,
   alpha_sigma_from_log_snr,

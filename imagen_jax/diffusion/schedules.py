@@ -98,17 +98,35 @@ class CosineSchedule(NoiseSchedule):
     return jnp.where(t < 0.5, lower, upper)
 
 
+class _DiscreteSchedule(NoiseSchedule):
+  """A discrete DDPM schedule (betas over num_timesteps steps, alpha_bar_n = prod_{i<=n}
+  (1 - beta_i)) in continuous time: discrete step n (1-based) sits at t = n / num_timesteps and
+  log(alpha_bar) is interpolated linearly in between (0 at t = 0), so the schedule is *exact* at the
+  discrete times and strictly decreasing everywhere. log-SNR is clipped above at logsnr_max (it is
+  +inf at t = 0). Subclasses give `betas()` (float64) and the fields num_timesteps, logsnr_max.
+  """
+
+  def betas(self) -> np.ndarray:
+    raise NotImplementedError
+
+  def _log_alpha_bar_knots(self) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(np.log1p(-self.betas()))]).astype(np.float32)
+
+  def log_snr(self, t):
+    t = jnp.asarray(t, jnp.float32)
+    n = self.num_timesteps
+    knots = jnp.asarray(self._log_alpha_bar_knots())
+    log_abar = jnp.interp(jnp.clip(t, 0.0, 1.0) * n, jnp.arange(n + 1, dtype=jnp.float32), knots)
+    # log SNR = log(abar) - log(1 - abar); expm1 keeps precision where abar is close to 1.
+    log_snr = log_abar - jnp.log(-jnp.expm1(log_abar))
+    return jnp.minimum(log_snr, self.logsnr_max)
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class LinearSchedule(NoiseSchedule):
-  """The discrete DDPM linear-beta schedule (Ho et al. 2020) expressed in continuous time.
-
-  The discrete process has betas linearly spaced from beta_start to beta_end over num_timesteps
-  steps and alpha_bar_n = prod_{i<=n} (1 - beta_i). Continuous time puts discrete step n
-  (1-based) at t = n / num_timesteps and interpolates log(alpha_bar) linearly in between (with
-  log alpha_bar = 0 at t = 0), so the schedule is *exact* at the discrete times and strictly
-  decreasing everywhere. log-SNR is clipped above at logsnr_max (it is +inf at t = 0).
-  """
+class LinearSchedule(_DiscreteSchedule):
+  """The discrete DDPM linear-beta schedule (Ho et al. 2020): betas linearly spaced from
+  beta_start to beta_end over num_timesteps steps, in continuous time (`_DiscreteSchedule`)."""
 
   beta_start: float = 1e-4
   beta_end: float = 0.02
@@ -124,25 +142,54 @@ class LinearSchedule(NoiseSchedule):
     if self.num_timesteps < 1:
       raise ConfigError(f"LinearSchedule needs num_timesteps >= 1, got {self.num_timesteps}")
 
-  def _log_alpha_bar_knots(self) -> np.ndarray:
-    betas = np.linspace(self.beta_start, self.beta_end, self.num_timesteps, dtype=np.float64)
-    return np.concatenate([[0.0], np.cumsum(np.log1p(-betas))]).astype(np.float32)
-
-  def log_snr(self, t):
-    t = jnp.asarray(t, jnp.float32)
-    n = self.num_timesteps
-    knots = jnp.asarray(self._log_alpha_bar_knots())
-    log_abar = jnp.interp(jnp.clip(t, 0.0, 1.0) * n, jnp.arange(n + 1, dtype=jnp.float32), knots)
-    # log SNR = log(abar) - log(1 - abar); expm1 keeps precision where abar is close to 1.
-    log_snr = log_abar - jnp.log(-jnp.expm1(log_abar))
-    return jnp.minimum(log_snr, self.logsnr_max)
+  def betas(self) -> np.ndarray:
+    return np.linspace(self.beta_start, self.beta_end, self.num_timesteps, dtype=np.float64)
 
 
-SCHEDULES = {"cosine": CosineSchedule, "linear": LinearSchedule}
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DiscreteCosineSchedule(_DiscreteSchedule):
+  """The discrete cosine schedule of improved DDPM (Nichol & Dhariwal 2021) as DeepFloyd IF trains
+  with it (diffusers' `squaredcos_cap_v2`):
+  alpha_bar(s) = cos((s + offset) / (1 + offset) * pi/2)^2,
+  beta_i = min(1 - alpha_bar((i + 1) / N) / alpha_bar(i / N), max_beta), in continuous time
+  (`_DiscreteSchedule`). Unlike `CosineSchedule` its log-SNR is not clipped below: the last step's
+  beta cap (0.999) and the offset set log-SNR(1) (-19.8 at N = 1000)."""
+
+  num_timesteps: int = 1000
+  offset: float = 0.008
+  max_beta: float = 0.999
+  logsnr_max: float = 20.0
+
+  def __post_init__(self):
+    if self.num_timesteps < 1:
+      raise ConfigError(
+        f"DiscreteCosineSchedule needs num_timesteps >= 1, got {self.num_timesteps}"
+      )
+    if not 0 < self.max_beta < 1 or self.offset < 0:
+      raise ConfigError(
+        f"DiscreteCosineSchedule needs 0 < max_beta < 1 and offset >= 0, got {self.max_beta}, "
+        f"{self.offset}"
+      )
+
+  def betas(self) -> np.ndarray:
+    def alpha_bar(s):
+      return np.cos((s + self.offset) / (1 + self.offset) * np.pi / 2) ** 2
+
+    s = np.arange(self.num_timesteps, dtype=np.float64) / self.num_timesteps
+    ratio = alpha_bar(s + 1.0 / self.num_timesteps) / alpha_bar(s)
+    return np.minimum(1.0 - ratio, self.max_beta)
+
+
+SCHEDULES = {
+  "cosine": CosineSchedule,
+  "linear": LinearSchedule,
+  "discrete_cosine": DiscreteCosineSchedule,
+}
 
 
 def get_schedule(schedule) -> NoiseSchedule:
-  """A schedule from an instance or a registered name ('cosine', 'linear')."""
+  """A schedule from an instance or a registered name ('cosine', 'linear', 'discrete_cosine')."""
   if isinstance(schedule, NoiseSchedule):
     return schedule
   if isinstance(schedule, str) and schedule in SCHEDULES:

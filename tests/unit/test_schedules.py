@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from imagen_jax import diffusion as D
+from imagen_jax.diffusion import schedules
 
 
 @pytest.mark.parametrize(
@@ -12,6 +13,7 @@ from imagen_jax import diffusion as D
     D.LinearSchedule(),
     D.CosineSchedule(-10.0, 12.0),
     D.LinearSchedule(1e-4, 0.02, 100),
+    D.DiscreteCosineSchedule(),
   ],
 )
 def test_variance_preserving_and_strictly_decreasing(schedule):
@@ -68,6 +70,20 @@ def test_linear_matches_discrete_ddpm_cumprod():
   mid, _ = s.alpha_sigma(jnp.asarray((np.arange(1, 1000) + 0.5) / 1000.0, jnp.float32))
   mid2 = np.asarray(mid, np.float64) ** 2
   assert np.all(mid2 <= alpha_bar[:-1] * (1 + 1e-6)) and np.all(mid2 >= alpha_bar[1:] * (1 - 1e-6))
+
+
+def test_discrete_cosine_equals_diffusers_squaredcos_cap_v2():
+  """DeepFloyd IF's training schedule: at t = n / 1000, alpha_bar equals diffusers' DDPMScheduler
+  (beta_schedule='squaredcos_cap_v2').alphas_cumprod, an independent implementation."""
+  from diffusers import DDPMScheduler
+
+  ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod
+  alpha, _ = D.DiscreteCosineSchedule().alpha_sigma(jnp.arange(1, 1001, dtype=jnp.float32) / 1000)
+  got = np.asarray(alpha, np.float64) ** 2
+  np.testing.assert_allclose(got, ref.numpy().astype(np.float64), rtol=2e-5, atol=1e-6)
+  assert D.get_schedule("discrete_cosine") == D.DiscreteCosineSchedule()
+  record = schedules.schedule_record(D.DiscreteCosineSchedule(num_timesteps=100))
+  assert schedules.schedule_from_record(record) == D.DiscreteCosineSchedule(num_timesteps=100)
 
 
 def test_exact_ends_and_batch_polymorphism():
