@@ -19,7 +19,7 @@ DEMO_SR_STEPS   ?= 150
 # evaluation samples for 24-32 s on 2 cores, 2026-12-07; `make demo DEMO_EVAL_EVERY=100` turns it on),
 # every 500 steps in `make demo-long`.
 DEMO_EVAL_EVERY ?= 0
-DEMO_EVAL_HOOK = --gin.EVAL_EVERY=$(DEMO_EVAL_EVERY) --gin.train.eval_hook=@ShapesEvalHook() \
+DEMO_EVAL_HOOK = --gin.EVAL_EVERY=$(DEMO_EVAL_EVERY) --gin.train.eval_hook='@ShapesEvalHook()' \
   --gin.ShapesEvalHook.vocab="'$(DEMO_DIR)/spiece.model'" --gin.ShapesEvalHook.encoder="'$(DEMO_DIR)/t5'"
 
 DEMO_SAMPLE_FLAGS = --gin_file=runs/sample_demo.gin --gin.VOCAB="'$(DEMO_DIR)/spiece.model'" \
