@@ -613,3 +613,52 @@ def test_fid_bench_reports_throughput_and_flops_that_match_an_analytic_count(
       "repeats must be at least 1 and warmup at least 0" in err
       and len(err.strip().splitlines()) == 1
     ), err
+
+
+# `slow` like the sweep above (the Inception compile); the hook's sampling, logging and CLIP path
+# run in tests/integration/test_workflow.py in every `make test`.
+@pytest.mark.slow
+def test_fid_clip_hook_logs_the_fid_of_its_samples(
+  inception_pair, micro, shapes16, spm_model, tiny_t5_checkpoint, tmp_path
+):
+  """FidClipEvalHook with Inception weights and reference statistics: eval/fid equals the FID
+  recomputed from the hook's own samples."""
+  import json
+
+  from imagen_jax.eval.hook import FidClipEvalHook
+  from imagen_jax.train import data as tdata
+  from imagen_jax.train import loop
+  from tests.helpers import ADAM, BATCH, EMA
+
+  _, ours, tmp = inception_pair
+  ref = Stats.of(ours(np.random.default_rng(3).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)))
+  ref.save(tmp_path / "ref.npz")
+  (tmp_path / "p.txt").write_text("a red circle\ntwo blue squares\na green triangle\n")
+  hook = FidClipEvalHook(
+    prompts_file=str(tmp_path / "p.txt"),
+    vocab=spm_model,
+    encoder=str(tiny_t5_checkpoint[0]),
+    inception_weights=str(tmp / "converted"),
+    ref=str(tmp_path / "ref.npz"),
+    num_steps=2,
+    batch_size=4,
+  )
+  run = tmp_path / "run"
+  loop.train(
+    model_dir=str(run),
+    num_steps=2,
+    batch_source=tdata.InMemorySource(shapes16, BATCH),
+    model_config=micro,
+    optimizer=ADAM,
+    ema_decay=EMA,
+    log_every=2,
+    checkpoint_every=2,
+    progress=False,
+    compilation_cache_dir=None,
+    eval_every=2,
+    eval_hook=hook,
+  )
+  (line,) = [json.loads(x) for x in (run / "eval" / "fid_clip.jsonl").read_text().splitlines()]
+  ims = hook.last_images
+  assert ims.shape == (3, 16, 16, 3)
+  assert line["eval/fid"] == pytest.approx(frechet_distance(Stats.of(ours(ims)), ref), rel=1e-5)

@@ -251,3 +251,31 @@ def test_eval_hook_writes_its_metrics_at_the_configured_steps(
     for event in tf.compat.v1.train.summary_iterator(f):
       steps += [event.step for v in event.summary.value if v.tag == "eval/count"]
   assert sorted(steps) == [2, 4]
+
+
+def test_fid_clip_hook_logs_the_clip_score_of_its_samples(
+  micro, shapes16, spm_model, tiny_t5_checkpoint, clip_checkpoint, tmp_path
+):
+  """FidClipEvalHook with a CLIP checkpoint: eval/clip at the configured steps equals the CLIP
+  score recomputed from the hook's own samples; misconfigurations are one-line ConfigErrors."""
+  from imagen_jax.errors import ConfigError
+  from imagen_jax.eval.hook import FidClipEvalHook
+  from imagen_jax.eval.networks import clip
+
+  t5_dir, _, _ = tiny_t5_checkpoint
+  prompts = ["a red circle", "two blue squares", "a green triangle"]
+  (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+  kw = dict(prompts_file=str(tmp_path / "prompts.txt"), vocab=spm_model, encoder=str(t5_dir))
+  with pytest.raises(ConfigError, match="needs both inception_weights and ref"):
+    FidClipEvalHook(**kw, inception_weights="w")
+  with pytest.raises(ConfigError, match="give inception_weights"):
+    FidClipEvalHook(**kw)
+  hook = FidClipEvalHook(**kw, clip_checkpoint=str(clip_checkpoint[0]), num_steps=2, batch_size=4)
+  run = tmp_path / "run"
+  _train(run, micro, shapes16, 2, eval_every=2, eval_hook=hook)
+  lines = [json.loads(x) for x in (run / "eval" / "fid_clip.jsonl").read_text().splitlines()]
+  assert [x["step"] for x in lines] == [2] and set(lines[0]) == {"step", "setting", "eval/clip"}
+  # the hook's samples scored independently
+  want = clip.clip_score(clip.load(clip_checkpoint[0]), list(hook.last_images), prompts)[0]
+  assert lines[0]["eval/clip"] == pytest.approx(want, rel=1e-5)
+  assert hook.last_images.shape == (3, 16, 16, 3) and hook.last_images.dtype == np.uint8
