@@ -30,7 +30,13 @@ from imagen_jax.diffusion.process import (
   x0_from_eps,
   x0_from_v,
 )
-from imagen_jax.diffusion.samplers import ancestral_update, ddim_update, dpmpp_update, sample
+from imagen_jax.diffusion.samplers import (
+  ancestral_update,
+  ddim_update,
+  dpmpp_update,
+  learned_range_update,
+  sample,
+)
 from imagen_jax.diffusion.schedules import (
   SCHEDULES,
   CosineSchedule,

@@ -129,6 +129,40 @@ def ancestral_update(z, x0, log_snr_t, log_snr_s, noise):
   return mean + process.bcast(std, z) * noise
 
 
+def learned_range_update(z, x0, frac_out, abar_t, abar_s, noise, add_noise=None):
+  """One ancestral step with a learned variance (improved DDPM, Nichol & Dhariwal 2021), as
+  DeepFloyd IF samples (diffusers' DDPMScheduler with variance_type='learned_range'): the mean of the DDPM
+  posterior q(z_s | z_t, x0), and a log variance interpolated between the posterior's (lower) and
+  the step's beta (upper) by the network's extra output channels v in [-1, 1]:
+  log var = (v + 1)/2 log beta + (1 - v)/2 log max(posterior var, 1e-20).
+
+  Args:
+    z: the state at the current point t, (B, H, W, C).
+    x0: the (thresholded) clean-image prediction.
+    frac_out: the network's variance channels v, z's shape.
+    abar_t, abar_s: alpha_bar (= alpha^2) at t and at the next point s (B,); 1.0 at the end.
+    noise: N(0, I) of z's shape.
+    add_noise: (B,) whether to add noise (default: abar_s < 1, i.e. not at the last step).
+
+  Returns:
+    z at s.
+  """
+  abar_t = jnp.asarray(abar_t, jnp.float32)
+  abar_s = jnp.asarray(abar_s, jnp.float32)
+  beta = 1.0 - abar_t / abar_s
+  mean = (
+    process.bcast(jnp.sqrt(abar_s) * beta / (1.0 - abar_t), z) * x0
+    + process.bcast(jnp.sqrt(abar_t / abar_s) * (1.0 - abar_s) / (1.0 - abar_t), z) * z
+  )
+  post_var = jnp.maximum((1.0 - abar_s) / (1.0 - abar_t) * beta, 1e-20)
+  frac = (frac_out + 1.0) / 2.0
+  log_var = frac * process.bcast(jnp.log(beta), z) + (1.0 - frac) * process.bcast(
+    jnp.log(post_var), z
+  )
+  add = abar_s < 1.0 if add_noise is None else jnp.asarray(add_noise)
+  return mean + process.bcast(add.astype(jnp.float32), z) * jnp.exp(0.5 * log_var) * noise
+
+
 def ddim_update(x0, eps, log_snr_t, log_snr_s, noise, eta):
   """One DDIM step (Song et al. 2021) with stochasticity eta in [0, 1]."""
   alpha_s, sigma_s = alpha_sigma_from_log_snr(log_snr_s)

@@ -27,12 +27,24 @@ def static_threshold(x0):
   return jnp.clip(x0, -1.0, 1.0)
 
 
-def dynamic_threshold(x0, percentile: float = 99.5):
-  """Per-example dynamic thresholding; x0 has shape (B, ...)."""
+def dynamic_threshold(x0, percentile: float = 99.5, max_value=None):
+  """Per-example dynamic thresholding; x0 has shape (B, ...).
+
+  Args:
+    x0: the predicted clean images.
+    percentile: the percentile of |x0| that sets s (linear interpolation, as torch.quantile).
+    max_value: an upper bound on s (DeepFloyd IF's `sample_max_value`: 1.5 for stage I, 1.0 for
+      stage II, where 1.0 makes it the static clip); None: unbounded (Imagen).
+
+  Returns:
+    clip(x0, -s, s) / s with s = clip(percentile, 1, max_value).
+  """
   x0 = jnp.asarray(x0, jnp.float32)
   flat = jnp.abs(x0).reshape(x0.shape[0], -1)
-  s = jnp.percentile(flat, percentile, axis=1)
-  s = jnp.maximum(s, 1.0).reshape((-1,) + (1,) * (x0.ndim - 1))
+  s = jnp.maximum(jnp.percentile(flat, percentile, axis=1), 1.0)
+  if max_value is not None:
+    s = jnp.minimum(s, max_value)
+  s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
   return jnp.clip(x0, -s, s) / s
 
 

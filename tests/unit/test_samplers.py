@@ -219,3 +219,51 @@ def test_thresholded_x0_and_eps_stay_a_consistent_pair(method):
   alpha, sigma = D.alpha_sigma_from_log_snr(log_snr)
   assert float(jnp.abs(x0).max()) <= 1.0 + 1e-6
   np.testing.assert_allclose(D.diffuse(x0, eps, alpha, sigma), z, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_value", [1.5, 1.0])
+def test_learned_range_step_with_thresholding_equals_diffusers_ddpm_scheduler(max_value):
+  """DeepFloyd IF's sampling step: given the same model output (eps + variance channels) and noise,
+  our x0 (dynamic thresholding at percentile 95 with IF's upper bound) and learned-range ancestral
+  step equal diffusers' DDPMScheduler(variance_type='learned_range', thresholding=True) step by
+  step over a 10-step schedule on the discrete cosine schedule."""
+  import torch
+  from diffusers import DDPMScheduler
+
+  ref = DDPMScheduler(
+    num_train_timesteps=1000,
+    beta_schedule="squaredcos_cap_v2",
+    variance_type="learned_range",
+    thresholding=True,
+    dynamic_thresholding_ratio=0.95,
+    sample_max_value=max_value,
+    prediction_type="epsilon",
+  )
+  ref.set_timesteps(10)
+  schedule = D.DiscreteCosineSchedule()
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)  # diffusers' NCHW
+  ours = x.transpose(0, 2, 3, 1)
+  steps = [int(t) for t in ref.timesteps]
+  for i, t in enumerate(steps):
+    prev = steps[i + 1] if i + 1 < len(steps) else -1
+    out = rng.standard_normal((2, 6, 8, 8)).astype(np.float32) * np.float32(1.5)
+    out[:, 3:] = np.tanh(out[:, 3:])  # the variance channels in [-1, 1]
+    gen = torch.Generator().manual_seed(i)  # diffusers draws its noise from this
+    want_noise = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(i))
+    step = ref.step(torch.from_numpy(out), t, torch.from_numpy(x), generator=gen)
+    x = step.prev_sample.numpy()
+    noise = want_noise.numpy().transpose(0, 2, 3, 1)
+    # ours, NHWC, alpha_bar from the continuous schedule at the discrete points (step n at t = n/N)
+    abar = lambda k: np.full(  # noqa: E731
+      (2,), 1.0 if k < 0 else float(schedule.alpha_sigma((k + 1) / 1000)[0]) ** 2, np.float32
+    )
+    eps, frac = out[:, :3].transpose(0, 2, 3, 1), out[:, 3:].transpose(0, 2, 3, 1)
+    a_t = abar(t)
+    x0 = (ours - np.sqrt(1 - a_t)[:, None, None, None] * eps) / np.sqrt(a_t)[:, None, None, None]
+    x0 = D.dynamic_threshold(jnp.asarray(x0), 95.0, max_value)
+    np.testing.assert_allclose(
+      np.asarray(x0), step.pred_original_sample.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4
+    )
+    ours = np.asarray(D.learned_range_update(jnp.asarray(ours), x0, frac, a_t, abar(prev), noise))
+    np.testing.assert_allclose(ours, x.transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
