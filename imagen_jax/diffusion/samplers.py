@@ -131,9 +131,9 @@ def ancestral_update(z, x0, log_snr_t, log_snr_s, noise):
 
 def learned_range_update(z, x0, frac_out, abar_t, abar_s, noise, add_noise=None):
   """One ancestral step with a learned variance (improved DDPM, Nichol & Dhariwal 2021), as
-  DeepFloyd IF samples (diffusers' DDPMScheduler with variance_type='learned_range'): the mean of the DDPM
-  posterior q(z_s | z_t, x0), and a log variance interpolated between the posterior's (lower) and
-  the step's beta (upper) by the network's extra output channels v in [-1, 1]:
+  DeepFloyd IF samples (diffusers' DDPMScheduler with variance_type='learned_range'): the mean of
+  the DDPM posterior q(z_s | z_t, x0), and a log variance interpolated between the posterior's
+  (lower) and the step's beta (upper) by the network's extra output channels v in [-1, 1]:
   log var = (v + 1)/2 log beta + (1 - v)/2 log max(posterior var, 1e-20).
 
   Args:
