@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from imagen_jax.diffusion import process
 from imagen_jax.diffusion.schedules import NoiseSchedule
@@ -32,16 +33,50 @@ def sample_aug_levels(key, batch_size: int, level_range=(0.0, 1.0)):
   return jax.random.uniform(key, (batch_size,), jnp.float32, lo, hi)
 
 
-def upsample(lowres, size: int):
-  """(B, s, s, C) -> (B, size, size, C), bilinear (the identity when already at size)."""
+def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) bilinear weights with the corner pixels' centres aligned: output i samples the
+  input at i (n_in - 1) / (n_out - 1) (PyTorch's align_corners=True)."""
+  pos = np.arange(n_out) * ((n_in - 1) / max(n_out - 1, 1))
+  lo = np.clip(np.floor(pos).astype(int), 0, n_in - 1)
+  hi = np.minimum(lo + 1, n_in - 1)
+  frac = pos - lo
+  m = np.zeros((n_out, n_in), np.float64)
+  np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
+  np.add.at(m, (np.arange(n_out), hi), frac)
+  return m.astype(np.float32)
+
+
+def upsample(lowres, size: int, align_corners: bool = False):
+  """(B, s, s, C) -> (B, size, size, C), bilinear (the identity when already at size).
+
+  Args:
+    lowres: the images.
+    size: the output size.
+    align_corners: False: half-pixel centres (jax.image.resize, antialiased); True: corner centres
+      aligned, as DeepFloyd IF upsamples its stage II input (F.interpolate(align_corners=True)).
+
+  Returns:
+    The upsampled images, float32.
+  """
   lowres = jnp.asarray(lowres, jnp.float32)
   b, h, w, c = lowres.shape
   if (h, w) == (size, size):
     return lowres
+  if align_corners:
+    mh, mw = _align_corners_matrix(h, size), _align_corners_matrix(w, size)
+    return jnp.einsum("oh,bhwc,pw->bopc", mh, lowres, mw, precision=jax.lax.Precision.HIGHEST)
   return jax.image.resize(lowres, (b, size, size, c), method="bilinear")
 
 
-def noise_augment(lowres, key, schedule: NoiseSchedule, aug_level, size=None):
+def discrete_noise_level(noise_level, num_timesteps: int = 1000):
+  """A discrete noise level n of a DDPM with num_timesteps steps (DeepFloyd IF stage II's
+  `noise_level`, 250 by default) as this package's augmentation level: alpha_bar of step n is the
+  discrete schedule's value after n + 1 steps, i.e. at t = (n + 1) / num_timesteps
+  (`schedules.DiscreteCosineSchedule`)."""
+  return (jnp.asarray(noise_level, jnp.float32) + 1.0) / num_timesteps
+
+
+def noise_augment(lowres, key, schedule: NoiseSchedule, aug_level, size=None, align_corners=False):
   """The low-res image corrupted by the forward process at `aug_level` (a scalar or a (B,) array;
   there is no default: sampling must say which level it uses).
 
@@ -51,13 +86,14 @@ def noise_augment(lowres, key, schedule: NoiseSchedule, aug_level, size=None):
     schedule: the augmentation's noise schedule (level -> alpha, sigma).
     aug_level: the level, a scalar or (B,).
     size: upsample to size x size (bilinear) before adding the noise; None: noise at s x s.
+    align_corners: the upsampling's pixel grid (`upsample`).
 
   Returns:
     (augmented image, per-example level of shape (B,)).
   """
   lowres = jnp.asarray(lowres, jnp.float32)
   if size is not None:
-    lowres = upsample(lowres, int(size))
+    lowres = upsample(lowres, int(size), align_corners)
   level = jnp.broadcast_to(jnp.asarray(aug_level, jnp.float32), (lowres.shape[0],))
   alpha, sigma = schedule.alpha_sigma_exact_ends(level)
   eps = process.standard_normal(key, lowres.shape)  # a key, or one key per example (B, 2)

@@ -1,4 +1,5 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -108,3 +109,32 @@ def test_noise_is_added_at_the_output_resolution_by_default():
   assert D.DiffusionConfig.from_training_record(cfg.training_record()) == cfg
   with pytest.raises(ConfigError):
     D.DiffusionConfig(noise_aug_at="middle")
+
+
+def test_deepfloyd_if_stage_ii_noising_equals_diffusers():
+  """IF-II's conditioning: bilinear upsampling with aligned corners then the forward process at
+  noise level 250 of 1000 on the discrete cosine schedule equal torch's
+  F.interpolate(align_corners=True) and diffusers' DDPMScheduler.add_noise with the same noise."""
+  import torch
+  import torch.nn.functional as F
+  from diffusers import DDPMScheduler
+
+  from imagen_jax.diffusion import augmentation
+
+  rng = np.random.default_rng(0)
+  low = rng.uniform(-1, 1, (2, 3, 8, 8)).astype(np.float32)  # NCHW for torch
+  noise = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+  up_ref = F.interpolate(torch.from_numpy(low), (32, 32), mode="bilinear", align_corners=True)
+  sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+  want = sched.add_noise(up_ref, torch.from_numpy(noise), torch.tensor([250, 250])).numpy()
+  nhwc = lambda a: a.transpose(0, 2, 3, 1)  # noqa: E731
+  up = augmentation.upsample(nhwc(low), 32, align_corners=True)
+  np.testing.assert_allclose(np.asarray(up), nhwc(up_ref.numpy()), atol=1e-6)
+  level = augmentation.discrete_noise_level(250)
+  alpha, sigma = D.DiscreteCosineSchedule().alpha_sigma_exact_ends(jnp.full((2,), level))
+  got = D.diffuse(
+    up, jnp.asarray(nhwc(noise)), alpha[:, None, None, None], sigma[:, None, None, None]
+  )
+  np.testing.assert_allclose(np.asarray(got), nhwc(want), atol=2e-6)
+  # the default grid (half-pixel centres) is another upsampling
+  assert float(jnp.abs(augmentation.upsample(nhwc(low), 32) - up).max()) > 1e-2
