@@ -47,6 +47,41 @@ def downsample(images, size: int) -> np.ndarray:
   return np.asarray(jax.image.resize(x, (b, size, size, c), "bicubic", antialias=True))
 
 
+BILINEAR_GRIDS = ("tf1", "pytorch", "align_corners")
+
+
+def bilinear_matrix(in_size: int, out_size: int, grid: str) -> np.ndarray:
+  """(out_size, in_size) bilinear interpolation weights along one axis (no antialiasing).
+
+  Args:
+    in_size: the input length.
+    out_size: the output length.
+    grid: where output pixel i samples the input: 'tf1' at i * in/out (TF1's resize_bilinear,
+      the FID Inception's), 'pytorch' at (i + 0.5) in/out - 0.5 clamped at 0 (F.interpolate,
+      align_corners=False), 'align_corners' at i (in - 1)/(out - 1) (align_corners=True,
+      DeepFloyd IF's stage II upsampling).
+
+  Returns:
+    The weights, float32.
+  """
+  if grid not in BILINEAR_GRIDS:
+    raise UserError(f"bilinear grid must be one of {BILINEAR_GRIDS}, got {grid!r}")
+  i = np.arange(out_size, dtype=np.float64)
+  if grid == "tf1":
+    src = i * (in_size / out_size)
+  elif grid == "pytorch":
+    src = np.maximum((i + 0.5) * (in_size / out_size) - 0.5, 0.0)
+  else:
+    src = i * ((in_size - 1) / max(out_size - 1, 1))
+  lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  frac = src - lo
+  m = np.zeros((out_size, in_size), np.float64)
+  np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
+  np.add.at(m, (np.arange(out_size), hi), frac)
+  return m.astype(np.float32)
+
+
 def save_png(path, image_uint8: np.ndarray) -> None:
   """Writes atomically (temporary name, then rename): a reader never sees half a file. Local or
   cloud paths (`etils.epath`)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from imagen_jax.diffusion import process
 from imagen_jax.diffusion.schedules import NoiseSchedule
@@ -31,19 +30,6 @@ def sample_aug_levels(key, batch_size: int, level_range=(0.0, 1.0)):
       f"augmentation level range must satisfy 0 <= lo <= hi <= 1, got {level_range}"
     )
   return jax.random.uniform(key, (batch_size,), jnp.float32, lo, hi)
-
-
-def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) bilinear weights with the corner pixels' centres aligned: output i samples the
-  input at i (n_in - 1) / (n_out - 1) (PyTorch's align_corners=True)."""
-  pos = np.arange(n_out) * ((n_in - 1) / max(n_out - 1, 1))
-  lo = np.clip(np.floor(pos).astype(int), 0, n_in - 1)
-  hi = np.minimum(lo + 1, n_in - 1)
-  frac = pos - lo
-  m = np.zeros((n_out, n_in), np.float64)
-  np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
-  np.add.at(m, (np.arange(n_out), hi), frac)
-  return m.astype(np.float32)
 
 
 def upsample(lowres, size: int, align_corners: bool = False):
@@ -63,7 +49,9 @@ def upsample(lowres, size: int, align_corners: bool = False):
   if (h, w) == (size, size):
     return lowres
   if align_corners:
-    mh, mw = _align_corners_matrix(h, size), _align_corners_matrix(w, size)
+    from imagen_jax.images import bilinear_matrix
+
+    mh, mw = bilinear_matrix(h, size, "align_corners"), bilinear_matrix(w, size, "align_corners")
     return jnp.einsum("oh,bhwc,pw->bopc", mh, lowres, mw, precision=jax.lax.Precision.HIGHEST)
   return jax.image.resize(lowres, (b, size, size, c), method="bilinear")
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax import images as imio
 from imagen_jax.errors import ConfigError, UserError
 
 WEIGHTS_FILE = "inception_fid.safetensors"
@@ -197,19 +198,10 @@ class FIDInceptionV3(nn.Module):
 
 def resize_matrix(in_size: int, out_size: int, mode: str) -> np.ndarray:
   """(out, in) bilinear interpolation weights along one axis (see the module doc for the two
-  modes)."""
+  modes; `images.bilinear_matrix`)."""
   if mode not in RESIZES:
     raise ConfigError(f"resize must be one of {RESIZES}, got {mode!r}")
-  scale = in_size / out_size
-  i = np.arange(out_size, dtype=np.float64)
-  src = i * scale if mode == "tf1" else np.maximum((i + 0.5) * scale - 0.5, 0.0)
-  lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-  hi = np.minimum(lo + 1, in_size - 1)
-  frac = src - lo
-  m = np.zeros((out_size, in_size), np.float64)
-  np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
-  np.add.at(m, (np.arange(out_size), hi), frac)
-  return m.astype(np.float32)
+  return imio.bilinear_matrix(in_size, out_size, mode)
 
 
 def preprocess(images_uint8: jnp.ndarray, mode: str = "tf1") -> jnp.ndarray:
