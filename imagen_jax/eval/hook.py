@@ -52,8 +52,9 @@ class _SamplingEvalHook:
 
   name = "eval"  # the JSON-lines file under MODEL_DIR/eval/
 
-  def __init__(self, vocab, encoder, settings: StageSettings, batch_size, seed, progress):
-    self.vocab, self.encoder, self.settings = vocab, encoder, settings
+  def __init__(self, vocab, encoder, sampling: dict, batch_size, seed, progress):
+    self.vocab, self.encoder = vocab, encoder
+    self.settings = StageSettings(**sampling)  # sampler, num_steps, guidance_scale, thresholding
     self.batch_size, self.seed, self.progress = batch_size, seed, progress
     self.history: List[tuple] = []
 
@@ -143,10 +144,10 @@ class ShapesEvalHook(_SamplingEvalHook):
     batch_size: Optional[int] = None,
     progress: bool = True,
   ):
-    settings = StageSettings(
-      sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale, thresholding=thresholding
+    sampling = dict(sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale)
+    super().__init__(
+      vocab, encoder, dict(sampling, thresholding=thresholding), batch_size, seed, progress
     )
-    super().__init__(vocab, encoder, settings, batch_size, seed, progress)
     self.num_prompts, self.scene_seed = num_prompts, scene_seed
 
   def prompts(self) -> List[str]:
@@ -200,10 +201,10 @@ class FidClipEvalHook(_SamplingEvalHook):
       raise ConfigError(
         "FidClipEvalHook: give inception_weights + ref (FID), clip_checkpoint, or both"
       )
-    settings = StageSettings(
-      sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale, thresholding=thresholding
+    sampling = dict(sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale)
+    super().__init__(
+      vocab, encoder, dict(sampling, thresholding=thresholding), batch_size, seed, progress
     )
-    super().__init__(vocab, encoder, settings, batch_size, seed, progress)
     self.prompts_file, self.num_prompts = prompts_file, num_prompts
     self.inception_weights, self.ref, self.clip_checkpoint = inception_weights, ref, clip_checkpoint
 
