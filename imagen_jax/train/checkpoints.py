@@ -286,7 +286,10 @@ def check_init_from(spec: str, record: dict) -> dict:
       first such tensor is named).
   """
   run_dir, step = parse_init_from(spec)
-  other = read_run_record(run_dir)
+  try:
+    other = read_run_record(run_dir)
+  except RunDirError as e:
+    raise RunDirError(f"init_from {e}") from None
   want, have = record["param_shapes"], other.get("param_shapes", {})
   for name in sorted(want):
     if name not in have:

@@ -448,10 +448,10 @@ def _loop(
 def _check_init_from(init_from, which: str, model_dir, model_config) -> Optional[dict]:
   """{'run', 'step', 'params'} of a new run's init_from, checked against the network before any
   data is opened or anything written; None when there is none or MODEL_DIR resumes its own."""
-  if init_from is None or ckpt.latest_step(model_dir) is not None:
-    return None
   if which not in ("ema", "params"):
     raise TrainError(f"init_from_params must be 'ema' or 'params', got {which!r}")
+  if init_from is None or ckpt.latest_step(model_dir) is not None:
+    return None
   shapes_only = ckpt.run_record(model_config, nn.unbox(models.abstract_params(model_config)))
   return dict(ckpt.check_init_from(init_from, shapes_only), params=which)
 
@@ -546,6 +546,7 @@ def train(
       f"num_steps, log_every and checkpoint_every must be >= 1 (got {num_steps}, {log_every}, "
       f"{checkpoint_every})"
     )
+  writers_lib.check_writers(writers)  # before anything is written
   mesh = _mesh(mesh_shape, devices)
   lead = jax.process_index() == 0
   init = _check_init_from(init_from, init_from_params, model_dir, model_config)

@@ -30,6 +30,14 @@ class WandbSettings:
   tags: Sequence[str] = ()
 
 
+def check_writers(writers) -> tuple:
+  """The writer names, validated (ConfigError on an unknown one)."""
+  unknown = [w for w in writers if w not in WRITERS]
+  if unknown:
+    raise ConfigError(f"unknown writer {unknown[0]!r}; expected any of {WRITERS}")
+  return tuple(writers)
+
+
 class _TensorBoard:
   def __init__(self, model_dir: str):
     from imagen_jax.data import tf_setup
@@ -111,9 +119,7 @@ class MetricWriter:
     progress: bool = True,
     wandb_settings: Optional[WandbSettings] = None,
   ):
-    unknown = [w for w in writers if w not in WRITERS]
-    if unknown:
-      raise ConfigError(f"unknown writer {unknown[0]!r}; expected any of {WRITERS}")
+    writers = check_writers(writers)
     self.enabled = enabled
     self.progress = progress
     self._backends = []

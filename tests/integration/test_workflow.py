@@ -121,6 +121,23 @@ def test_init_from_of_another_shape_is_one_line_and_writes_nothing(
   assert err.startswith(f"imagen-jax: error: init_from {source_run}: "), err
   assert "tensor" in err and ("shape" in err or "no tensor" in err), err
   assert not new.exists()
+  # other bad values: one line, exit 2, MODEL_DIR never made
+  for bad, message in (
+    ("--gin.WRITERS=['tensorbord']", "unknown writer 'tensorbord'"),
+    ("--gin.train.init_from_params='emma'", "init_from_params must be 'ema' or 'params'"),
+    (f"--gin.INIT_FROM='{tmp_path / 'nowhere'}'", "init_from "),
+  ):
+    argv = [
+      "train",
+      "--gin_file=runs/demo_base.gin",
+      f"--gin.MODEL_DIR='{new}'",
+      f"--gin.TRAIN_DATA='{shapes_cache}'",
+      bad,
+    ]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not new.exists(), bad
   # the right network at a step the source never saved
   record = ckpt.run_record(micro, nn.unbox(M.abstract_params(micro)))
   assert ckpt.check_init_from(f"{source_run}@8", record) == {"run": str(source_run), "step": 8}
