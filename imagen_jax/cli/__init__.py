@@ -10,6 +10,7 @@ import sys
 from typing import List, Optional
 
 from imagen_jax.cli import common
+from imagen_jax.cli import convert as convert_cli
 from imagen_jax.cli import eval as eval_cli
 from imagen_jax.cli import sample as sample_cli
 from imagen_jax.cli import scale as scale_cli
@@ -19,7 +20,7 @@ from imagen_jax.cli import train as train_cli
 # The CLI's API: the gin modules of a training run (launch/ and tests use them) and its error.
 from imagen_jax.cli.common import RUN_ONLY_MACROS, TRAIN_GIN_MODULES, UsageError
 
-GROUPS = (t5_cli, train_cli, sample_cli, scale_cli, eval_cli)
+GROUPS = (t5_cli, convert_cli, train_cli, sample_cli, scale_cli, eval_cli)
 
 
 def build_parser() -> common.Parser:

@@ -169,6 +169,7 @@ def cache_embeddings(
   n_dev = jax.device_count()
   mesh = partitioning.create_mesh(data=-1) if n_dev > 1 and batch_size % n_dev == 0 else None
   encoder = TextEncoder(config, params, mesh=mesh, batch_size=batch_size)
+  tasks_lib.write_null_text(out, encoder, max_length)
 
   summary = CacheSummary()
   bar = tqdm(

@@ -264,6 +264,51 @@ FEATURES = {
 }
 
 
+NULL_TEXT = "null_text.npz"
+
+
+def empty_prompt_tokens(max_length: int):
+  """The tokens of the empty prompt: EOS, then padding (what T5 tokenizers give for "")."""
+  import numpy as np
+
+  from imagen_jax.text.t5 import EOS_ID
+
+  tokens = np.zeros((1, max_length), np.int32)
+  tokens[0, 0] = EOS_ID
+  return tokens
+
+
+def write_null_text(cache_dir, encoder, max_length: int) -> None:
+  """Writes the encoder's embedding of the empty prompt (bfloat16-rounded, as the cache stores
+  embeddings) and its mask: the null condition of stages trained with null_text='empty_prompt'."""
+  import io
+
+  import jax.numpy as jnp
+  import numpy as np
+
+  emb, mask = encoder.encode(empty_prompt_tokens(max_length))
+  emb = np.asarray(jnp.asarray(emb[0]).astype(jnp.bfloat16).astype(jnp.float32))
+  buf = io.BytesIO()
+  np.savez(buf, emb=emb, mask=np.asarray(mask[0], bool))
+  (epath.Path(cache_dir) / NULL_TEXT).write_bytes(buf.getvalue())
+
+
+def read_null_text(cache_dir):
+  """(emb (L, D) float32, mask (L,)) of the empty prompt a cache was written with."""
+  import io
+
+  import numpy as np
+
+  path = epath.Path(cache_dir) / NULL_TEXT
+  if not path.is_file():
+    raise sources_lib.DataError(
+      f"{cache_dir}: no {NULL_TEXT} (the empty prompt's embedding, written by cache-embeddings "
+      "since 2026-12-07); re-run cache-embeddings into a new directory"
+    )
+  with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as f:
+    return np.asarray(f["emb"], np.float32), np.asarray(f["mask"], bool)
+
+
 def read_metadata(cache_dir) -> dict:
   path = epath.Path(cache_dir) / METADATA
   if not path.is_file():

@@ -88,9 +88,11 @@ def noise_augment(lowres, key, schedule: NoiseSchedule, aug_level, size=None, al
   return process.diffuse(lowres, eps, alpha, sigma), level
 
 
-def noise_augment_random(lowres, key, schedule: NoiseSchedule, level_range=(0.0, 1.0), size=None):
+def noise_augment_random(
+  lowres, key, schedule: NoiseSchedule, level_range=(0.0, 1.0), size=None, align_corners=False
+):
   """Training: a level drawn uniformly from level_range per example, then `noise_augment` at it
   (upsampled to `size` first when given)."""
   k_level, k_noise = jax.random.split(key)
   level = sample_aug_levels(k_level, jnp.shape(lowres)[0], level_range)
-  return noise_augment(lowres, k_noise, schedule, level, size)
+  return noise_augment(lowres, k_noise, schedule, level, size, align_corners)

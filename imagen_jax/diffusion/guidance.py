@@ -28,11 +28,21 @@ from imagen_jax.diffusion import process
 from imagen_jax.diffusion.schedules import alpha_sigma_from_log_snr
 
 
-def null_condition(cond):
-  """The condition with its text removed: embeddings zero, mask all False."""
+def null_condition(cond, null_text=None):
+  """The condition with its text removed: embeddings zero, mask all False; or, given null_text =
+  (emb (L, D), mask (L,)), every row's text replaced by that one (DeepFloyd IF's empty prompt)."""
   if cond is None:
     return None
   out = dict(cond)
+  if null_text is not None:
+    emb, mask = null_text
+    if TEXT_EMB in out:
+      ref = out[TEXT_EMB]
+      out[TEXT_EMB] = jnp.broadcast_to(jnp.asarray(emb, ref.dtype), ref.shape)
+    if TEXT_MASK in out:
+      ref = out[TEXT_MASK]
+      out[TEXT_MASK] = jnp.broadcast_to(jnp.asarray(mask, ref.dtype), ref.shape)
+    return out
   if TEXT_EMB in out:
     out[TEXT_EMB] = jnp.zeros_like(out[TEXT_EMB])
   if TEXT_MASK in out:
@@ -40,13 +50,14 @@ def null_condition(cond):
   return out
 
 
-def drop_condition(cond, key, drop_prob: float):
-  """Per example, replaces the text by the null condition with probability drop_prob."""
+def drop_condition(cond, key, drop_prob: float, null_text=None):
+  """Per example, replaces the text by the null condition (`null_condition`) with probability
+  drop_prob."""
   if cond is None or drop_prob <= 0 or (TEXT_EMB not in cond and TEXT_MASK not in cond):
     return cond
   ref = cond[TEXT_EMB] if TEXT_EMB in cond else cond[TEXT_MASK]
   keep = jax.random.bernoulli(key, 1.0 - drop_prob, (ref.shape[0],))
-  null = null_condition(cond)
+  null = null_condition(cond, null_text)
   out = dict(cond)
   for name in (TEXT_EMB, TEXT_MASK):
     if name in cond:
@@ -76,7 +87,9 @@ def is_unguided(guidance_scale) -> bool:
   )
 
 
-def guided_x0_eps(model_fn, z, log_snr, cond, guidance_scale, objective: str, uncond=None):
+def guided_x0_eps(
+  model_fn, z, log_snr, cond, guidance_scale, objective: str, uncond=None, learned_variance=False
+):
   """Classifier-free guided (x0, eps): eps~ = w eps(z, c) + (1 - w) eps(z, u).
 
   u is `uncond` (a negative prompt's condition, `negative_condition`) or, by default, the null
@@ -86,11 +99,16 @@ def guided_x0_eps(model_fn, z, log_snr, cond, guidance_scale, objective: str, un
   (conditional half, then unconditional half) and the network is called once on it. The same affine
   combination is applied to x0 (x0 is affine in eps for a fixed z, so the pair stays consistent),
   which avoids dividing by a small alpha for v- and x0-prediction networks.
+
+  learned_variance: the network outputs 2C channels, the prediction and the variance fraction v;
+  returns (x0, eps, v) with v the conditional half's, unguided (as DeepFloyd IF's pipelines).
   """
   alpha, sigma = alpha_sigma_from_log_snr(log_snr)
+  c = z.shape[-1]
   if is_unguided(guidance_scale):
-    pred = model_fn(z, log_snr, cond)
-    return process.prediction_to_x0_eps(pred, z, alpha, sigma, objective)
+    pred = jnp.asarray(model_fn(z, log_snr, cond), jnp.float32)
+    x0, eps = process.prediction_to_x0_eps(pred[..., :c], z, alpha, sigma, objective)
+    return (x0, eps, pred[..., c:]) if learned_variance else (x0, eps)
   b = z.shape[0]
   uncond = null_condition(cond) if uncond is None else uncond
   both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
@@ -98,7 +116,8 @@ def guided_x0_eps(model_fn, z, log_snr, cond, guidance_scale, objective: str, un
     jnp.concatenate([z, z], axis=0), jnp.concatenate([log_snr, log_snr], axis=0), both
   )
   pred = jnp.asarray(pred, jnp.float32)
-  x0_c, eps_c = process.prediction_to_x0_eps(pred[:b], z, alpha, sigma, objective)
-  x0_u, eps_u = process.prediction_to_x0_eps(pred[b:], z, alpha, sigma, objective)
+  x0_c, eps_c = process.prediction_to_x0_eps(pred[:b, ..., :c], z, alpha, sigma, objective)
+  x0_u, eps_u = process.prediction_to_x0_eps(pred[b:, ..., :c], z, alpha, sigma, objective)
   w = jnp.asarray(guidance_scale, jnp.float32)
-  return w * x0_c + (1.0 - w) * x0_u, w * eps_c + (1.0 - w) * eps_u
+  x0, eps = w * x0_c + (1.0 - w) * x0_u, w * eps_c + (1.0 - w) * eps_u
+  return (x0, eps, pred[:b, ..., c:]) if learned_variance else (x0, eps)

@@ -37,6 +37,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from imagen_jax.diffusion import guidance, process, thresholding
 from imagen_jax.diffusion.schedules import NoiseSchedule, alpha_sigma_from_log_snr
@@ -49,6 +50,8 @@ FAMILY["dpmpp_2m_sde"] = "dpmpp"
 FAMILY_SAMPLER = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp": "dpmpp_2m"}  # each family's program
 SOLVER_ORDER = {"ddpm": 1, "ddim": 1, "dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2}
 SPACINGS = ("uniform", "logsnr", "karras")
+# diffusers' step spacings of a discrete schedule (`discrete_timesteps`), computed on the host.
+DISCRETE_SPACINGS = ("leading", "trailing", "linspace")
 # logsnr and karras spacings end at lambda(T_END_FRACTION * t_start) before the final step to t = 0
 # (DPM-Solver's t_end = 1e-3; diffusers ends its Karras sigmas at the first training step's).
 T_END_FRACTION = 1e-3
@@ -129,6 +132,34 @@ def ancestral_update(z, x0, log_snr_t, log_snr_s, noise):
   return mean + process.bcast(std, z) * noise
 
 
+def learned_range_moments(z, x0, frac_out, abar_t, abar_s, min_var=None):
+  """Mean and log variance of the learned-range step from t to s (`learned_range_update`).
+
+  Args:
+    z, x0, frac_out: the state at t, the clean-image prediction, the variance fraction v.
+    abar_t, abar_s: alpha_bar at t and s (B,); abar_s = 1 at the last step.
+    min_var: (B,) replaces the posterior variance where it is below (improved DDPM's clipped
+      variance at the first step in training); default 1e-20 (diffusers' sampling floor).
+
+  Returns:
+    (mean, log variance), each of z's shape.
+  """
+  abar_t = jnp.asarray(abar_t, jnp.float32)
+  abar_s = jnp.asarray(abar_s, jnp.float32)
+  beta = 1.0 - abar_t / abar_s
+  mean = (
+    process.bcast(jnp.sqrt(abar_s) * beta / (1.0 - abar_t), z) * x0
+    + process.bcast(jnp.sqrt(abar_t / abar_s) * (1.0 - abar_s) / (1.0 - abar_t), z) * z
+  )
+  floor = 1e-20 if min_var is None else min_var
+  post_var = jnp.maximum((1.0 - abar_s) / (1.0 - abar_t) * beta, floor)
+  frac = (frac_out + 1.0) / 2.0
+  log_var = frac * process.bcast(jnp.log(beta), z) + (1.0 - frac) * process.bcast(
+    jnp.log(post_var), z
+  )
+  return mean, log_var
+
+
 def learned_range_update(z, x0, frac_out, abar_t, abar_s, noise, add_noise=None):
   """One ancestral step with a learned variance (improved DDPM, Nichol & Dhariwal 2021), as
   DeepFloyd IF samples (diffusers' DDPMScheduler with variance_type='learned_range'): the mean of
@@ -147,18 +178,8 @@ def learned_range_update(z, x0, frac_out, abar_t, abar_s, noise, add_noise=None)
   Returns:
     z at s.
   """
-  abar_t = jnp.asarray(abar_t, jnp.float32)
+  mean, log_var = learned_range_moments(z, x0, frac_out, abar_t, abar_s)
   abar_s = jnp.asarray(abar_s, jnp.float32)
-  beta = 1.0 - abar_t / abar_s
-  mean = (
-    process.bcast(jnp.sqrt(abar_s) * beta / (1.0 - abar_t), z) * x0
-    + process.bcast(jnp.sqrt(abar_t / abar_s) * (1.0 - abar_s) / (1.0 - abar_t), z) * z
-  )
-  post_var = jnp.maximum((1.0 - abar_s) / (1.0 - abar_t) * beta, 1e-20)
-  frac = (frac_out + 1.0) / 2.0
-  log_var = frac * process.bcast(jnp.log(beta), z) + (1.0 - frac) * process.bcast(
-    jnp.log(post_var), z
-  )
   add = abar_s < 1.0 if add_noise is None else jnp.asarray(add_noise)
   return mean + process.bcast(add.astype(jnp.float32), z) * jnp.exp(0.5 * log_var) * noise
 
@@ -234,17 +255,69 @@ def denoise(
   thresholding_method,
   percentile,
   uncond=None,
+  threshold_max=None,
+  learned_variance=False,
 ):
   """Guided, thresholded (x0, eps) at one noise level. log_snr has shape (B,).
   thresholding_method: a name, or a traced index into `thresholding.THRESHOLDING`. uncond: the
-  unconditional half's condition (a negative prompt's); default the null condition."""
-  x0, eps = guidance.guided_x0_eps(
-    model_fn, z, log_snr, cond, guidance_scale, objective, uncond=uncond
+  unconditional half's condition (a negative prompt's); default the null condition.
+  threshold_max: the bound on dynamic thresholding's s (None / inf: none). learned_variance:
+  returns (x0, eps, v) with the network's variance fraction v (`guidance.guided_x0_eps`)."""
+  out = guidance.guided_x0_eps(
+    model_fn,
+    z,
+    log_snr,
+    cond,
+    guidance_scale,
+    objective,
+    uncond=uncond,
+    learned_variance=learned_variance,
   )
-  if isinstance(thresholding_method, str) and thresholding_method == "none":
-    return x0, eps
-  alpha, sigma = alpha_sigma_from_log_snr(log_snr)
-  return thresholding.threshold_x0_eps(x0, eps, z, alpha, sigma, thresholding_method, percentile)
+  x0, eps = out[:2]
+  if not (isinstance(thresholding_method, str) and thresholding_method == "none"):
+    alpha, sigma = alpha_sigma_from_log_snr(log_snr)
+    x0, eps = thresholding.threshold_x0_eps(
+      x0, eps, z, alpha, sigma, thresholding_method, percentile, threshold_max
+    )
+  return (x0, eps, out[2]) if learned_variance else (x0, eps)
+
+
+def discrete_timesteps(spacing: str, num_steps: int, num_train_timesteps: int = 1000):
+  """The discrete steps (0-based, descending) diffusers' schedulers walk for `num_steps` steps of a
+  `num_train_timesteps`-step schedule: 'leading' (arange(N) * (T // N), diffusers' default and
+  DeepFloyd IF's), 'trailing' (T - 1 down in steps of T / N, rounded) or 'linspace'."""
+  n, t = int(num_steps), int(num_train_timesteps)
+  if not 1 <= n <= t:
+    raise ConfigError(f"{n} steps do not fit a {t}-step schedule")
+  if spacing == "leading":
+    steps = np.arange(n) * (t // n)
+  elif spacing == "trailing":
+    steps = np.round(np.arange(t, 0, -t / n)).astype(np.int64)[::-1] - 1
+  elif spacing == "linspace":
+    steps = np.round(np.linspace(0, t - 1, n)).astype(np.int64)
+  else:
+    raise ConfigError(f"unknown discrete spacing {spacing!r}; expected leading, trailing, linspace")
+  return np.asarray(steps[::-1], np.int64)
+
+
+def parse_timesteps(text: str, num_train_timesteps: int = 1000) -> np.ndarray:
+  """A respaced step set: comma-separated discrete steps, strictly descending, each in
+  [0, num_train_timesteps) (e.g. DeepFloyd IF's fast27 / smart50 lists)."""
+  try:
+    steps = np.asarray([int(v) for v in str(text).replace(" ", "").split(",") if v], np.int64)
+  except ValueError:
+    raise ConfigError(f"timesteps must be comma-separated integers, got {text!r}") from None
+  if steps.size == 0 or np.any(np.diff(steps) >= 0):
+    raise ConfigError(f"timesteps must be a non-empty, strictly descending list, got {text!r}")
+  if steps[0] >= num_train_timesteps or steps[-1] < 0:
+    raise ConfigError(f"timesteps must lie in [0, {num_train_timesteps}), got {text!r}")
+  return steps
+
+
+def timesteps_to_grid(steps, num_train_timesteps: int = 1000) -> np.ndarray:
+  """Discrete steps n (descending) -> the grid times t = (n + 1) / T of a discrete schedule
+  (`schedules._DiscreteSchedule`), float32, one per sampling step."""
+  return ((np.asarray(steps, np.float64) + 1.0) / num_train_timesteps).astype(np.float32)
 
 
 def step_order(sampler_order, i, num_steps):
@@ -264,6 +337,31 @@ def _renoise(z_s, log_snr_s, log_snr_t, noise):
   a_ts = alpha_t / alpha_s
   var = jnp.maximum(jnp.square(sigma_t) - jnp.square(a_ts * sigma_s), 0.0)
   return process.bcast(a_ts, z_s) * z_s + process.bcast(jnp.sqrt(var), z_s) * noise
+
+
+def _initial_state(schedule, noise0, z_init, x_init, t0):
+  """(z at t_start, x_init as float32): the noise, the given state, or x_init forward-noised."""
+  if x_init is None:
+    return (noise0 if z_init is None else jnp.asarray(z_init, jnp.float32)), None
+  x_init = jnp.asarray(x_init, jnp.float32)
+  a0, s0 = schedule.alpha_sigma_exact_ends(t0)
+  return a0 * x_init + s0 * noise0, x_init
+
+
+def _grid_fn(schedule, spacing, n, t0, b, t_grid=None, partial=False):
+  """i -> the (B,) log-SNR of grid point i: the spacing's, or the given grid times' (point n and
+  beyond: clean data); a given grid does not support img2img or inpainting (`partial`)."""
+  if t_grid is None:
+    return lambda i: jnp.full((b,), grid_log_snr(schedule, spacing, i, n, t0))
+  if partial:
+    raise ValueError("a discrete step set (t_grid) does not support img2img or inpainting")
+  t_grid = jnp.asarray(t_grid, jnp.float32)
+
+  def lam(i):
+    t = t_grid[jnp.clip(jnp.asarray(i, jnp.int32), 0, t_grid.shape[0] - 1)]
+    return jnp.full((b,), jnp.where(i >= n, jnp.inf, schedule.log_snr(t)))
+
+  return lam
 
 
 def sample(
@@ -291,6 +389,9 @@ def sample(
   z_init=None,
   x_init=None,
   t_start=1.0,
+  t_grid=None,
+  threshold_max=None,
+  learned_variance: bool = False,
 ):
   """Draws samples of `shape` = (B, H, W, C). Pure and jittable; see the module docstring.
 
@@ -325,6 +426,10 @@ def sample(
     x_init, t_start: img2img (SDEdit): start from x_init forward-noised to t = t_start in [0, 1]
       with the noise the sampler would start from, and walk t_start -> 0. t_start = 1 is exactly
       sampling from noise; t_start = 0 returns x_init.
+    t_grid: (num_steps,) times of grid points 0 .. N - 1, replacing the spacing (IF step sets).
+    threshold_max: dynamic thresholding's bound on s (IF's sample_max_value; None / inf: none).
+    learned_variance: 2C output channels (eps, variance fraction): 'ddpm' takes the learned-range
+      step (`learned_range_update`), the others use eps.
 
   Returns:
     x (B, H, W, C) float32; with return_trajectory, (x, {'z': (N + 1, B, H, W, C) states from
@@ -348,12 +453,7 @@ def sample(
   k_extra = process.fold_in(key, 0x1A1D)
   noise0 = process.standard_normal(k_init, shape)
   t0 = jnp.asarray(t_start, jnp.float32)
-  if x_init is not None:
-    x_init = jnp.asarray(x_init, jnp.float32)
-    a0, s0 = schedule.alpha_sigma_exact_ends(t0)
-    z = a0 * x_init + s0 * noise0
-  else:
-    z = noise0 if z_init is None else jnp.asarray(z_init, jnp.float32)
+  z, x_init = _initial_state(schedule, noise0, z_init, x_init, t0)
   b = shape[0]
   n = jnp.asarray(num_steps, jnp.int32)
   repeats = jnp.maximum(jnp.asarray(resample, jnp.int32), 1) if inpaint else jnp.int32(1)
@@ -365,8 +465,11 @@ def sample(
     thresholding_method=thresholding_method,
     percentile=percentile,
     uncond=uncond,
+    threshold_max=threshold_max,
+    learned_variance=learned_variance,
   )
-  lam = lambda i: jnp.full((b,), grid_log_snr(schedule, spacing, i, n, t0))
+  lam = _grid_fn(schedule, spacing, n, t0, b, t_grid, x_init is not None or known is not None)
+
   if inpaint:
     known = jnp.asarray(known, jnp.float32)
     mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), shape)
@@ -385,9 +488,12 @@ def sample(
   def step(i, z, hist, k_step):
     """Step i from grid point i to i + 1: (z_s, new history, this step's x0)."""
     log_snr_t, log_snr_s = lam(i), lam(i + 1)
-    x0, eps = den(z, log_snr_t, cond)
+    x0, eps, *var = den(z, log_snr_t, cond)
     noise = process.standard_normal(k_step, shape)
-    if family == "ddpm":
+    if family == "ddpm" and learned_variance:
+      abar = lambda log_snr: jax.nn.sigmoid(log_snr)  # alpha^2 = sigmoid(log-SNR); 1 at +inf
+      z_s = learned_range_update(z, x0, var[0], abar(log_snr_t), abar(log_snr_s), noise)
+    elif family == "ddpm":
       z_s = ancestral_update(z, x0, log_snr_t, log_snr_s, noise)
     elif family == "ddim":
       z_s = ddim_update(x0, eps, log_snr_t, log_snr_s, noise, jnp.asarray(ddim_eta, jnp.float32))

@@ -63,9 +63,10 @@ def thresholding_index(method: str) -> int:
   return THRESHOLDING.index(check_thresholding(method))
 
 
-def threshold_x0_eps(x0, eps, z, alpha, sigma, method, percentile=99.5):
+def threshold_x0_eps(x0, eps, z, alpha, sigma, method, percentile=99.5, max_value=None):
   """Thresholds x0 and re-derives eps from it (eps = (z - alpha x0) / sigma); 'none' returns the
-  pair untouched. `method` is a name (static) or a traced index into THRESHOLDING."""
+  pair untouched. `method` is a name (static) or a traced index into THRESHOLDING; max_value bounds
+  dynamic thresholding's s (`dynamic_threshold`; may be traced, inf: unbounded)."""
   from imagen_jax.diffusion import process
 
   def clipped(fn):
@@ -78,7 +79,7 @@ def threshold_x0_eps(x0, eps, z, alpha, sigma, method, percentile=99.5):
   branches = [
     lambda x0, eps: (jnp.asarray(x0, jnp.float32), jnp.asarray(eps, jnp.float32)),
     clipped(lambda x: static_threshold(jnp.asarray(x, jnp.float32))),
-    clipped(lambda x: dynamic_threshold(x, percentile)),
+    clipped(lambda x: dynamic_threshold(x, percentile, max_value)),
   ]
   if isinstance(method, str):
     return branches[thresholding_index(method)](x0, eps)

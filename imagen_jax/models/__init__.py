@@ -1,4 +1,5 @@
-"""The cascade's networks: the base U-Net and the Efficient U-Net (Flax linen).
+"""The cascade's networks: the base U-Net, the Efficient U-Net and DeepFloyd IF's U-Net (Flax
+linen).
 
 Every model is called as `model.apply({'params': p}, z, log_snr, cond, deterministic)` and so plugs
 into the diffusion core as `model_fn(z, log_snr, cond)`.
@@ -19,9 +20,10 @@ import numpy as np
 from imagen_jax.batch_keys import LOWRES, LOWRES_AUG_LEVEL, TEXT_EMB, TEXT_MASK
 from imagen_jax.errors import ConfigError
 from imagen_jax.models.efficient_unet import EfficientUNet, EfficientUNetConfig
+from imagen_jax.models.if_unet import IFUNet, IFUNetConfig
 from imagen_jax.models.unet import UNet, UNetConfig
 
-ModelConfig = Union[UNetConfig, EfficientUNetConfig]
+ModelConfig = Union[UNetConfig, EfficientUNetConfig, IFUNetConfig]
 
 
 @gin.configurable
@@ -33,7 +35,7 @@ def model_config(config: ModelConfig = gin.REQUIRED) -> ModelConfig:
 def model_config_from_record(network: str, fields: dict) -> ModelConfig:
   """The network config a training run recorded (run.json's 'network' and 'config'; JSON lists ->
   tuples)."""
-  classes = {cls.__name__: cls for cls in (UNetConfig, EfficientUNetConfig)}
+  classes = {cls.__name__: cls for cls in (UNetConfig, EfficientUNetConfig, IFUNetConfig)}
   if network not in classes:
     raise ConfigError(f"unknown network {network!r}; expected one of {sorted(classes)}")
 
@@ -48,12 +50,14 @@ def build_model(config: ModelConfig) -> nn.Module:
     return UNet(config)
   if isinstance(config, EfficientUNetConfig):
     return EfficientUNet(config)
+  if isinstance(config, IFUNetConfig):
+    return IFUNet(config)
   raise TypeError(f"unknown model config {type(config).__name__}")
 
 
 def is_super_resolution(config: ModelConfig) -> bool:
   """Whether the network takes a low-resolution conditioning image (every Efficient U-Net; a base
-  U-Net with `lowres_size` set)."""
+  or IF U-Net with `lowres_size` set)."""
   return isinstance(config, EfficientUNetConfig) or config.lowres_size is not None
 
 

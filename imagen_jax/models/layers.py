@@ -147,13 +147,15 @@ class Conv(nn.Module):
 
 
 class HeadsProjection(nn.Module):
-  """(..., D) -> (..., heads, head_dim), no bias. Written out (not nn.DenseGeneral, which builds its
-  kernel flat and so cannot carry 3-D logical axis names under a mesh)."""
+  """(..., D) -> (..., heads, head_dim), without bias unless `use_bias`. Written out (not
+  nn.DenseGeneral, which builds its kernel flat and so cannot carry 3-D logical axis names under a
+  mesh)."""
 
   heads: int
   head_dim: int
   axes: tuple = ("embed", "heads", "kv")
   dtype: Dtype = jnp.float32
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -161,7 +163,13 @@ class HeadsProjection(nn.Module):
     kernel = self.param(
       "kernel", _init(init, self.axes), (x.shape[-1], self.heads, self.head_dim), jnp.float32
     )
-    return jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
+    y = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param(
+        "bias", _init(nn.initializers.zeros_init(), self.axes[1:]), (self.heads, self.head_dim)
+      )
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 class HeadsOutput(nn.Module):

@@ -62,11 +62,14 @@ def stage(
   aug_level=StageSettings.aug_level,
   ddim_eta: float = StageSettings.ddim_eta,
   spacing=StageSettings.spacing,
+  threshold_max: float = StageSettings.threshold_max,
+  timesteps: str = StageSettings.timesteps,
 ) -> StageSpec:
   """A cascade stage, bound per stage with a gin scope (`base/stage.run_dir = %BASE_DIR`).
   image_size: the stage's output resolution. guidance_scale, thresholding ('dynamic:99.9'
   allowed), aug_level, num_steps, sampler and spacing may be lists: a sweep (their cartesian
-  product; the first setting is passed on)."""
+  product; the first setting is passed on). threshold_max and timesteps (a respaced step set of a
+  discrete schedule, 'n1,n2,...') are single values."""
   require("stage", name=name, run_dir=run_dir, image_size=image_size)
   fields = {
     "guidance_scale": guidance_scale,
@@ -79,7 +82,13 @@ def stage(
   scalar = {
     k: v for k, v in fields.items() if not isinstance(v, (list, tuple)) and k != "thresholding"
   }
-  base = StageSettings(percentile=percentile, ddim_eta=ddim_eta, **scalar)
+  base = StageSettings(
+    percentile=percentile,
+    ddim_eta=ddim_eta,
+    threshold_max=threshold_max,
+    timesteps=str(timesteps or ""),
+    **scalar,
+  )
   sweep = {k: v for k, v in fields.items() if isinstance(v, (list, tuple)) or k == "thresholding"}
   return StageSpec(
     name=name,
@@ -101,6 +110,9 @@ class LoadedStage:
   params: Any
   checkpoint: Dict[str, Any]  # run_dir, path, step
   description: str
+  # The empty prompt's (emb (L, D), mask (L,)): the null condition of a stage trained with
+  # null_text='empty_prompt' (DeepFloyd IF); set by `Cascade.attach_null_texts`.
+  null_text: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
   @property
   def super_resolution(self) -> bool:
@@ -169,6 +181,8 @@ class LoadedStage:
       The 8-bit images (what the next stage and the PNGs see).
     """
     size = self.spec.image_size
+    if self.diffusion.null_text == "empty_prompt":
+      negative = self._empty_prompt_negative(negative, emb.shape)
     if known is not None:
       known = known if known.shape[1] == size else imio.downsample(known, size)
       known_mask = known_mask if known_mask.shape[1] == size else imio.resize_mask(known_mask, size)
@@ -191,6 +205,26 @@ class LoadedStage:
       on_batch=on_batch,
     )
     return imio.to_uint8(x)
+
+  def _empty_prompt_negative(self, negative, shape):
+    """Guidance's unconditional half for a stage whose null condition is the empty prompt: the
+    negative prompts where given, the empty prompt's embedding in every other row."""
+    if self.null_text is None:
+      raise SampleError(
+        f"stage {self.spec.name} needs the empty prompt's embedding (null_text='empty_prompt')"
+      )
+    e, m = self.null_text
+    if e.shape != tuple(shape[1:]):
+      raise SampleError(
+        f"stage {self.spec.name}: the empty prompt's embedding {e.shape} does not match the "
+        f"prompts' {tuple(shape[1:])}"
+      )
+    n = shape[0]
+    emb, mask = np.broadcast_to(e, (n,) + e.shape).copy(), np.broadcast_to(m, (n,) + m.shape).copy()
+    if negative is not None:
+      given = np.asarray(negative[1]).any(axis=1)
+      emb[given], mask[given] = np.asarray(negative[0])[given], np.asarray(negative[1])[given]
+    return emb, mask
 
 
 def load_stage(
@@ -752,6 +786,16 @@ class Cascade:
       prev = imio.from_uint8(u8)
     return out
 
+  def attach_null_texts(self, warn=print) -> None:
+    """Encodes the empty prompt once for the stages whose null condition it is (DeepFloyd IF's:
+    guidance's unconditional half is T5("") over all positions, not the masked-out zeros)."""
+    needed = [st for st in self.stages if st.diffusion.null_text == "empty_prompt"]
+    if not needed:
+      return
+    enc = self.encode([""], warn=warn)
+    for st in needed:
+      st.null_text = (enc.emb[0], enc.mask[0])
+
   def encode_negative(
     self, negatives: Sequence[str], num_prompts: int, warn=print
   ) -> Optional[Tuple[np.ndarray, np.ndarray, List[str]]]:
@@ -853,12 +897,14 @@ def prepare(
         flush=True,
       )
   check_chain(loaded, has_lowres_input)
-  return Cascade(
+  cascade = Cascade(
     stages=loaded,
     vocab=config.vocab,
     encoder=config.encoder,
     max_text_length=config.max_text_length,
   )
+  cascade.attach_null_texts(warn=warn)
+  return cascade
 
 
 def sample(

@@ -37,7 +37,13 @@ class StageSettings:
   percentile: float = 99.5  # dynamic thresholding's percentile
   aug_level: float = 0.0  # SR stages: noise-conditioning augmentation level (0: best FID)
   ddim_eta: float = 0.0  # DDIM stochasticity (1: ancestral)
-  spacing: str = "uniform"  # the step grid: uniform (in t) | logsnr | karras
+  # The step grid: uniform (in t) | logsnr | karras, or for a discrete schedule (DeepFloyd IF's)
+  # diffusers' leading | trailing | linspace.
+  spacing: str = "uniform"
+  threshold_max: float = 0.0  # > 0: dynamic thresholding's s at most this (IF: 1.5 / 1.0)
+  # A respaced step set of a discrete schedule (descending steps, 'n1,n2,...', e.g. IF's fast27):
+  # replaces num_steps and spacing.
+  timesteps: str = ""
 
   def __post_init__(self):
     if (
@@ -51,7 +57,15 @@ class StageSettings:
       object.__setattr__(self, name, float(getattr(self, name)))
     samplers.check_sampler(self.sampler)  # the one check of each kind of name (a ConfigError)
     thresholding.check_thresholding(self.thresholding)
-    samplers.check_spacing(self.spacing)
+    if self.spacing not in samplers.DISCRETE_SPACINGS:
+      samplers.check_spacing(self.spacing)
+    if self.timesteps:
+      steps = samplers.parse_timesteps(self.timesteps)
+      object.__setattr__(self, "timesteps", ",".join(str(int(v)) for v in steps))
+      object.__setattr__(self, "num_steps", int(steps.size))
+    object.__setattr__(self, "threshold_max", float(self.threshold_max))
+    if self.threshold_max < 0:
+      raise SettingsError(f"threshold_max must be >= 0 (0: unbounded), got {self.threshold_max}")
     if self.guidance_scale < 0:
       raise SettingsError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
     if not 0.0 < self.percentile <= 100.0:
@@ -61,17 +75,36 @@ class StageSettings:
     if not 0.0 <= self.ddim_eta <= 1.0:
       raise SettingsError(f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
 
+  def is_discrete(self) -> bool:
+    """Whether the steps are a discrete schedule's (a step set or a diffusers spacing)."""
+    return bool(self.timesteps) or self.spacing in samplers.DISCRETE_SPACINGS
+
+  def discrete_steps(self, num_train_timesteps: int):
+    """The discrete steps (descending) this setting walks on a num_train_timesteps schedule."""
+    if self.timesteps:
+      return samplers.parse_timesteps(self.timesteps, num_train_timesteps)
+    return samplers.discrete_timesteps(self.spacing, self.num_steps, num_train_timesteps)
+
   def label(self, super_resolution: bool = False) -> str:
-    thr = f"dynamic {self.percentile:g}" if self.thresholding == "dynamic" else self.thresholding
+    if self.thresholding == "dynamic":
+      thr = f"dynamic {self.percentile:g}"
+      thr += f" max {self.threshold_max:g}" if self.threshold_max else ""
+    else:
+      thr = self.thresholding
     out = f"w={self.guidance_scale:g} {thr} {self.sampler} {self.num_steps} steps"
     out += "" if self.spacing == "uniform" else f" {self.spacing}"
+    out += " (step set)" if self.timesteps else ""
     return out + (f" aug {self.aug_level:g}" if super_resolution else "")
 
   def slug(self, super_resolution: bool = False) -> str:
     """A folder name for a sweep row."""
     thr = f"dynamic{self.percentile:g}" if self.thresholding == "dynamic" else self.thresholding
+    thr += (
+      f"max{self.threshold_max:g}" if self.threshold_max and self.thresholding == "dynamic" else ""
+    )
     out = f"w{self.guidance_scale:g}_{thr}_{self.sampler}{self.num_steps}"
     out += "" if self.spacing == "uniform" else f"_{self.spacing}"
+    out += "_stepset" if self.timesteps else ""
     return out + (f"_aug{self.aug_level:g}" if super_resolution else "")
 
 

@@ -31,7 +31,7 @@ from imagen_jax import batch_keys as K
 from imagen_jax import partitioning
 from imagen_jax.diffusion import DiffusionConfig, guidance, process, samplers, thresholding
 from imagen_jax.errors import UserError
-from imagen_jax.sample.settings import StageSettings
+from imagen_jax.sample.settings import SettingsError, StageSettings
 
 
 def image_keys(seeds, stage_index: int) -> np.ndarray:
@@ -89,7 +89,8 @@ class StageSampler:
     self.batch_size = -(-max(batch_size, 1) // shards) * shards
     self.trace_count = 0
     self._jitted = jax.jit(
-      self._run, static_argnames=("guided", "sampler", "has_init", "has_mask", "has_negative")
+      self._run,
+      static_argnames=("guided", "sampler", "has_init", "has_mask", "has_negative", "grid"),
     )
     self._compiled: Dict[Any, Any] = {}
 
@@ -104,7 +105,7 @@ class StageSampler:
     training)."""
     return jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
 
-  def _run(self, params, data, scalars, *, guided, sampler, has_init, has_mask, has_negative):
+  def _run(self, params, data, scalars, *, guided, sampler, has_init, has_mask, has_negative, grid):
     self.trace_count += 1  # runs at trace time only
     keys, lowres = data["keys"], data[K.LOWRES]
     k_aug, k_sample = process.split_key(keys)
@@ -141,12 +142,28 @@ class StageSampler:
       resample=scalars["resample"],
       x_init=data["x_init"] if has_init else None,
       t_start=scalars["t_start"],
+      t_grid=scalars["t_grid"] if grid else None,
+      threshold_max=scalars["threshold_max"],
+      learned_variance=self.diffusion.learned_variance,
     )
 
-  @staticmethod
-  def _scalars(settings: StageSettings, t_start: float, resample: int):
+  def _grid(self, settings: StageSettings) -> np.ndarray:
+    """The grid times of a discrete step setting (a step set or a diffusers spacing)."""
+    steps = getattr(self.diffusion.schedule, "num_timesteps", None)
+    if steps is None:
+      raise SettingsError(
+        f"discrete steps ({settings.timesteps or settings.spacing}) need a discrete schedule; "
+        f"this stage trained with {type(self.diffusion.schedule).__name__}"
+      )
+    return samplers.timesteps_to_grid(settings.discrete_steps(steps), steps)
+
+  def _scalars(self, settings: StageSettings, t_start: float, resample: int):
+    grid = self._grid(settings) if settings.is_discrete() else np.zeros((1,), np.float32)
+    spacing = "uniform" if settings.is_discrete() else settings.spacing
     return {
-      "spacing": np.int32(samplers.spacing_index(settings.spacing)),
+      "t_grid": grid,
+      "threshold_max": np.float32(settings.threshold_max or np.inf),
+      "spacing": np.int32(samplers.spacing_index(spacing)),
       "solver_order": np.int32(samplers.SOLVER_ORDER[settings.sampler]),
       "sde": np.float32(settings.sampler.endswith("_sde")),
       "resample": np.int32(resample),
@@ -237,7 +254,10 @@ class StageSampler:
       has_init=has_init,
       has_mask=has_mask,
       has_negative=has_negative,
+      grid=settings.is_discrete(),
     )
+    if settings.is_discrete() and (has_init or has_mask):
+      raise SettingsError("discrete step sets do not support img2img or inpainting")
 
     def run_batch(rows):
       batch = {
@@ -270,7 +290,11 @@ class StageSampler:
     return out
 
   def _compile(self, params, batch, scalars, static, stats):
-    key = (tuple((k, v.shape) for k, v in sorted(batch.items())), tuple(sorted(static.items())))
+    key = (
+      tuple((k, v.shape) for k, v in sorted(batch.items())),
+      tuple(sorted(static.items())),
+      scalars["t_grid"].shape,
+    )
     if key not in self._compiled:
       t0 = time.perf_counter()
       with partitioning.mesh_context(self.mesh):

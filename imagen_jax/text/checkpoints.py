@@ -189,27 +189,61 @@ def _check_config(found: T5Config, config: Optional[T5Config], source: str) -> T
   return config
 
 
-def _safetensors_files(directory: Path) -> Dict[str, Path]:
-  """tensor name -> file, for a single-file or an indexed (sharded) safetensors checkpoint."""
+def safetensors_files(directory: Path, stem: str = "model", variant: Optional[str] = None):
+  """tensor name -> file of a safetensors checkpoint in `directory`, as transformers and diffusers
+  save them: `<stem>.safetensors`, a sharded `<stem>.safetensors.index.json`, or a variant
+  (`<stem>.<variant>.safetensors`, `<stem>.safetensors.index.<variant>.json`, e.g. fp16).
+
+  Args:
+    directory: the folder.
+    stem: 'model' (transformers) or 'diffusion_pytorch_model' (diffusers).
+    variant: which variant to read; None: the plain files, else the only variant there is.
+
+  Returns:
+    {tensor name: path of the file holding it}.
+
+  Raises:
+    CheckpointError: no safetensors (pickles are never read), or several variants and none chosen.
+  """
   from safetensors import safe_open
 
-  index = directory / HF_INDEX
+  directory = Path(directory)
+  suffix = "" if variant is None else f".{variant}"
+  index = directory / f"{stem}.safetensors.index{suffix}.json"
+  single = directory / f"{stem}{suffix}.safetensors"
+  if variant is None and not index.is_file() and not single.is_file():
+    found = sorted(
+      {
+        p.name[len(f"{stem}.safetensors.index.") : -len(".json")]
+        for p in directory.glob(f"{stem}.safetensors.index.*.json")
+      }
+      | {
+        p.name[len(stem) + 1 : -len(".safetensors")]
+        for p in directory.glob(f"{stem}.*.safetensors")
+        if "-of-" not in p.name
+      }
+    )
+    if len(found) > 1:
+      raise CheckpointError(
+        f"{directory}: several weight variants ({', '.join(found)}); choose one (variant=...)"
+      )
+    if found:
+      return safetensors_files(directory, stem, found[0])
   if index.is_file():
     weight_map = json.loads(index.read_text())["weight_map"]
     return {name: directory / fname for name, fname in weight_map.items()}
-  single = directory / HF_WEIGHTS
   if single.is_file():
     with safe_open(str(single), framework="numpy") as f:
       return {name: single for name in f.keys()}
-  if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+  if any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.ckpt")):
     raise CheckpointError(
       f"{directory}: only PyTorch pickle weights found; they are never loaded here. "
-      "Convert them to safetensors (transformers: save_pretrained(safe_serialization=True))"
+      "Convert them to safetensors (save_pretrained(safe_serialization=True))"
     )
-  raise CheckpointError(f"{directory}: no {HF_WEIGHTS} or {HF_INDEX}")
+  raise CheckpointError(f"{directory}: no {single.name} or {index.name}")
 
 
-def _read_safetensor(file: Path, name: str) -> np.ndarray:
+def read_safetensor(file: Path, name: str) -> np.ndarray:
   """One tensor as NumPy; bfloat16 tensors are read through the flax (JAX) backend on the host
   CPU."""
   from safetensors import safe_open
@@ -244,14 +278,14 @@ def load_hf(directory, config: Optional[T5Config] = None) -> Tuple[T5Config, dic
     )
   elif config is None:
     raise CheckpointError(f"{directory}: no config.json, and no encoder config given")
-  files = _safetensors_files(directory)
+  files = safetensors_files(directory)
   flat = {}
   for path, shape in expected_shapes(config).items():
     names, transpose = hf_names(path)
     name = next((n for n in names if n in files), None)
     if name is None:
       raise CheckpointError(f"{directory}: missing tensor {names[0]} (for {path})")
-    value = _read_safetensor(files[name], name)
+    value = read_safetensor(files[name], name)
     value = value.T if transpose else value
     _check(path, value, shape, f"{directory} [{name}]")
     flat[path] = _as_param(value, config.param_dtype)

@@ -15,6 +15,7 @@ source.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -168,8 +169,34 @@ def _data_source(batch_source, data_task: Optional[str], data_config):
   return _task_source(data_task, data_config), data_config.batch_size
 
 
-def _compile_step(setup, state, first, keys, encoder, summary: TrainSummary):
+def _null_text(diffusion, data_task: Optional[str], encoder, text_length: int):
+  """The empty prompt's (emb, mask) for a stage whose null condition it is (DeepFloyd IF): encoded
+  here when the step embeds tokens itself, else read from the embedding cache; None otherwise."""
+  if diffusion.null_text != "empty_prompt":
+    return None
+  from imagen_jax.data import tasks
+
+  encoder_config, encoder_params, _ = encoder
+  if encoder_config is not None:
+    from imagen_jax.text.encoder import encode_tokens
+
+    emb, mask = jax.jit(functools.partial(encode_tokens, encoder_config))(
+      encoder_params, jnp.asarray(tasks.empty_prompt_tokens(text_length))
+    )
+    return np.asarray(emb[0], np.float32), np.asarray(mask[0], bool)
+  cache_dir = tasks.CACHE_DIRS.get(data_task) if data_task else None
+  if cache_dir is None:
+    raise TrainError(
+      "null_text='empty_prompt' needs the empty prompt's embedding: train from an embedding "
+      "cache (train.data_task = @cached_task()) or with a text encoder"
+    )
+  return tasks.read_null_text(cache_dir)
+
+
+def _compile_step(setup, state, first, keys, encoder, summary: TrainSummary, data_task=None):
   """The train step compiled ahead of time for the first batch's shapes: (compiled, signature)."""
+  text_length = first[K.TOKENS if encoder[0] is not None else K.TEXT_MASK].shape[1]
+  null_text = _null_text(setup.spec.diffusion, data_task, encoder, text_length)
   global_batch = setup.spec.global_batch
   shapes = {
     k: jax.ShapeDtypeStruct((global_batch,) + first[k].shape[1:], first[k].dtype) for k in keys
@@ -187,6 +214,7 @@ def _compile_step(setup, state, first, keys, encoder, summary: TrainSummary):
     encoder_config=encoder_config,
     encoder_shardings=encoder_shardings,
     trace_counter=count_trace,
+    null_text=null_text,
   )
   compiled = lowered.compile()
   summary.compile_seconds = time.perf_counter() - t0
@@ -594,7 +622,7 @@ def train(
     _check_batch(first, keys, model_config, local_batch)
     hooks = ((sample_hook, sample_every, "write_images"), (eval_hook, eval_every, "write_scalars"))
     _prepare_hooks(hooks, first, model_config, diffusion, mesh)
-    compiled, sig = _compile_step(setup, state, first, keys, encoder, summary)
+    compiled, sig = _compile_step(setup, state, first, keys, encoder, summary, data_task)
     log = _MetricLog(
       summary,
       writer,

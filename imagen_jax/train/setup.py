@@ -141,6 +141,7 @@ class TrainSetup:
     encoder_config=None,
     encoder_shardings=None,
     trace_counter=None,
+    null_text=None,
   ) -> step_lib.StepSignature:
     """The step with its shardings and donation.
 
@@ -149,6 +150,7 @@ class TrainSetup:
       encoder_config: the T5 config when the step embeds tokens itself (on-the-fly text).
       encoder_shardings: the encoder parameters' shardings, with `encoder_config`.
       trace_counter: called each time the step is traced.
+      null_text: the empty prompt's (emb, mask) for null_text='empty_prompt' stages.
 
     Returns:
       The `StepSignature`.
@@ -167,6 +169,7 @@ class TrainSetup:
       encoder_config=encoder_config,
       encoder_shardings=encoder_shardings,
       trace_counter=trace_counter,
+      null_text=null_text,
     )
 
   def lower(

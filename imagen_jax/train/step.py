@@ -61,6 +61,7 @@ def train_step(
   ema_warmup: bool = True,
   encoder_config=None,
   trace_counter: Optional[Callable[[], None]] = None,
+  null_text=None,
 ) -> Tuple[TrainState, Dict[str, jax.Array]]:
   if trace_counter is not None:
     trace_counter()
@@ -89,7 +90,7 @@ def train_step(
         {"params": params}, z, log_snr, c, deterministic=False, rngs={"dropout": k_dropout}
       )
 
-    loss, _ = diffusion.loss(model_fn, batch[K.IMAGE], cond, k_loss)
+    loss, _ = diffusion.loss(model_fn, batch[K.IMAGE], cond, k_loss, null_text)
     return loss
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -163,11 +164,13 @@ def step_signature(
   encoder_config=None,
   encoder_shardings=None,
   trace_counter=None,
+  null_text=None,
 ) -> StepSignature:
   """The train step of one stage, partial'd over the model and settings, with its shardings.
 
   batch_shapes: the device fields of a global batch (ShapeDtypeStructs or arrays). The state is
-  donated.
+  donated. null_text: the (emb (L, D), mask (L,)) dropped conditions take (null_text=
+  'empty_prompt' stages; a constant of the program), default zeros.
   """
   fn = functools.partial(
     train_step,
@@ -179,6 +182,7 @@ def step_signature(
     ema_warmup=ema_warmup,
     encoder_config=encoder_config,
     trace_counter=trace_counter,
+    null_text=null_text,
   )
   replicated = NamedSharding(mesh, PartitionSpec())
   metrics = {k: replicated for k in METRIC_KEYS}
