@@ -300,13 +300,57 @@ def discrete_timesteps(spacing: str, num_steps: int, num_train_timesteps: int = 
   return np.asarray(steps[::-1], np.int64)
 
 
+# DeepFloyd IF's respaced step sets, as section counts over the 1000 steps (`space_timesteps`).
+STEP_SETS = {
+  "fast27": "10,10,3,2,2",
+  "smart27": "7,4,2,1,2,4,7",
+  "smart50": "10,6,4,3,2,2,3,4,6,10",
+  "smart100": "1,1,1,1,2,2,2,2,2,2,3,3,4,4,5,5,6,7,7,8,9,10,13",
+  "smart185": "1,1,2,2,2,3,3,3,4,5,6,7,8,9,10,11,12,13,14,15,16,18,20",
+  "super27": "1,1,1,1,1,1,1,2,5,13",
+  "super40": "2,2,2,2,2,2,3,4,6,15",
+  "super100": "4,4,6,6,8,8,10,10,14,30",
+}
+
+
+def space_timesteps(num_timesteps: int, section_counts) -> np.ndarray:
+  """Improved DDPM's respacing: the steps split into len(section_counts) equal sections (the first
+  ones one longer when they do not divide), each walked with section_count evenly spaced steps
+  (rounded), ends included. Returns the steps, descending."""
+  counts = [int(c) for c in section_counts]
+  size_per, extra = divmod(int(num_timesteps), len(counts))
+  start, steps = 0, set()
+  for i, count in enumerate(counts):
+    size = size_per + (1 if i < extra else 0)
+    if not 1 <= count <= size:
+      raise ConfigError(f"cannot take {count} steps from a section of {size}")
+    stride = 1.0 if count == 1 else (size - 1) / (count - 1)
+    position = 0.0
+    for _ in range(count):  # accumulated, as improved DDPM does (its roundings follow from that)
+      steps.add(start + round(position))
+      position += stride
+    start += size
+  return np.asarray(sorted(steps, reverse=True), np.int64)
+
+
 def parse_timesteps(text: str, num_train_timesteps: int = 1000) -> np.ndarray:
-  """A respaced step set: comma-separated discrete steps, strictly descending, each in
-  [0, num_train_timesteps) (e.g. DeepFloyd IF's fast27 / smart50 lists)."""
+  """A respaced step set: a name of STEP_SETS (IF's smart100, ...), 'sections:c1,c2,...' (improved
+  DDPM's section counts) or comma-separated discrete steps, strictly descending, each in
+  [0, num_train_timesteps)."""
+  text = str(text).replace(" ", "")
+  if text in STEP_SETS or text.startswith("sections:"):
+    sections = STEP_SETS.get(text, text[len("sections:") :])
+    try:
+      return space_timesteps(num_train_timesteps, sections.split(","))
+    except ValueError as e:
+      raise ConfigError(f"timesteps {text!r}: {e}") from None
   try:
-    steps = np.asarray([int(v) for v in str(text).replace(" ", "").split(",") if v], np.int64)
+    steps = np.asarray([int(v) for v in text.split(",") if v], np.int64)
   except ValueError:
-    raise ConfigError(f"timesteps must be comma-separated integers, got {text!r}") from None
+    raise ConfigError(
+      f"timesteps must be a step set ({', '.join(STEP_SETS)}), 'sections:c1,c2,...' or "
+      f"comma-separated integers, got {text!r}"
+    ) from None
   if steps.size == 0 or np.any(np.diff(steps) >= 0):
     raise ConfigError(f"timesteps must be a non-empty, strictly descending list, got {text!r}")
   if steps[0] >= num_train_timesteps or steps[-1] < 0:

@@ -83,7 +83,7 @@ class _SamplingEvalHook:
       super_resolution=False,
       batch_size=min(self.batch_size or n, n),
       mesh=mesh,
-      channels=model_config.out_channels,
+      channels=models.image_channels(model_config),
     )
     self.keys = image_keys(self.seed + np.arange(n), 0)
 

@@ -61,6 +61,14 @@ def is_super_resolution(config: ModelConfig) -> bool:
   return isinstance(config, EfficientUNetConfig) or config.lowres_size is not None
 
 
+def image_channels(config: ModelConfig) -> int:
+  """The channels of the images a network denoises (an IF U-Net outputs twice as many: eps and the
+  variance fraction)."""
+  if isinstance(config, IFUNetConfig):
+    return config.in_channels
+  return config.out_channels
+
+
 def example_inputs(config: ModelConfig, batch_size: int = 1, image_size=None, text_length=None):
   """(z, log_snr, cond) of the shapes the model trains on (zeros; text fully present)."""
   size = config.image_size if image_size is None else image_size

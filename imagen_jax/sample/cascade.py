@@ -287,7 +287,7 @@ def load_stage(
     super_resolution=sr,
     batch_size=batch_size,
     mesh=mesh,
-    channels=config.out_channels,
+    channels=models.image_channels(config),
   )
   abstract = nn.unbox(models.abstract_params(config))
   replicated = jax.sharding.NamedSharding(sampler.mesh, jax.sharding.PartitionSpec())

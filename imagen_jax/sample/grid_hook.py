@@ -83,7 +83,7 @@ class SampleGridHook:
       super_resolution=sr,
       batch_size=n,
       mesh=mesh,
-      channels=model_config.out_channels,
+      channels=models.image_channels(model_config),
     )
     self.keys = image_keys(self.seed + np.arange(n), 0)
 

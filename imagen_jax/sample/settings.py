@@ -61,7 +61,7 @@ class StageSettings:
       samplers.check_spacing(self.spacing)
     if self.timesteps:
       steps = samplers.parse_timesteps(self.timesteps)
-      object.__setattr__(self, "timesteps", ",".join(str(int(v)) for v in steps))
+      object.__setattr__(self, "timesteps", str(self.timesteps).replace(" ", ""))
       object.__setattr__(self, "num_steps", int(steps.size))
     object.__setattr__(self, "threshold_max", float(self.threshold_max))
     if self.threshold_max < 0:
@@ -93,7 +93,8 @@ class StageSettings:
       thr = self.thresholding
     out = f"w={self.guidance_scale:g} {thr} {self.sampler} {self.num_steps} steps"
     out += "" if self.spacing == "uniform" else f" {self.spacing}"
-    out += " (step set)" if self.timesteps else ""
+    out += f" ({self.timesteps})" if self.timesteps in samplers.STEP_SETS else ""
+    out += " (step set)" if self.timesteps and self.timesteps not in samplers.STEP_SETS else ""
     return out + (f" aug {self.aug_level:g}" if super_resolution else "")
 
   def slug(self, super_resolution: bool = False) -> str:
@@ -104,7 +105,8 @@ class StageSettings:
     )
     out = f"w{self.guidance_scale:g}_{thr}_{self.sampler}{self.num_steps}"
     out += "" if self.spacing == "uniform" else f"_{self.spacing}"
-    out += "_stepset" if self.timesteps else ""
+    out += f"_{self.timesteps}" if self.timesteps in samplers.STEP_SETS else ""
+    out += "_stepset" if self.timesteps and self.timesteps not in samplers.STEP_SETS else ""
     return out + (f"_aug{self.aug_level:g}" if super_resolution else "")
 
 

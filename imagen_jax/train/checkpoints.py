@@ -93,6 +93,8 @@ def describe(record: dict) -> str:
   sr = record.get("super_resolution")
   low = f"{cfg.get('lowres_size')}->" if sr else ""
   width = cfg.get("model_channels", cfg.get("channels"))
+  if width is None and cfg.get("block_out_channels"):  # DeepFloyd IF's U-Net
+    width = cfg["block_out_channels"][0]
   return (
     f"{'super-resolution' if sr else 'base'} {record['network']} {low}{cfg.get('image_size')}px, "
     f"{record['parameters'] / 1e6:.2f}M parameters (width {width})"

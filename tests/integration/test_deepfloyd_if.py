@@ -353,7 +353,7 @@ def test_if_pipeline_and_our_sampler_draw_the_same_images(
   )
   keys = np.asarray(jax.random.split(jax.random.PRNGKey(3), len(PROMPTS)))
   start, step_noise, _ = _our_noise(keys, (len(PROMPTS), 32, 32, 3), steps)
-  feed = NoiseFeed([start] + step_noise)
+  feed = NoiseFeed([start] + step_noise[:-1])  # the last step (t = 0) adds no noise
   monkeypatch.setattr(pipeline_if, "randn_tensor", feed)
   monkeypatch.setattr(scheduling_ddpm, "randn_tensor", feed)
   with torch.no_grad():
@@ -369,6 +369,7 @@ def test_if_pipeline_and_our_sampler_draw_the_same_images(
       .transpose(0, 2, 3, 1)
     )
   assert [list(map(int, scheduler.timesteps))[:2]] == [[875, 750]]
+  assert not feed.tensors or sampler == "ddim"  # DDPM: every draw was ours
 
   config, params = if_convert.load_diffusers(directory)
   stage = StageSampler(
@@ -394,3 +395,205 @@ def test_if_pipeline_and_our_sampler_draw_the_same_images(
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-3)
   else:
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5 * scale)
+
+
+def test_if_superresolution_pipeline_and_our_sampler_draw_the_same_images(
+  unets, text_encoder, spm_model, monkeypatch
+):
+  """Stage II: IFSuperResolutionPipeline and our SR StageSampler, same low-res images (16 -> 32 px,
+  bilinear with aligned corners), noise level 250 of 1000 on the cosine schedule, w = 4, DDPM with
+  the learned-range variance and thresholding bounded at 1.0, the same noise."""
+  import diffusers.pipelines.deepfloyd_if.pipeline_if_superresolution as pipeline_sr
+  import diffusers.schedulers.scheduling_ddpm as scheduling_ddpm
+
+  unet, directory = unets["II"]
+  t5, t5_dir, tokenizer = text_encoder
+  steps = 8
+  pipe = diffusers.IFSuperResolutionPipeline(
+    tokenizer=tokenizer,
+    text_encoder=t5,
+    unet=unet,
+    scheduler=diffusers.DDPMScheduler(
+      variance_type="learned_range", sample_max_value=1.0, **SCHEDULER
+    ),
+    image_noising_scheduler=diffusers.DDPMScheduler(**dict(SCHEDULER, thresholding=False)),
+    safety_checker=None,
+    feature_extractor=None,
+    watermarker=None,
+    requires_safety_checker=False,
+  )
+  n = len(PROMPTS)
+  lowres = np.tanh(np.random.default_rng(2).standard_normal((n, 16, 16, 3))).astype(np.float32)
+  keys = np.asarray(jax.random.split(jax.random.PRNGKey(5), n))
+  start, step_noise, aug = _our_noise(keys, (n, 32, 32, 3), steps, sr=True)
+  feed = NoiseFeed([start, aug] + step_noise[:-1])  # the last step (t = 0) adds no noise
+  monkeypatch.setattr(pipeline_sr, "randn_tensor", feed)
+  monkeypatch.setattr(scheduling_ddpm, "randn_tensor", feed)
+  with torch.no_grad():
+    ref = (
+      pipe(
+        prompt=PROMPTS,
+        image=torch.from_numpy(lowres.transpose(0, 3, 1, 2).copy()),
+        height=32,
+        width=32,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        noise_level=250,
+        output_type="pt",
+        clean_caption=False,
+      )
+      .images.numpy()
+      .transpose(0, 2, 3, 1)
+    )
+  assert not feed.tensors  # every draw was ours
+
+  config, params = if_convert.load_diffusers(directory, lowres_size=16)
+  stage = StageSampler(
+    model_apply_fn(models.build_model(config)),
+    if_convert.if_diffusion_config(config),
+    32,
+    super_resolution=True,
+    batch_size=2,
+  )
+  setting = StageSettings(
+    sampler="ddpm",
+    num_steps=steps,
+    guidance_scale=4.0,
+    thresholding="dynamic",
+    percentile=95.0,
+    threshold_max=1.0,
+    spacing="leading",
+    aug_level=0.251,  # IF's noise_level 250: augmentation.discrete_noise_level(250)
+  )
+  enc, empty = _encode(spm_model, t5_dir, PROMPTS)
+  out = stage.run(
+    params,
+    enc.emb,
+    enc.mask,
+    keys,
+    setting,
+    lowres=lowres,
+    negative_emb=empty[0],
+    negative_mask=empty[1],
+  )
+  np.testing.assert_allclose(out, ref, rtol=0, atol=2e-3)
+
+
+# ------------------------------------------------------------------ fine-tuning and the sample CLI
+
+TINY_GIN = """
+include 'diffusion/if.gin'
+include 'runs/finetune_if.gin'
+from imagen_jax import models
+model_config.config = @IFUNetConfig()
+IFUNetConfig.image_size = 32
+IFUNetConfig.block_out_channels = (32, 64)
+IFUNetConfig.layers_per_block = 1
+IFUNetConfig.down_block_types = ('ResnetDownsampleBlock2D', 'SimpleCrossAttnDownBlock2D')
+IFUNetConfig.up_block_types = ('SimpleCrossAttnUpBlock2D', 'ResnetUpsampleBlock2D')
+IFUNetConfig.attention_head_dim = 8
+IFUNetConfig.cross_attention_dim = 32
+IFUNetConfig.encoder_hid_dim = 32
+IFUNetConfig.addition_embed_type_num_heads = 2
+IFUNetConfig.max_text_length = 16
+StageDataConfig.image_size = 32
+BATCH_SIZE = 8
+WARMUP_STEPS = 1
+LEARNING_RATE = 1e-3
+CHECKPOINT_EVERY = 2
+LOG_EVERY = 1
+SAMPLE_EVERY = 0
+"""
+
+
+def _finetune(capsys, gin_file, model_dir, init_from, cache, steps):
+  code, captured = _cli(
+    capsys,
+    "train",
+    f"--gin_file={gin_file}",
+    f"--gin.MODEL_DIR='{model_dir}'",
+    f"--gin.TRAIN_DATA='{cache}'",
+    f"--gin.INIT_FROM='{init_from}'",
+    f"--gin.NUM_STEPS={steps}",
+  )
+  assert code == 0, captured.err[-2000:]
+  return captured
+
+
+def _state(run, config, step):
+  from imagen_jax.train import checkpoints
+
+  abstract = nn.unbox(models.abstract_params(config))
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shardings = jax.tree_util.tree_map(lambda _: dev, abstract)
+  raw = checkpoints.restore_init_params(str(run), step, abstract, shardings, "params")
+  ema = checkpoints.restore_ema_params(str(run), abstract, shardings, step)[0]
+  return jax.device_get(raw), jax.device_get(ema)
+
+
+def test_converted_weights_finetune_resume_bit_for_bit_and_sample(
+  unets, shapes_cache, spm_model, tiny_t5_checkpoint, tmp_path, capsys
+):
+  """A converted tiny IF-I fine-tunes from its run directory (init_from) with the hybrid loss on an
+  embedding cache (the empty prompt's embedding read from it), FSDP over the 8 test devices; four
+  steps in one go equal two steps, a restart and two more, bit for bit; the fine-tuned IF-I and a
+  converted IF-II (32 -> 64 px) then sample through runs/sample_if.gin."""
+  from imagen_jax.data import tasks
+
+  assert tasks.read_null_text(shapes_cache)[1][0]  # the empty prompt: EOS, then padding
+  converted = {}
+  for stage, extra in (("I", []), ("II", ["--image_size", "64", "--lowres_size", "32"])):
+    converted[stage] = tmp_path / f"if_{stage}"
+    code, captured = _cli(
+      capsys, "convert", "if", "--from", str(unets[stage][1]), "--to", str(converted[stage]), *extra
+    )
+    assert code == 0, captured.err
+  gin_file = tmp_path / "finetune_tiny.gin"
+  gin_file.write_text(TINY_GIN)
+  once, twice = tmp_path / "once", tmp_path / "twice"
+  _finetune(capsys, gin_file, once, converted["I"], shapes_cache, 4)
+  _finetune(capsys, gin_file, twice, converted["I"], shapes_cache, 2)
+  _finetune(capsys, gin_file, twice, converted["I"], shapes_cache, 4)
+  config, start = if_convert.load_diffusers(unets["I"][1], max_text_length=16)
+  raw_once, ema_once = _state(once, config, 4)
+  raw_twice, ema_twice = _state(twice, config, 4)
+  for a, b in zip(
+    jax.tree_util.tree_leaves((raw_once, ema_once)),
+    jax.tree_util.tree_leaves((raw_twice, ema_twice)),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  moved = [
+    np.abs(a - b).max()
+    for a, b in zip(jax.tree_util.tree_leaves(raw_once), jax.tree_util.tree_leaves(start))
+  ]
+  assert max(moved) > 1e-4  # it trained
+  record = json.loads((once / "run.json").read_text())
+  assert record["diffusion"]["learned_variance"] and record["init_from"]["step"] == 0
+
+  t5_dir = tiny_t5_checkpoint[0]
+  out_dir = tmp_path / "samples"
+  code, captured = _cli(
+    capsys,
+    "sample",
+    "--gin_file=runs/sample_if.gin",
+    f"--gin.VOCAB='{spm_model}'",
+    f"--gin.ENCODER='{t5_dir}'",
+    f"--gin.IF_I_DIR='{once}'",
+    f"--gin.IF_II_DIR='{converted['II']}'",
+    "--gin.MAX_TEXT_LENGTH=16",
+    "--gin.if_i/stage.image_size=32",
+    "--gin.if_ii/stage.image_size=64",
+    "--gin.if_i/stage.timesteps='fast27'",
+    "--gin.if_ii/stage.timesteps='super27'",
+    "--prompts",
+    "a red circle",
+    "--out",
+    str(out_dir),
+  )
+  assert code == 0, captured.err[-2000:]
+  assert "ddpm 27 steps (fast27)" in captured.out and "aug 0.251" in captured.out
+  from PIL import Image
+
+  sizes = {p.parent.name: Image.open(p).size for p in out_dir.rglob("p000_s00_seed0.png")}
+  assert sizes == {"if_i": (32, 32), "if_ii": (64, 64)}, sizes
