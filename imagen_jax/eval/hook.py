@@ -13,7 +13,8 @@ the metrics to the run's writers and to a JSON-lines file under MODEL_DIR/eval/.
     ShapesEvalHook.vocab = 'out/demo/spiece.model'
     ShapesEvalHook.encoder = 'out/demo/t5'
 
-A hook is any object with `prepare(batch=, model_config=, diffusion=, mesh=)` and
+A hook is any object with `prepare(batch=, model_config=, diffusion=, mesh=)` (plus `null_text=`
+for stages whose null condition is the empty prompt) and
 `__call__(step=, state=, model_dir=, write_scalars=)`.
 """
 
@@ -64,7 +65,7 @@ class _SamplingEvalHook:
   def score(self, images_uint8: np.ndarray) -> Dict[str, float]:
     raise NotImplementedError
 
-  def prepare(self, *, batch, model_config, diffusion, mesh) -> None:
+  def prepare(self, *, batch, model_config, diffusion, mesh, null_text=None) -> None:
     """Called by the trainer with its first batch: encodes the prompts and builds the sampler."""
     from imagen_jax.text.encoder import encode_prompts
 
@@ -84,6 +85,7 @@ class _SamplingEvalHook:
       batch_size=min(self.batch_size or n, n),
       mesh=mesh,
       channels=models.image_channels(model_config),
+      null_text=null_text,
     )
     self.keys = image_keys(self.seed + np.arange(n), 0)
 

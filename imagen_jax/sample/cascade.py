@@ -110,9 +110,6 @@ class LoadedStage:
   params: Any
   checkpoint: Dict[str, Any]  # run_dir, path, step
   description: str
-  # The empty prompt's (emb (L, D), mask (L,)): the null condition of a stage trained with
-  # null_text='empty_prompt' (DeepFloyd IF); set by `Cascade.attach_null_texts`.
-  null_text: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
   @property
   def super_resolution(self) -> bool:
@@ -181,8 +178,10 @@ class LoadedStage:
       The 8-bit images (what the next stage and the PNGs see).
     """
     size = self.spec.image_size
-    if self.diffusion.null_text == "empty_prompt":
-      negative = self._empty_prompt_negative(negative, emb.shape)
+    if self.diffusion.null_text == "empty_prompt" and self.sampler.null_text is None:
+      raise SampleError(
+        f"stage {self.spec.name} needs the empty prompt's embedding (null_text='empty_prompt')"
+      )
     if known is not None:
       known = known if known.shape[1] == size else imio.downsample(known, size)
       known_mask = known_mask if known_mask.shape[1] == size else imio.resize_mask(known_mask, size)
@@ -205,26 +204,6 @@ class LoadedStage:
       on_batch=on_batch,
     )
     return imio.to_uint8(x)
-
-  def _empty_prompt_negative(self, negative, shape):
-    """Guidance's unconditional half for a stage whose null condition is the empty prompt: the
-    negative prompts where given, the empty prompt's embedding in every other row."""
-    if self.null_text is None:
-      raise SampleError(
-        f"stage {self.spec.name} needs the empty prompt's embedding (null_text='empty_prompt')"
-      )
-    e, m = self.null_text
-    if e.shape != tuple(shape[1:]):
-      raise SampleError(
-        f"stage {self.spec.name}: the empty prompt's embedding {e.shape} does not match the "
-        f"prompts' {tuple(shape[1:])}"
-      )
-    n = shape[0]
-    emb, mask = np.broadcast_to(e, (n,) + e.shape).copy(), np.broadcast_to(m, (n,) + m.shape).copy()
-    if negative is not None:
-      given = np.asarray(negative[1]).any(axis=1)
-      emb[given], mask[given] = np.asarray(negative[0])[given], np.asarray(negative[1])[given]
-    return emb, mask
 
 
 def load_stage(
@@ -794,7 +773,7 @@ class Cascade:
       return
     enc = self.encode([""], warn=warn)
     for st in needed:
-      st.null_text = (enc.emb[0], enc.mask[0])
+      st.sampler.null_text = (enc.emb[0], enc.mask[0])
 
   def encode_negative(
     self, negatives: Sequence[str], num_prompts: int, warn=print

@@ -50,7 +50,7 @@ class SampleGridHook:
     self.sampler: Optional[StageSampler] = None
     self.written = []
 
-  def prepare(self, *, batch, model_config, diffusion, mesh) -> None:
+  def prepare(self, *, batch, model_config, diffusion, mesh, null_text=None) -> None:
     """Called by the trainer with its first host batch: fixes the prompts (process 0's, on every
     host)."""
     n = min(self.num_prompts, batch[K.TEXT_MASK].shape[0])
@@ -84,6 +84,7 @@ class SampleGridHook:
       batch_size=n,
       mesh=mesh,
       channels=models.image_channels(model_config),
+      null_text=null_text,
     )
     self.keys = image_keys(self.seed + np.arange(n), 0)
 

@@ -76,8 +76,12 @@ class StageSampler:
     batch_size: int = 8,
     mesh=None,
     channels: int = 3,
+    null_text=None,
   ):
     self.apply_fn = apply_fn
+    # The empty prompt's (emb (L, D), mask (L,)) for stages whose null condition it is (DeepFloyd
+    # IF): guidance's unconditional half wherever no negative prompt is given.
+    self.null_text = null_text
     self.diffusion = diffusion
     self.image_size = image_size
     self.channels = channels
@@ -228,6 +232,10 @@ class StageSampler:
     scalars = self._scalars(settings, strength if has_init else 1.0, resample)
     text_emb = np.asarray(text_emb, np.float32)
     text_mask = np.asarray(text_mask, bool)
+    if self.null_text is not None and guided:
+      negative_emb, negative_mask = self._with_null_text(
+        negative_emb, negative_mask, text_emb.shape
+      )
     placeholder = np.zeros((n, 1, 1, 1), np.float32)
     has_negative = negative_emb is not None and guided
     data = {
@@ -288,6 +296,22 @@ class StageSampler:
     if out is None:
       return np.zeros((0, self.image_size, self.image_size, self.channels), np.float32)
     return out
+
+  def _with_null_text(self, negative_emb, negative_mask, shape):
+    """The negative prompts where given (a row with an all-False mask is none), the null text
+    (`null_text`) in every other row."""
+    e, m = (np.asarray(a) for a in self.null_text)
+    if e.shape != tuple(shape[1:]):
+      raise SettingsError(
+        f"the empty prompt's embedding {e.shape} does not match the prompts' {tuple(shape[1:])}"
+      )
+    n = shape[0]
+    emb = np.broadcast_to(e, (n,) + e.shape).astype(np.float32)
+    mask = np.broadcast_to(m, (n,) + m.shape).astype(bool)
+    if negative_emb is not None:
+      given = np.asarray(negative_mask, bool).any(axis=1)
+      emb[given], mask[given] = np.asarray(negative_emb)[given], np.asarray(negative_mask)[given]
+    return emb, mask
 
   def _compile(self, params, batch, scalars, static, stats):
     key = (

@@ -169,7 +169,7 @@ def _data_source(batch_source, data_task: Optional[str], data_config):
   return _task_source(data_task, data_config), data_config.batch_size
 
 
-def _null_text(diffusion, data_task: Optional[str], encoder, text_length: int):
+def _null_text(diffusion, data_task: Optional[str], encoder, first):
   """The empty prompt's (emb, mask) for a stage whose null condition it is (DeepFloyd IF): encoded
   here when the step embeds tokens itself, else read from the embedding cache; None otherwise."""
   if diffusion.null_text != "empty_prompt":
@@ -177,6 +177,7 @@ def _null_text(diffusion, data_task: Optional[str], encoder, text_length: int):
   from imagen_jax.data import tasks
 
   encoder_config, encoder_params, _ = encoder
+  text_length = first[K.TOKENS if encoder_config is not None else K.TEXT_MASK].shape[1]
   if encoder_config is not None:
     from imagen_jax.text.encoder import encode_tokens
 
@@ -193,10 +194,8 @@ def _null_text(diffusion, data_task: Optional[str], encoder, text_length: int):
   return tasks.read_null_text(cache_dir)
 
 
-def _compile_step(setup, state, first, keys, encoder, summary: TrainSummary, data_task=None):
+def _compile_step(setup, state, first, keys, encoder, summary: TrainSummary, null_text=None):
   """The train step compiled ahead of time for the first batch's shapes: (compiled, signature)."""
-  text_length = first[K.TOKENS if encoder[0] is not None else K.TEXT_MASK].shape[1]
-  null_text = _null_text(setup.spec.diffusion, data_task, encoder, text_length)
   global_batch = setup.spec.global_batch
   shapes = {
     k: jax.ShapeDtypeStruct((global_batch,) + first[k].shape[1:], first[k].dtype) for k in keys
@@ -484,10 +483,11 @@ def _check_init_from(init_from, which: str, model_dir, model_config) -> Optional
   return dict(ckpt.check_init_from(init_from, shapes_only), params=which)
 
 
-def _prepare_hooks(hooks, first, model_config, diffusion, mesh) -> None:
+def _prepare_hooks(hooks, first, model_config, diffusion, mesh, null_text=None) -> None:
   for hook, every, _ in hooks:
     if hook is not None and every and hasattr(hook, "prepare"):
-      hook.prepare(batch=first, model_config=model_config, diffusion=diffusion, mesh=mesh)
+      extra = {} if null_text is None else {"null_text": null_text}  # IF: the empty prompt
+      hook.prepare(batch=first, model_config=model_config, diffusion=diffusion, mesh=mesh, **extra)
 
 
 @gin.configurable
@@ -621,8 +621,9 @@ def train(
     first = next(batch_source)
     _check_batch(first, keys, model_config, local_batch)
     hooks = ((sample_hook, sample_every, "write_images"), (eval_hook, eval_every, "write_scalars"))
-    _prepare_hooks(hooks, first, model_config, diffusion, mesh)
-    compiled, sig = _compile_step(setup, state, first, keys, encoder, summary, data_task)
+    null_text = _null_text(diffusion, data_task, encoder, first)
+    _prepare_hooks(hooks, first, model_config, diffusion, mesh, null_text)
+    compiled, sig = _compile_step(setup, state, first, keys, encoder, summary, null_text)
     log = _MetricLog(
       summary,
       writer,

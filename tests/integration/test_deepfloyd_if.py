@@ -597,3 +597,24 @@ def test_converted_weights_finetune_resume_bit_for_bit_and_sample(
 
   sizes = {p.parent.name: Image.open(p).size for p in out_dir.rglob("p000_s00_seed0.png")}
   assert sizes == {"if_i": (32, 32), "if_ii": (64, 64)}, sizes
+
+
+def test_t5_fp16_variant_index_loads_through_the_t5_loader(text_encoder, tmp_path):
+  """IF's text_encoder/ folder holds T5-XXL as a sharded fp16 variant
+  (model.safetensors.index.fp16.json + model.fp16-0000k-of-0000n.safetensors): the T5 loader reads
+  it, every tensor the fp16 value of the original."""
+  from imagen_jax.text import checkpoints as text_checkpoints
+
+  t5, t5_dir, _ = text_encoder
+  half = type(t5)(t5.config).eval()
+  half.load_state_dict(t5.state_dict())
+  half = half.half()
+  half.save_pretrained(tmp_path, variant="fp16", max_shard_size="20KB", safe_serialization=True)
+  assert (tmp_path / "model.safetensors.index.fp16.json").is_file()
+  assert len(list(tmp_path.glob("model.fp16-*-of-*.safetensors"))) > 1
+  _, ours = text_checkpoints.load_hf(tmp_path)
+  _, full = text_checkpoints.load_hf(t5_dir)
+  rounded = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float16).astype(np.float32), full)
+  assert jax.tree_util.tree_all(
+    jax.tree_util.tree_map(lambda a, b: np.array_equal(np.asarray(a, np.float32), b), ours, rounded)
+  )

@@ -267,3 +267,26 @@ def test_learned_range_step_with_thresholding_equals_diffusers_ddpm_scheduler(ma
     )
     ours = np.asarray(D.learned_range_update(jnp.asarray(ours), x0, frac, a_t, abar(prev), noise))
     np.testing.assert_allclose(ours, x.transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_if_step_sets_and_diffusers_spacings_are_diffusers_timesteps():
+  """IF's named step sets (improved DDPM's section respacing) equal diffusers' lists, and the
+  'leading' / 'trailing' / 'linspace' spacings equal DDPMScheduler's timesteps."""
+  import diffusers
+  from diffusers.pipelines.deepfloyd_if import timesteps as if_timesteps
+
+  from imagen_jax.diffusion import samplers
+
+  for name in samplers.STEP_SETS:
+    assert list(samplers.parse_timesteps(name)) == list(getattr(if_timesteps, f"{name}_timesteps"))
+  for spacing in samplers.DISCRETE_SPACINGS:
+    for n in (1, 7, 27, 50, 100):
+      sched = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing=spacing)
+      sched.set_timesteps(n)
+      ours = samplers.discrete_timesteps(spacing, n, 1000)
+      assert list(ours) == [int(t) for t in sched.timesteps], (spacing, n)
+  assert list(samplers.parse_timesteps("sections:2,1", 10)) == [5, 4, 0]
+  assert list(samplers.parse_timesteps("999, 500,0")) == [999, 500, 0]
+  for bad in ("500,999", "1000,0", "smart12", "", "sections:7,1"):
+    with pytest.raises(ValueError):
+      samplers.parse_timesteps(bad, 10 if bad.startswith("sections") else 1000)
