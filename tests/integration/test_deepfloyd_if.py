@@ -5,20 +5,19 @@ loss's variational term against improved DDPM's formulas."""
 
 import json
 
+import diffusers
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-
-from imagen_jax import cli, models  # noqa: E402
-from imagen_jax.diffusion import process  # noqa: E402
-from imagen_jax.models import if_convert  # noqa: E402
-from imagen_jax.sample.settings import StageSettings  # noqa: E402
-from imagen_jax.sample.stage_sampler import StageSampler, model_apply_fn  # noqa: E402
+from imagen_jax import cli, models
+from imagen_jax.diffusion import process
+from imagen_jax.models import if_convert
+from imagen_jax.sample.settings import StageSettings
+from imagen_jax.sample.stage_sampler import StageSampler, model_apply_fn
 
 # diffusers' tests/pipelines/deepfloyd_if: _get_dummy_components and
 # _get_superresolution_dummy_components.
