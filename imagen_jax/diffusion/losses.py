@@ -90,13 +90,14 @@ def vlb_term(x, z, eps_pred, frac, t, schedule: NoiseSchedule, num_timesteps: in
   # Step 1's posterior variance (improved DDPM's posterior_log_variance_clipped at n = 0).
   abar_1, abar_2 = abar(jnp.full_like(t, 2 * step)), abar(jnp.full_like(t, step))
   clipped = (1.0 - abar_2) / (1.0 - abar_1) * (1.0 - abar_1 / abar_2)
+  floor = jnp.where(first, clipped, 1e-20)  # the posterior variance is 0 at n = 0
   # q: v = -1 selects the posterior variance, clipped at the first step.
   mean_q, log_var_q = samplers.learned_range_moments(
-    z, x, jnp.full_like(x, -1.0), abar_t, abar_s, clipped
+    z, x, jnp.full_like(x, -1.0), abar_t, abar_s, floor
   )
   sqrt_abar_t = jnp.sqrt(abar_t)
   x0_pred = (z - b(jnp.sqrt(1.0 - abar_t)) * eps_pred) / b(sqrt_abar_t)
-  mean_p, log_var_p = samplers.learned_range_moments(z, x0_pred, frac, abar_t, abar_s, clipped)
+  mean_p, log_var_p = samplers.learned_range_moments(z, x0_pred, frac, abar_t, abar_s, floor)
   kl = 0.5 * (
     -1.0
     + log_var_p
@@ -167,7 +168,7 @@ def diffusion_loss(
     if pred.shape[-1] != 2 * c:
       raise ConfigError(f"learned_variance needs {2 * c} output channels, got {pred.shape[-1]}")
     pred, frac = pred[..., :c], pred[..., c:]
-    vlb = vlb_term(x, z, jax.lax.stop_gradient(pred), frac, t, schedule, discrete_timesteps or 1000)
+    vlb = vlb_term(x, z, jax.lax.stop_gradient(pred), frac, t, schedule, discrete_timesteps)
     aux["vlb"] = vlb
   target = process.target_for_objective(x, eps, alpha, sigma, objective)
   mse = jnp.mean(jnp.square(pred - target), axis=tuple(range(1, x.ndim)))

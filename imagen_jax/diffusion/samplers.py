@@ -138,8 +138,8 @@ def learned_range_moments(z, x0, frac_out, abar_t, abar_s, min_var=None):
   Args:
     z, x0, frac_out: the state at t, the clean-image prediction, the variance fraction v.
     abar_t, abar_s: alpha_bar at t and s (B,); abar_s = 1 at the last step.
-    min_var: (B,) replaces the posterior variance where it is below (improved DDPM's clipped
-      variance at the first step in training); default 1e-20 (diffusers' sampling floor).
+    min_var: (B,) the posterior variance's floor (improved DDPM's clipped variance at the first
+      step, in training); default 1e-20 (diffusers' sampling floor).
 
   Returns:
     (mean, log variance), each of z's shape.
@@ -160,7 +160,7 @@ def learned_range_moments(z, x0, frac_out, abar_t, abar_s, min_var=None):
   return mean, log_var
 
 
-def learned_range_update(z, x0, frac_out, abar_t, abar_s, noise, add_noise=None):
+def learned_range_update(z, x0, frac_out, abar_t, abar_s, noise):
   """One ancestral step with a learned variance (improved DDPM, Nichol & Dhariwal 2021), as
   DeepFloyd IF samples (diffusers' DDPMScheduler with variance_type='learned_range'): the mean of
   the DDPM posterior q(z_s | z_t, x0), and a log variance interpolated between the posterior's
@@ -172,15 +172,13 @@ def learned_range_update(z, x0, frac_out, abar_t, abar_s, noise, add_noise=None)
     x0: the (thresholded) clean-image prediction.
     frac_out: the network's variance channels v, z's shape.
     abar_t, abar_s: alpha_bar (= alpha^2) at t and at the next point s (B,); 1.0 at the end.
-    noise: N(0, I) of z's shape.
-    add_noise: (B,) whether to add noise (default: abar_s < 1, i.e. not at the last step).
+    noise: N(0, I) of z's shape, added except on the last step (abar_s = 1).
 
   Returns:
     z at s.
   """
   mean, log_var = learned_range_moments(z, x0, frac_out, abar_t, abar_s)
-  abar_s = jnp.asarray(abar_s, jnp.float32)
-  add = abar_s < 1.0 if add_noise is None else jnp.asarray(add_noise)
+  add = jnp.asarray(abar_s, jnp.float32) < 1.0
   return mean + process.bcast(add.astype(jnp.float32), z) * jnp.exp(0.5 * log_var) * noise
 
 

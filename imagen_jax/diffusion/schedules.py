@@ -117,9 +117,20 @@ class _DiscreteSchedule(NoiseSchedule):
     n = self.num_timesteps
     knots = jnp.asarray(self._log_alpha_bar_knots())
     log_abar = jnp.interp(jnp.clip(t, 0.0, 1.0) * n, jnp.arange(n + 1, dtype=jnp.float32), knots)
+    return self._log_snr_of(log_abar)
+
+  def _log_snr_of(self, log_abar):
     # log SNR = log(abar) - log(1 - abar); expm1 keeps precision where abar is close to 1.
-    log_snr = log_abar - jnp.log(-jnp.expm1(log_abar))
-    return jnp.minimum(log_snr, self.logsnr_max)
+    return jnp.minimum(log_abar - jnp.log(-jnp.expm1(log_abar)), self.logsnr_max)
+
+  def time_from_log_snr(self, log_snr):
+    """The inverse of `log_snr`, exact at the discrete steps (linear in between)."""
+    n = self.num_timesteps
+    knots = self._log_snr_of(jnp.asarray(self._log_alpha_bar_knots()))  # decreasing
+    steps = jnp.interp(
+      -jnp.asarray(log_snr, jnp.float32), -knots, jnp.arange(n + 1, dtype=jnp.float32)
+    )
+    return steps / n
 
 
 @gin.configurable

@@ -29,7 +29,6 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from imagen_jax.batch_keys import LOWRES, LOWRES_AUG_LEVEL, TEXT_EMB
 from imagen_jax.errors import ConfigError
@@ -163,10 +162,6 @@ class IFUNetConfig:
   def time_embed_dim(self) -> int:
     return self.time_embedding_dim or 4 * self.block_out_channels[0]
 
-  @property
-  def lowres_skip(self) -> bool:
-    return False
-
   def levels(self):
     """Per level: (block type down, layers, head dim, only_cross_attention)."""
     n = len(self.block_out_channels)
@@ -179,83 +174,37 @@ class IFUNetConfig:
       )
     )
 
-  def scan_runs(self):
-    return {}
-
-
-@functools.lru_cache(maxsize=8)
-def _log_snr_knots(num_timesteps: int) -> np.ndarray:
-  from imagen_jax.diffusion.schedules import DiscreteCosineSchedule
-
-  schedule = DiscreteCosineSchedule(num_timesteps=num_timesteps)
-  knots = schedule._log_alpha_bar_knots().astype(np.float64)
-  with np.errstate(divide="ignore"):
-    log_snr = knots - np.log(-np.expm1(knots))
-  return np.minimum(log_snr, schedule.logsnr_max).astype(np.float32)
-
 
 def timestep_from_log_snr(log_snr, num_timesteps: int = 1000):
   """IF's (fractional) discrete timestep at a log-SNR of its cosine schedule: step n (0-based) has
   alpha_bar after n + 1 steps, i.e. sits at t = (n + 1) / N of `DiscreteCosineSchedule`, so
-  n = N t - 1 with t the schedule's inverse (linear between the steps, exact at them)."""
-  knots = jnp.asarray(_log_snr_knots(num_timesteps))  # decreasing in n
-  positions = jnp.arange(num_timesteps + 1, dtype=jnp.float32)
-  n = jnp.interp(-jnp.asarray(log_snr, jnp.float32), -knots, positions)
-  return n - 1.0
+  n = N t - 1 with t the schedule's inverse (exact at the steps)."""
+  from imagen_jax.diffusion.schedules import DiscreteCosineSchedule
+
+  schedule = DiscreteCosineSchedule(num_timesteps=num_timesteps)
+  return schedule.time_from_log_snr(log_snr) * num_timesteps - 1.0
 
 
-def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0):
-  """diffusers' `get_timestep_embedding`: sinusoids of the raw timestep, frequencies
-  10000^(-i / (dim/2 - freq_shift)); [cos, sin] when flip_sin_to_cos."""
-  half = dim // 2
-  exponent = -math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
-  args = jnp.asarray(timesteps, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
-  sin, cos = jnp.sin(args), jnp.cos(args)
-  emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
-  if dim % 2:
-    emb = jnp.pad(emb, ((0, 0), (0, 1)))
-  return emb
+def _timestep_features(cfg: IFUNetConfig, timesteps):
+  """diffusers' `get_timestep_embedding` of IF's raw (discrete) timesteps: width
+  block_out_channels[0], frequencies 10000^(-i / (width/2 - freq_shift))."""
+  return layers.sinusoidal_embedding(
+    timesteps,
+    cfg.block_out_channels[0],
+    scale=1.0,
+    freq_shift=cfg.freq_shift,
+    flip_sin_to_cos=cfg.flip_sin_to_cos,
+  )
 
 
-class GroupNorm(nn.Module):
-  """torch.nn.GroupNorm over the channel (last) axis with exact groups and eps, in float32, its
-  variance the mean squared deviation (flax's fast E[x^2] - E[x]^2 cancels where the mean is large
-  against the spread, as in IF's text of 76 near-identical padding rows: 1e-3 output errors)."""
-
-  groups: int
-  eps: float = 1e-5
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    y = nn.GroupNorm(
-      num_groups=self.groups,
-      epsilon=self.eps,
-      use_fast_variance=False,
-      dtype=jnp.float32,
-      param_dtype=jnp.float32,
-      scale_init=layers._init(nn.initializers.ones_init(), ("norm",)),
-      bias_init=layers._init(nn.initializers.zeros_init(), ("norm",)),
-    )(x.astype(jnp.float32))
-    return y.astype(self.dtype)
+def _group_norm(groups: int, eps: float, dtype, name: str):
+  """torch.nn.GroupNorm as IF uses it: exact groups and eps, the two-pass variance."""
+  return layers.GroupNorm(groups, dtype, eps, two_pass=True, name=name)
 
 
-class LayerNorm(nn.Module):
-  """torch.nn.LayerNorm (eps 1e-5) in float32 with the two-pass variance (see `GroupNorm`)."""
-
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    y = nn.LayerNorm(
-      epsilon=1e-5,
-      use_fast_variance=False,
-      dtype=jnp.float32,
-      param_dtype=jnp.float32,
-      scale_init=layers._init(nn.initializers.ones_init(), ("norm",)),
-      bias_init=layers._init(nn.initializers.zeros_init(), ("norm",)),
-    )(x.astype(jnp.float32))
-    return y.astype(self.dtype)
+def _layer_norm(dtype, name: str):
+  """torch.nn.LayerNorm (eps 1e-5) with the two-pass variance."""
+  return layers.LayerNorm(dtype, two_pass=True, name=name)
 
 
 class TimestepMLP(nn.Module):
@@ -312,12 +261,12 @@ class TextTimeEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, text):
-    x = LayerNorm(self.dtype, name="norm1")(text)
+    x = _layer_norm(self.dtype, name="norm1")(text)
     pooled = AttentionPooling(self.num_heads, self.dtype, name="pool")(x)
     h = layers.Dense(self.features, ("text_embed", "embed"), self.dtype, name="proj")(
       pooled.astype(self.dtype)
     )
-    return LayerNorm(self.dtype, name="norm2")(h)
+    return _layer_norm(self.dtype, name="norm2")(h)
 
 
 class IFResnetBlock(nn.Module):
@@ -340,7 +289,7 @@ class IFResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x, temb, deterministic: bool = True):
     act = ACTIVATIONS[self.act_fn]
-    h = act(GroupNorm(self.groups, self.eps, self.dtype, name="norm1")(x))
+    h = act(_group_norm(self.groups, self.eps, self.dtype, name="norm1")(x))
     if self.resample == "down":
       h, x = layers.downsample(h), layers.downsample(x)
     elif self.resample == "up":
@@ -352,10 +301,10 @@ class IFResnetBlock(nn.Module):
     t = t[:, None, None, :].astype(jnp.float32)
     if self.time_scale_shift == "scale_shift":
       scale, shift = jnp.split(t, 2, axis=-1)
-      h = GroupNorm(self.groups, self.eps, jnp.float32, name="norm2")(h)
+      h = _group_norm(self.groups, self.eps, jnp.float32, name="norm2")(h)
       h = h * (1.0 + scale) + shift
     else:
-      h = GroupNorm(self.groups, self.eps, jnp.float32, name="norm2")(h.astype(jnp.float32) + t)
+      h = _group_norm(self.groups, self.eps, jnp.float32, name="norm2")(h.astype(jnp.float32) + t)
     h = act(h.astype(self.dtype))
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     h = layers.Conv(self.features, 3, dtype=self.dtype, name="conv2")(h)
@@ -386,17 +335,15 @@ class AddedKVAttention(nn.Module):
       raise ConfigError(f"{c} channels do not split into heads of {self.head_dim}")
     heads = c // self.head_dim
     if self.cross_attention_norm == "group_norm":
-      text = GroupNorm(self.groups, 1e-5, self.dtype, name="norm_cross")(text)
+      text = _group_norm(self.groups, 1e-5, self.dtype, name="norm_cross")(text)
     elif self.cross_attention_norm == "layer_norm":
-      text = LayerNorm(self.dtype, name="norm_cross")(text)
-    h = GroupNorm(self.groups, 1e-5, self.dtype, name="group_norm")(x).reshape(b, hgt * wid, c)
-    proj = lambda name, axes=("embed", "heads", "kv"): layers.HeadsProjection(
-      heads, self.head_dim, axes, self.dtype, use_bias=True, name=name
+      text = _layer_norm(self.dtype, name="norm_cross")(text)
+    h = _group_norm(self.groups, 1e-5, self.dtype, name="group_norm")(x).reshape(b, hgt * wid, c)
+    proj = lambda name: layers.HeadsProjection(
+      heads, self.head_dim, dtype=self.dtype, use_bias=True, name=name
     )
-    text_axes = ("embed", "heads", "kv")
     q = proj("to_q")(h)
-    k = proj("add_k_proj", text_axes)(text)
-    v = proj("add_v_proj", text_axes)(text)
+    k, v = proj("add_k_proj")(text), proj("add_v_proj")(text)
     if not self.only_cross_attention:
       k = jnp.concatenate([k, proj("to_k")(h)], axis=1)
       v = jnp.concatenate([v, proj("to_v")(h)], axis=1)
@@ -511,16 +458,15 @@ class IFUNet(nn.Module):
         noise_level = cond[LOWRES_AUG_LEVEL] * cfg.num_train_timesteps - 1.0
     text = layers.constrain_tokens(cond[TEXT_EMB].astype(jnp.float32))
 
-    t_dim = cfg.block_out_channels[0]
     emb = TimestepMLP(cfg.time_embed_dim, cfg.act_fn, dt, name="time_embedding")(
-      timestep_embedding(timesteps, t_dim, cfg.flip_sin_to_cos, cfg.freq_shift).astype(dt)
+      _timestep_features(cfg, timesteps).astype(dt)
     )
     if cfg.class_embed_type == "timestep":
       if noise_level is None:
         raise ConfigError("class_embed_type='timestep' needs a noise level (IF-II)")
       level = jnp.broadcast_to(jnp.asarray(noise_level, jnp.float32), (z.shape[0],))
       emb = emb + TimestepMLP(cfg.time_embed_dim, cfg.act_fn, dt, name="class_embedding")(
-        timestep_embedding(level, t_dim, cfg.flip_sin_to_cos, cfg.freq_shift).astype(dt)
+        _timestep_features(cfg, level).astype(dt)
       )
     emb = emb + TextTimeEmbedding(
       cfg.time_embed_dim, cfg.addition_embed_type_num_heads, dt, name="add_embedding"
@@ -582,6 +528,6 @@ class IFUNet(nn.Module):
         name=f"up_blocks_{i}",
       )(h, emb, text, deterministic, block_skips)
 
-    h = act(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, dt, name="conv_norm_out")(h))
+    h = act(_group_norm(cfg.norm_num_groups, cfg.norm_eps, dt, name="conv_norm_out")(h))
     out = layers.Conv(cfg.out_channels, 3, dtype=dt, name="conv_out")(h)
     return out.astype(jnp.float32)

@@ -385,9 +385,9 @@ def test_if_pipeline_and_our_sampler_draw_the_same_images(
     )
   np.testing.assert_allclose(enc.emb, pe.numpy(), atol=1e-5)  # our T5, all 77 positions
   np.testing.assert_allclose(empty[0], ne.numpy(), atol=1e-5)  # the empty prompt
-  out = stage.run(
-    params, enc.emb, enc.mask, keys, setting, negative_emb=empty[0], negative_mask=empty[1]
-  )
+  # No negative prompts: the sampler's null text (the empty prompt) is the unconditional half.
+  stage.null_text = (empty[0][0], empty[1][0])
+  out = stage.run(params, enc.emb, enc.mask, keys, setting)
   scale = np.abs(ref).max()
   if sampler == "ddpm":
     assert scale <= 1.0 + 1e-6  # thresholded to [-1, 1]

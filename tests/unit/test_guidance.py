@@ -39,6 +39,35 @@ def test_null_condition_masks_text_only():
   assert D.null_condition(None) is None
 
 
+def test_dropped_condition_takes_the_given_null_text_in_training():
+  """With null_text (DeepFloyd IF's empty prompt), a dropped row's text is that embedding and mask;
+  the loss feeds exactly those rows to the network at cond_drop_prob = 1."""
+  c = _cond()
+  null_emb = jnp.arange(5 * 4, dtype=jnp.float32).reshape(5, 4)
+  null_mask = jnp.arange(5) < 1  # EOS, then padding
+  dropped = D.drop_condition(c, jax.random.PRNGKey(0), 1.0, (null_emb, null_mask))
+  np.testing.assert_array_equal(dropped[D.TEXT_EMB], jnp.broadcast_to(null_emb, (3, 5, 4)))
+  np.testing.assert_array_equal(dropped[D.TEXT_MASK], jnp.broadcast_to(null_mask, (3, 5)))
+  np.testing.assert_array_equal(dropped["lowres"], c["lowres"])
+  seen = []
+
+  def net(z, log_snr, cond):
+    seen.append(cond[D.TEXT_EMB])
+    return jnp.zeros_like(z)
+
+  x = jnp.zeros((3, 2, 2, 3))
+  D.diffusion_loss(
+    net,
+    x,
+    c,
+    jax.random.PRNGKey(1),
+    schedule=D.CosineSchedule(),
+    cond_drop_prob=1.0,
+    null_text=(null_emb, null_mask),
+  )
+  np.testing.assert_array_equal(seen[0], jnp.broadcast_to(null_emb, (3, 5, 4)))
+
+
 def test_w1_is_the_conditional_prediction_with_one_call():
   net, c, z = CountingNet(), _cond(), _z()
   log_snr = jnp.full((3,), 0.5)
